@@ -1,1 +1,76 @@
-def main(): print("hi")
+"""The `derl` command: one subcommand per stage of DESIGN.md.
+
+Each subcommand parses its flags and calls into the package; no stage logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from derl.datapipes.sources import DataError, SourceTables
+from derl.datapipes.world import PRESETS, generate
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    cfg = PRESETS[args.preset]
+    with tqdm(total=cfg.num_days, unit="day", desc=f"generate {args.preset}") as bar:
+        def progress(line: str) -> None:
+            bar.set_postfix_str(line)
+            bar.update(1)
+
+        meta = generate(args.out, cfg, seed=args.seed, overwrite=args.overwrite, progress=progress)
+    rows = ", ".join(f"{k} {v:,}" for k, v in meta["rows"].items())
+    print(f"wrote {args.out}: {rows}")
+    print(f"ad CTR {meta['ctr']:.2%}, CVR given click {meta['cvr_given_click']:.1%}, "
+          f"{meta['generate_seconds']} s")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    summary = SourceTables(args.source).inspect()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    print(f"{'table':<16}{'files':>6}{'rows':>14}  {'days':<28}ids (min..max)")
+    for t in summary:
+        if t.get("missing"):
+            print(f"{t['table']:<16}{'missing':>6}")
+            continue
+        ids = ", ".join(f"{c} {lo}..{hi}" for c, (lo, hi) in t["ids"].items())
+        print(f"{t['table']:<16}{t['files']:>6}{t['rows']:>14,}  {t['days']:<28}{ids}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="derl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="write the synthetic ads world as day-partitioned Parquet")
+    p.add_argument("--out", type=Path, required=True, help="source folder to create")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("inspect", help="summarise a source folder: tables, rows, days, id ranges")
+    p.add_argument("source", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (DataError, FileExistsError) as e:
+        print(f"derl {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

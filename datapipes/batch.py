@@ -1,0 +1,73 @@
+"""The training batch every derl model consumes, and the feature names it carries.
+
+A batch holds sparse features as one `KeyedJaggedTensor` (ids, the user sequence as jagged
+features), dense features and labels as named tensors, and `meta` (timestamps, request ids) that
+evaluation and point-in-time joins need but models do not. It implements TorchRec's
+`Pipelineable` so that `TrainPipelineSparseDist` and friends can move and overlap it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+# Sparse features, one id per example unless noted.
+USER_FEATURES = ("user_id", "country", "age_bucket", "gender")
+PIN_FEATURES = ("pin_id", "category", "advertiser_id")  # advertiser_id: empty for organic Pins
+SEQUENCE_FEATURES = ("seq_pin_id", "seq_action", "seq_gap")  # jagged: the last L engagements
+CONTEXT_FEATURES = ("surface", "hour")
+AD_FEATURES = ("campaign_id", "position")  # ad_events only
+SPARSE_FEATURES = USER_FEATURES + PIN_FEATURES + SEQUENCE_FEATURES + CONTEXT_FEATURES
+
+# Time since a sequence engagement, in log2(hours + 1) buckets.
+NUM_GAP_BUCKETS = 16
+# Ad slot positions above this share one bucket.
+NUM_POSITIONS = 32
+
+# Labels by example table.
+ENGAGEMENT_LABELS = ("closeup", "click", "save", "long_click", "hide")
+AD_LABELS = ("clicked", "converted")
+
+
+@dataclass
+class Batch(Pipelineable):
+    sparse: KeyedJaggedTensor
+    dense: Dict[str, torch.Tensor]
+    labels: Dict[str, torch.Tensor]
+    meta: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return int(self.sparse.stride())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        def move(d: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            return {k: v.to(device=device, non_blocking=non_blocking) for k, v in d.items()}
+
+        return Batch(
+            sparse=self.sparse.to(device=device, non_blocking=non_blocking),
+            dense=move(self.dense),
+            labels=move(self.labels),
+            meta=move(self.meta),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse.record_stream(stream)
+        for d in (self.dense, self.labels, self.meta):
+            for v in d.values():
+                v.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        def pin(d: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            return {k: v.pin_memory() for k, v in d.items()}
+
+        return Batch(
+            sparse=self.sparse.pin_memory(),
+            dense=pin(self.dense),
+            labels=pin(self.labels),
+            meta=pin(self.meta),
+        )

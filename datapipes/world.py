@@ -1,0 +1,501 @@
+"""The synthetic ads world: every source table of DESIGN.md, drawn from one latent space.
+
+The generative story (knobs in `WorldConfig`; README "The synthetic world" says it in prose):
+topics are points on a sphere; a Pin is a noisy point near its topic, its content embedding a
+noisy projection of that point; a user is a mix of two topics that drifts a little every day.
+Organic impressions are rich (many a day, several outcomes whose meaning differs: a save
+follows affinity closely, a click less so, an impression barely); ad impressions are few, their
+clicks rare and noisy, conversions rarer still. Ads live in the same space as organic Pins, so
+the best estimate of a user's ad affinity comes from their organic behaviour: the regime where
+decoupled upstream embeddings pay off.
+
+Generation is vectorised and streams day by day: memory is bounded by the static tables and one
+day of events. The whole world is written into a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from derl.datapipes import schema as S
+
+WORLD_META = "_world.json"
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    num_users: int
+    num_pins: int
+    num_days: int
+    start_day: str = "2026-01-01"
+    latent_dim: int = 16
+    num_topics: int = 64
+    num_categories: int = 16  # coarse: several topics share a category
+    num_countries: int = 20
+    pin_noise: float = 0.35  # spread of a Pin around its topic
+    content_noise: float = 0.5  # noise of the content embedding's view of the Pin
+    user_noise: float = 0.35  # spread of a user around their topic mix
+    daily_drift: float = 0.05  # std of the daily random walk of user interests
+    popularity_alpha: float = 1.05  # Zipf exponent of Pin popularity
+    relevant_share: float = 0.6  # share of impressions drawn from the user's own topics
+    mean_activity: float = 0.5  # mean probability that a user is active on a day
+    organic_per_active_user: float = 15.0  # mean organic impressions per active user and day
+    ad_fraction: float = 0.05  # share of Pins that are ads
+    num_advertisers: int = 200
+    campaigns_per_advertiser: int = 4
+    ads_per_active_user: float = 3.0  # mean ad impressions per active user and day
+    ad_targeting: float = 0.4  # share of ad impressions targeted at the user's topics
+    click_affinity: float = 3.0  # weight of user-ad affinity in the click logit
+    click_bias: float = -5.0
+    click_noise: float = 0.7
+    conversion_affinity: float = 2.5
+    conversion_bias: float = -3.3
+    cold_days: int = 2  # cold users and Pins appear on the last days only
+    cold_user_fraction: float = 0.05
+    cold_pin_fraction: float = 0.05
+    sequence_length: int = 32
+    row_group_size: int = 65_536
+
+
+PRESETS: Dict[str, WorldConfig] = {
+    # Seconds to make; big enough that a model can tell signal from noise.
+    "tiny": WorldConfig(
+        num_users=2_000,
+        num_pins=6_000,
+        num_days=8,
+        num_topics=32,
+        num_advertisers=40,
+        ad_fraction=0.1,
+        ads_per_active_user=6.0,
+        row_group_size=4_096,
+    ),
+    # What `make demo` and the benchmarks use: a couple of minutes end to end.
+    "demo": WorldConfig(
+        num_users=20_000,
+        num_pins=100_000,
+        num_days=14,
+        ad_fraction=0.08,
+        ads_per_active_user=5.0,
+        row_group_size=16_384,
+    ),
+    # The scale check: >= 1M users, 5M Pins, 100M engagements, in bounded memory.
+    "large": WorldConfig(
+        num_users=1_000_000,
+        num_pins=5_000_000,
+        num_days=14,
+        num_topics=256,
+        num_categories=64,
+        num_advertisers=20_000,
+        ad_fraction=0.02,
+        row_group_size=262_144,
+    ),
+}
+
+SURFACE_PROBS = np.array([0.6, 0.25, 0.15])
+SURFACE_ENGAGEMENT_BIAS = np.array([0.0, 0.4, 0.2])  # search and related Pins engage more
+SURFACE_CLICK_BIAS = np.array([0.0, 0.5, 0.2])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@dataclass
+class _Entities:
+    """The static latent state of the world (users drift in place, day by day)."""
+
+    topic_centres: np.ndarray  # [T, K]
+    user_latent: np.ndarray  # [U, K] float32, drifts
+    user_topics: np.ndarray  # [U, 2]
+    user_activity: np.ndarray  # [U]
+    user_peak_hour: np.ndarray  # [U]
+    user_intent: np.ndarray  # [U] propensity to convert
+    user_signup_day: np.ndarray  # [U] day index (negative: before the window)
+    pin_latent: np.ndarray  # [P, K]
+    pin_topic: np.ndarray  # [P]
+    pin_popularity: np.ndarray  # [P]
+    pin_quality: np.ndarray  # [P]
+    pin_created_day: np.ndarray  # [P]
+    pin_is_ad: np.ndarray  # [P] bool
+    pin_advertiser: np.ndarray  # [P] (-1 for organic)
+    advertiser_quality: np.ndarray  # [A]
+
+
+class _TopicSampler:
+    """Draws Pins in proportion to popularity, from a given topic or from all of them.
+
+    Pins are sorted by topic once, so a draw within topic t is a searchsorted into the slice of
+    one cumulative array: vectorised over millions of draws.
+    """
+
+    def __init__(self, topic: np.ndarray, weight: np.ndarray, num_topics: int):
+        self.order = np.argsort(topic, kind="stable")
+        self.cum = np.cumsum(weight[self.order], dtype=np.float64)
+        ends = np.searchsorted(topic[self.order], np.arange(num_topics), side="right")
+        starts = np.concatenate([[0], ends[:-1]])
+        self.lo = np.where(starts > 0, self.cum[np.maximum(starts - 1, 0)], 0.0)
+        self.hi = np.where(ends > 0, self.cum[np.maximum(ends - 1, 0)], 0.0)
+
+    def draw(self, rng: np.random.Generator, topics: Optional[np.ndarray], n: int) -> np.ndarray:
+        if topics is None:
+            lo, hi = np.zeros(n), np.full(n, self.cum[-1])
+        else:
+            lo, hi = self.lo[topics], self.hi[topics]
+            empty = hi <= lo  # a topic with no live Pin falls back to the whole catalogue
+            lo, hi = np.where(empty, 0.0, lo), np.where(empty, self.cum[-1], hi)
+        r = lo + rng.random(n) * (hi - lo)
+        idx = np.searchsorted(self.cum, r, side="right")
+        return self.order[np.minimum(idx, len(self.order) - 1)]
+
+
+def _make_entities(cfg: WorldConfig, rng: np.random.Generator) -> _Entities:
+    K, T, U, P = cfg.latent_dim, cfg.num_topics, cfg.num_users, cfg.num_pins
+    centres = _unit(rng.standard_normal((T, K)))
+    topic_weight = rng.dirichlet(np.full(T, 2.0))
+
+    pin_topic = rng.choice(T, size=P, p=topic_weight)
+    pin_latent = _unit(centres[pin_topic] + cfg.pin_noise * rng.standard_normal((P, K)))
+    rank = rng.permutation(P) + 1
+    pin_popularity = rank ** (-cfg.popularity_alpha)
+    pin_quality = 0.3 * rng.standard_normal(P)
+    pin_created = np.where(
+        rng.random(P) < cfg.cold_pin_fraction,
+        rng.integers(cfg.num_days - cfg.cold_days, cfg.num_days, P),
+        -rng.integers(1, 365, P),
+    )
+    is_ad = rng.random(P) < cfg.ad_fraction
+    advertiser = np.where(is_ad, rng.integers(0, cfg.num_advertisers, P), -1)
+
+    user_topics = np.stack(
+        [rng.choice(T, size=U, p=topic_weight), rng.choice(T, size=U, p=topic_weight)], axis=1
+    )
+    mix = rng.uniform(0.55, 0.9, size=(U, 1))
+    user_latent = _unit(
+        mix * centres[user_topics[:, 0]]
+        + (1 - mix) * centres[user_topics[:, 1]]
+        + cfg.user_noise * rng.standard_normal((U, K))
+    )
+    activity = np.clip(rng.beta(1.2, 1.2 / cfg.mean_activity - 1.2, U), 0.02, 1.0)
+    signup = np.where(
+        rng.random(U) < cfg.cold_user_fraction,
+        rng.integers(cfg.num_days - cfg.cold_days, cfg.num_days, U),
+        -rng.integers(1, 1000, U),
+    )
+    return _Entities(
+        topic_centres=centres,
+        user_latent=user_latent.astype(np.float32),
+        user_topics=user_topics,
+        user_activity=activity,
+        user_peak_hour=rng.integers(0, S.NUM_HOURS, U),
+        user_intent=0.5 * rng.standard_normal(U),
+        user_signup_day=signup,
+        pin_latent=pin_latent.astype(np.float32),
+        pin_topic=pin_topic,
+        pin_popularity=pin_popularity,
+        pin_quality=pin_quality,
+        pin_created_day=pin_created,
+        pin_is_ad=is_ad,
+        pin_advertiser=advertiser,
+        advertiser_quality=0.4 * rng.standard_normal(cfg.num_advertisers),
+    )
+
+
+def _write(table: pa.Table, path: Path, row_group_size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size, compression="zstd")
+
+
+def _dates(start_day: str, day_index: np.ndarray) -> pa.Array:
+    """Day indices relative to the world's first day, as Arrow dates."""
+    epoch_day = (S.parse_day(start_day) - dt.date(1970, 1, 1)).days
+    return pa.array((epoch_day + day_index).astype(np.int32)).cast(pa.date32())
+
+
+def _users_table(cfg: WorldConfig, e: _Entities, rng: np.random.Generator) -> pa.Table:
+    U = cfg.num_users
+    # Profiles carry a little signal: country leans on the main topic, age on one latent axis.
+    country = np.where(
+        rng.random(U) < 0.3, e.user_topics[:, 0] % cfg.num_countries, rng.integers(0, cfg.num_countries, U)
+    )
+    age = np.clip(np.round(3 + 2 * e.user_latent[:, 0] + rng.normal(0, 1, U)), 0, 6)
+    return pa.table(
+        {
+            "user_id": pa.array(np.arange(U, dtype=np.int64)),
+            "country": pa.array(country.astype(np.int32)),
+            "age_bucket": pa.array(age.astype(np.int8)),
+            "gender": pa.array(rng.integers(0, 3, U).astype(np.int8)),
+            "signup_ds": _dates(cfg.start_day, e.user_signup_day),
+        },
+        schema=S.USERS.schema,
+    )
+
+
+def _pins_table(cfg: WorldConfig, e: _Entities, rng: np.random.Generator) -> pa.Table:
+    P = cfg.num_pins
+    projection = rng.standard_normal((cfg.latent_dim, S.CONTENT_DIM)).astype(np.float32)
+    projection /= np.sqrt(cfg.latent_dim)
+    content = e.pin_latent @ projection
+    content += cfg.content_noise * rng.standard_normal(content.shape).astype(np.float32)
+    category = e.pin_topic * cfg.num_categories // cfg.num_topics
+    campaign = np.where(
+        e.pin_is_ad,
+        e.pin_advertiser * cfg.campaigns_per_advertiser
+        + rng.integers(0, cfg.campaigns_per_advertiser, P),
+        -1,
+    )
+    return pa.table(
+        {
+            "pin_id": pa.array(np.arange(P, dtype=np.int64)),
+            "category": pa.array(category.astype(np.int32)),
+            "content_emb": pa.FixedSizeListArray.from_arrays(
+                pa.array(content.astype(np.float32).ravel()), S.CONTENT_DIM
+            ),
+            "is_ad": pa.array(e.pin_is_ad),
+            "advertiser_id": pa.array(e.pin_advertiser, mask=~e.pin_is_ad, type=pa.int64()),
+            "campaign_id": pa.array(campaign, mask=~e.pin_is_ad, type=pa.int64()),
+            "created_ds": _dates(cfg.start_day, e.pin_created_day),
+        },
+        schema=S.PINS.schema,
+    )
+
+
+def _draw_outcomes(rng: np.random.Generator, affinity: np.ndarray, quality: np.ndarray,
+                   surface: np.ndarray) -> np.ndarray:
+    """The strongest action per impression; each action answers affinity differently."""
+    n = len(affinity)
+    hide = rng.random(n) < _sigmoid(-5.0 * affinity - 3.0)
+    closeup = rng.random(n) < _sigmoid(4.0 * affinity + quality + SURFACE_ENGAGEMENT_BIAS[surface] - 1.8)
+    save = closeup & (rng.random(n) < _sigmoid(6.0 * affinity - 3.0))
+    click = closeup & (rng.random(n) < _sigmoid(2.5 * affinity + quality - 1.2))
+    long_click = click & (rng.random(n) < _sigmoid(4.0 * affinity - 1.5))
+    action = np.full(n, S.Action.IMPRESSION, dtype=np.int8)
+    action[closeup] = S.Action.CLOSEUP
+    action[click] = S.Action.CLICK
+    action[long_click] = S.Action.LONG_CLICK
+    action[save] = S.Action.SAVE
+    action[hide] = S.Action.HIDE
+    return action
+
+
+def _timestamps(rng: np.random.Generator, peak_hour: np.ndarray, day0: int) -> np.ndarray:
+    hour = (peak_hour + np.round(rng.normal(0, 3, len(peak_hour))).astype(np.int64)) % S.NUM_HOURS
+    return day0 + hour * 3600 + rng.integers(0, 3600, len(peak_hour))
+
+
+class _SequenceBuffer:
+    """Each user's last L positive engagements, right-aligned with -1 padding on the left."""
+
+    def __init__(self, num_users: int, length: int):
+        self.pin = np.full((num_users, length), -1, dtype=np.int64)
+        self.action = np.zeros((num_users, length), dtype=np.int8)
+        self.ts = np.zeros((num_users, length), dtype=np.int64)
+        self.length = length
+
+    def rows(self, users: np.ndarray) -> pa.Table:
+        """The sequences of `users` as a user_sequences table (users with no history omitted)."""
+        pin, action, ts = self.pin[users], self.action[users], self.ts[users]
+        valid = pin >= 0
+        counts = valid.sum(axis=1)
+        keep = counts > 0
+        offsets = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int32)
+        mask = valid[keep]
+        return pa.table(
+            {
+                "user_id": pa.array(users[keep].astype(np.int64)),
+                "seq_pin_id": pa.ListArray.from_arrays(offsets, pa.array(pin[keep][mask])),
+                "seq_action": pa.ListArray.from_arrays(offsets, pa.array(action[keep][mask])),
+                "seq_ts": pa.ListArray.from_arrays(offsets, pa.array(ts[keep][mask])),
+            },
+            schema=S.USER_SEQUENCES.schema,
+        )
+
+    def append(self, user: np.ndarray, pin: np.ndarray, action: np.ndarray, ts: np.ndarray) -> None:
+        """Append a day's events (any order); keeps the newest L per user, oldest first."""
+        L = self.length
+        order = np.lexsort((ts, user))
+        user, pin, action, ts = user[order], pin[order], action[order], ts[order]
+        users, first, counts = np.unique(user, return_index=True, return_counts=True)
+        # Place each user's newest <= L events right-aligned into an [A, L] block.
+        rank_from_end = (first + counts)[np.searchsorted(users, user)] - np.arange(len(user)) - 1
+        take = rank_from_end < L
+        row = np.searchsorted(users, user[take])
+        col = L - 1 - rank_from_end[take]
+        new_pin = np.full((len(users), L), -1, dtype=np.int64)
+        new_action = np.zeros((len(users), L), dtype=np.int8)
+        new_ts = np.zeros((len(users), L), dtype=np.int64)
+        new_pin[row, col], new_action[row, col], new_ts[row, col] = pin[take], action[take], ts[take]
+        # Old then new, squeeze the padding out to the left, keep the last L.
+        cat_pin = np.concatenate([self.pin[users], new_pin], axis=1)
+        squeeze = np.argsort(cat_pin >= 0, axis=1, kind="stable")[:, L:]
+        self.pin[users] = np.take_along_axis(cat_pin, squeeze, axis=1)
+        cat_action = np.concatenate([self.action[users], new_action], axis=1)
+        self.action[users] = np.take_along_axis(cat_action, squeeze, axis=1)
+        cat_ts = np.concatenate([self.ts[users], new_ts], axis=1)
+        self.ts[users] = np.take_along_axis(cat_ts, squeeze, axis=1)
+
+
+def _simulate_day(cfg: WorldConfig, e: _Entities, campaign: np.ndarray, day_index: int,
+                  day0: int, rng: np.random.Generator, request_id_base: int):
+    """One day's organic engagements and ad events, as Arrow tables, plus the active users."""
+    e.user_latent += (cfg.daily_drift * rng.standard_normal(e.user_latent.shape)).astype(np.float32)
+    e.user_latent /= np.linalg.norm(e.user_latent, axis=1, keepdims=True)
+
+    live_pin = e.pin_created_day <= day_index
+    organic = _TopicSampler(e.pin_topic, e.pin_popularity * live_pin, cfg.num_topics)
+    ads = _TopicSampler(e.pin_topic, e.pin_popularity * (live_pin & e.pin_is_ad), cfg.num_topics)
+
+    signed_up = e.user_signup_day <= day_index
+    active = np.flatnonzero(signed_up & (rng.random(cfg.num_users) < e.user_activity))
+
+    # Organic: many impressions per active user, a mix of relevant and popular Pins.
+    n_org = rng.poisson(cfg.organic_per_active_user * (0.5 + e.user_activity[active]))
+    user = np.repeat(active, n_org)
+    topic = e.user_topics[user, (rng.random(len(user)) > 0.7).astype(np.int64)]
+    relevant = rng.random(len(user)) < cfg.relevant_share
+    pin = np.where(relevant, organic.draw(rng, topic, len(user)), organic.draw(rng, None, len(user)))
+    surface = rng.choice(S.NUM_SURFACES, size=len(user), p=SURFACE_PROBS)
+    affinity = np.einsum("ij,ij->i", e.user_latent[user], e.pin_latent[pin])
+    action = _draw_outcomes(rng, affinity, e.pin_quality[pin], surface)
+    ts = _timestamps(rng, e.user_peak_hour[user], day0)
+    order = np.argsort(ts, kind="stable")
+    engagements = pa.table(
+        {
+            "user_id": user[order].astype(np.int64),
+            "pin_id": pin[order].astype(np.int64),
+            "action": action[order],
+            "ts": ts[order],
+            "surface": surface[order].astype(np.int8),
+        },
+        schema=S.ENGAGEMENTS.schema,
+    )
+
+    # Ads: few impressions, rare noisy clicks, rarer conversions.
+    n_ad = rng.poisson(cfg.ads_per_active_user, len(active))
+    ad_user = np.repeat(active, n_ad)
+    m = len(ad_user)
+    targeted = rng.random(m) < cfg.ad_targeting
+    ad_topic = e.user_topics[ad_user, 0]
+    ad_pin = np.where(targeted, ads.draw(rng, ad_topic, m), ads.draw(rng, None, m))
+    ad_surface = rng.choice(S.NUM_SURFACES, size=m, p=SURFACE_PROBS)
+    position = np.minimum(rng.geometric(0.25, m) - 1, 31)
+    advertiser = e.pin_advertiser[ad_pin]
+    ad_affinity = np.einsum("ij,ij->i", e.user_latent[ad_user], e.pin_latent[ad_pin])
+    click_logit = (
+        cfg.click_affinity * ad_affinity
+        + e.advertiser_quality[advertiser]
+        + SURFACE_CLICK_BIAS[ad_surface]
+        - 0.08 * position
+        + cfg.click_noise * rng.standard_normal(m)
+        + cfg.click_bias
+    )
+    clicked = rng.random(m) < _sigmoid(click_logit)
+    conv_logit = (
+        cfg.conversion_affinity * ad_affinity
+        + e.user_intent[ad_user]
+        + e.advertiser_quality[advertiser]
+        + cfg.conversion_bias
+    )
+    converted = clicked & (rng.random(m) < _sigmoid(conv_logit))
+    ad_ts = _timestamps(rng, e.user_peak_hour[ad_user], day0)
+    order = np.argsort(ad_ts, kind="stable")
+    ad_events = pa.table(
+        {
+            "request_id": request_id_base + np.arange(m, dtype=np.int64),
+            "user_id": ad_user[order].astype(np.int64),
+            "pin_id": ad_pin[order].astype(np.int64),
+            "advertiser_id": advertiser[order].astype(np.int64),
+            "campaign_id": campaign[ad_pin[order]],
+            "ts": ad_ts[order],
+            "surface": ad_surface[order].astype(np.int8),
+            "position": position[order].astype(np.int16),
+            "clicked": clicked[order].astype(np.int8),
+            "converted": converted[order].astype(np.int8),
+        },
+        schema=S.AD_EVENTS.schema,
+    )
+    day_users = np.union1d(np.unique(user), np.unique(ad_user))
+    return engagements, ad_events, day_users
+
+
+def generate(out: Path, cfg: WorldConfig, seed: int, overwrite: bool = False,
+             progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Write the world into `out` (atomically: a temporary folder renamed at the end)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    rng = np.random.default_rng([seed, 0])
+    e = _make_entities(cfg, rng)
+    users = _users_table(cfg, e, rng)
+    pins = _pins_table(cfg, e, rng)
+    _write(users, tmp / "users" / "part-0.parquet", cfg.row_group_size)
+    _write(pins, tmp / "pins" / "part-0.parquet", cfg.row_group_size)
+    campaign = pins.column("campaign_id").to_numpy(zero_copy_only=False)
+    campaign = np.nan_to_num(campaign.astype(np.float64), nan=-1).astype(np.int64)
+    del users, pins
+
+    seqs = _SequenceBuffer(cfg.num_users, cfg.sequence_length)
+    start = S.parse_day(cfg.start_day)
+    counts = {"engagements": 0, "ad_events": 0, "user_sequences": 0, "clicks": 0, "conversions": 0}
+    request_id = 0
+    for d in range(cfg.num_days):
+        day = start + dt.timedelta(days=d)
+        ds = f"ds={day:%Y-%m-%d}"
+        day_rng = np.random.default_rng([seed, 1, d])
+        eng, ad_table, day_users = _simulate_day(
+            cfg, e, campaign, d, S.day_start_ts(day), day_rng, request_id
+        )
+        request_id += ad_table.num_rows
+        # Sequences as of the day's start: written before the day's events enter the buffer.
+        seq_table = seqs.rows(day_users)
+        _write(eng, tmp / "engagements" / ds / "part-0.parquet", cfg.row_group_size)
+        _write(ad_table, tmp / "ad_events" / ds / "part-0.parquet", cfg.row_group_size)
+        _write(seq_table, tmp / "user_sequences" / ds / "part-0.parquet", cfg.row_group_size)
+        positive = eng.column("action").to_numpy() != S.Action.IMPRESSION
+        seqs.append(
+            eng.column("user_id").to_numpy()[positive],
+            eng.column("pin_id").to_numpy()[positive],
+            eng.column("action").to_numpy()[positive],
+            eng.column("ts").to_numpy()[positive],
+        )
+        counts["engagements"] += eng.num_rows
+        counts["ad_events"] += ad_table.num_rows
+        counts["user_sequences"] += seq_table.num_rows
+        counts["clicks"] += int(pc.sum(ad_table.column("clicked")).as_py() or 0)
+        counts["conversions"] += int(pc.sum(ad_table.column("converted")).as_py() or 0)
+        if progress:
+            progress(f"{day:%Y-%m-%d}: {eng.num_rows:,} engagements, {ad_table.num_rows:,} ad events")
+
+    meta = {
+        "seed": seed,
+        "config": dataclasses.asdict(cfg),
+        "days": [f"{start + dt.timedelta(days=d):%Y-%m-%d}" for d in range(cfg.num_days)],
+        "rows": {"users": cfg.num_users, "pins": cfg.num_pins, **counts},
+        "ctr": counts["clicks"] / max(counts["ad_events"], 1),
+        "cvr_given_click": counts["conversions"] / max(counts["clicks"], 1),
+        "generate_seconds": round(time.time() - t0, 1),
+    }
+    (tmp / WORLD_META).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return meta

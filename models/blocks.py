@@ -1,0 +1,94 @@
+"""Dense building blocks shared by derl models: DHEN-style towers and a sequence encoder.
+
+None of these hold embedding tables, so under `DistributedModelParallel` they stay plain dense
+modules (DDP-replicated) and TorchRec's train pipelines treat them as FX leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class MaskBlock(nn.Module):
+    """MaskNet block (Wang et al. 2021): an instance-guided mask gates the layer-normalised input.
+
+    The mask is computed from the input itself, which gives the multiplicative feature
+    interactions a plain MLP only approximates.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.mask = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, in_dim))
+        self.norm = nn.LayerNorm(in_dim)
+        self.out = nn.Sequential(nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mask(x) * self.norm(x))
+
+
+class DHENLayer(nn.Module):
+    """One DHEN layer (Zhang et al. 2022), reduced to two interaction modules side by side.
+
+    An MLP and a MaskBlock see the same input; their outputs are concatenated, projected and
+    added to a residual of the input, then layer-normalised.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU())
+        self.mask = MaskBlock(in_dim, out_dim)
+        self.mix = nn.Linear(2 * out_dim, out_dim)
+        self.skip = nn.Identity() if in_dim == out_dim else nn.Linear(in_dim, out_dim, bias=False)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = self.mix(torch.cat([self.mlp(x), self.mask(x)], dim=-1))
+        return self.norm(mixed + self.skip(x))
+
+
+class Tower(nn.Module):
+    """A stack of DHEN layers of the given widths followed by a linear head to `out_dim`."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden]
+        self.layers = nn.Sequential(*(DHENLayer(a, b) for a, b in zip(dims[:-1], dims[1:])))
+        self.head = nn.Linear(dims[-1], out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(x))
+
+
+class SequenceEncoder(nn.Module):
+    """Bidirectional transformer over a padded event sequence, pooled through a learned CLS token.
+
+    Bidirectional, not causal: the sequence is pooled into one vector, so there is no
+    next-item objective that future positions could leak into; every event may attend to every
+    other one. The CLS token is never masked, so an empty sequence (length 0) still has one
+    valid key and pools to a learned "no history" vector instead of NaN. Position embeddings
+    count back from the most recent event, since sequences are oldest-first and right-padded.
+    """
+
+    def __init__(self, dim: int, max_len: int, layers: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.recency = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=dropout, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, max_len, dim], valid in the first `lengths[b]` steps; returns [B, dim]."""
+        steps = torch.arange(self.max_len, device=tokens.device)
+        lengths = lengths.clamp(max=self.max_len).unsqueeze(1)
+        padding = steps.unsqueeze(0) >= lengths
+        x = tokens + self.recency((lengths - 1 - steps).clamp(min=0))
+        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1)
+        padding = torch.cat([padding.new_zeros(x.size(0), 1), padding], dim=1)
+        return self.norm(self.encoder(x, src_key_padding_mask=padding)[:, 0])

@@ -1,0 +1,58 @@
+"""Losses shared by derl models: weighted multi-task BCE and in-batch sampled softmax."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+
+def multi_task_bce(
+    logits: Mapping[str, torch.Tensor],
+    labels: Mapping[str, torch.Tensor],
+    weights: Mapping[str, float],
+) -> Dict[str, torch.Tensor]:
+    """Per-task BCE with logits (mean over the batch) times its weight, for every task in
+    `logits` whose label is present in `labels`.
+
+    Organic and ad batches carry different labels (ENGAGEMENT_LABELS vs AD_LABELS), so a task
+    without a label in this batch is skipped rather than treated as all-negative.
+    """
+    return {
+        task: weights.get(task, 1.0)
+        * F.binary_cross_entropy_with_logits(logit, labels[task].to(logit.dtype))
+        for task, logit in logits.items()
+        if task in labels
+    }
+
+
+def in_batch_softmax_loss(
+    query: torch.Tensor,
+    item: torch.Tensor,
+    item_ids: torch.Tensor,
+    positive: torch.Tensor,
+    temperature: Union[float, torch.Tensor],
+    item_prob: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """In-batch sampled softmax: row i's positive is item i, the other in-batch items are negatives.
+
+    logits[i, j] = <query_i, item_j> / temperature - log q_j, where q_j = `item_prob[j]` is the
+    probability that item j is drawn into a batch (logQ correction, Yi et al. 2019): popular
+    items show up as negatives more often than uniform sampling would, and without the
+    correction the model learns to push them down. Off-diagonal columns holding the same item
+    id as row i's positive are masked out: they are the positive, not a negative.
+
+    Only rows with `positive[i]` true contribute; the loss is their mean cross entropy, and 0
+    (with a graph, so every parameter still gets a gradient) when there is none.
+    """
+    logits = query @ item.T / temperature
+    if item_prob is not None:
+        logits = logits - torch.log(item_prob.clamp(min=1e-12)).unsqueeze(0)
+    diagonal = torch.eye(len(item_ids), dtype=torch.bool, device=logits.device)
+    same_item = (item_ids.unsqueeze(0) == item_ids.unsqueeze(1)) & ~diagonal
+    logits = logits.masked_fill(same_item, float("-inf"))
+    targets = torch.arange(len(item_ids), device=logits.device)
+    per_row = F.cross_entropy(logits, targets, reduction="none")
+    positive = positive.to(per_row.dtype)
+    return (per_row * positive).sum() / positive.sum().clamp(min=1.0)

@@ -1,0 +1,309 @@
+"""The upstream entity model, DERM (DESIGN.md stage 2): user and pin towers whose L2-normalised
+outputs share one space, an interaction tower with the per-task heads, and a contrastive term.
+
+All embedding tables live in four TorchRec modules at the top of `DERM`, so that
+`DistributedModelParallel` shards them and `TrainPipelineSparseDist` can pipeline their input
+distribution: `forward` passes each of them `batch.sparse` untouched, and is FX-traceable (the
+towers and the loss are plain dense modules, which the pipeline's tracer treats as leaves).
+
+Sharded modules fix the order of the KJT's keys on their first batch, so every batch a DERM
+sees (training or export) must carry the same keys in the same order: at least
+`UpstreamConfig.sparse_features`; a feature an example lacks is an empty list, never a missing key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from derl.datapipes.batch import (
+    CONTEXT_FEATURES,
+    ENGAGEMENT_LABELS,
+    PIN_FEATURES,
+    SEQUENCE_FEATURES,
+    USER_FEATURES,
+    Batch,
+)
+from derl.datapipes.schema import CONTENT_DIM
+from derl.models.blocks import SequenceEncoder, Tower
+from derl.models.losses import in_batch_softmax_loss, multi_task_bce
+
+# The BCE tasks of each upstream domain (DESIGN.md stage 2).
+DOMAIN_TASKS: Dict[str, Tuple[str, ...]] = {
+    "engagement": ENGAGEMENT_LABELS + ("clicked",),
+    "conversion": ("converted", "save", "long_click"),
+}
+# Labels that say the user did not want the pin: such rows are never contrastive positives.
+NEGATIVE_LABELS: Tuple[str, ...] = ("hide",)
+
+# Pin features pooled by the pin EBC; pin_id itself lives in the EmbeddingCollection (shared table).
+_PIN_ATTRIBUTES = tuple(f for f in PIN_FEATURES if f != "pin_id")
+
+
+def _positives(tasks: Sequence[str]) -> Tuple[str, ...]:
+    return tuple(t for t in tasks if t not in NEGATIVE_LABELS)
+
+
+@dataclass
+class UpstreamConfig:
+    """Everything that shapes a DERM. `num_embeddings` maps each sparse feature it reads
+    (`sparse_features`, minus seq_pin_id which shares pin_id's table) to its vocabulary size;
+    extra keys are ignored, so `datapipes` vocabularies can be passed as they are."""
+
+    num_embeddings: Mapping[str, int]
+    embedding_dim: int = 64
+    seq_len: int = 32
+    seq_layers: int = 2
+    seq_heads: int = 4
+    seq_dropout: float = 0.1
+    tower_dims: Tuple[int, ...] = (256, 128)
+    interaction_dims: Tuple[int, ...] = (256, 128)
+    content_dim: int = CONTENT_DIM
+    # Add "position" for ad-only training; then organic batches must carry it empty.
+    context_features: Tuple[str, ...] = CONTEXT_FEATURES
+    tasks: Tuple[str, ...] = DOMAIN_TASKS["engagement"]
+    task_weights: Mapping[str, float] = field(default_factory=dict)  # missing tasks weigh 1
+    contrastive: bool = True
+    contrastive_weight: float = 1.0
+    # A row is a contrastive positive if any of these labels is > 0 and no NEGATIVE_LABELS is.
+    contrastive_positives: Tuple[str, ...] = _positives(DOMAIN_TASKS["engagement"])
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    # batch.dense key of each row's pin sampling probability (logQ correction); None: no correction.
+    sampling_prob_key: Optional[str] = "pin_sampling_prob"
+
+    def __post_init__(self) -> None:
+        missing = [
+            f for f in self.sparse_features if f != "seq_pin_id" and f not in self.num_embeddings
+        ]
+        if missing:
+            raise ValueError(f"num_embeddings lacks {missing}")
+        unknown = set(self.task_weights) - set(self.tasks)
+        if unknown:
+            raise ValueError(f"task_weights names tasks not in {self.tasks}: {sorted(unknown)}")
+        if self.embedding_dim % self.seq_heads:
+            raise ValueError("embedding_dim must be divisible by seq_heads")
+
+    @property
+    def sparse_features(self) -> Tuple[str, ...]:
+        """The KJT keys a DERM reads."""
+        return USER_FEATURES + PIN_FEATURES + SEQUENCE_FEATURES + self.context_features
+
+    @classmethod
+    def for_domain(
+        cls, domain: str, num_embeddings: Mapping[str, int], **overrides: Any
+    ) -> "UpstreamConfig":
+        """The config of one upstream domain: its tasks, and all but hides as positives."""
+        tasks = DOMAIN_TASKS[domain]
+        return cls(
+            **{"tasks": tasks, "contrastive_positives": _positives(tasks), **overrides},
+            num_embeddings=num_embeddings,
+        )
+
+
+def _bag_tables(cfg: UpstreamConfig, features: Sequence[str]) -> List[EmbeddingBagConfig]:
+    """One sum-pooled table per feature: an empty feature (advertiser_id of an organic pin)
+    pools to a zero vector."""
+    return [
+        EmbeddingBagConfig(
+            name=f"t_{f}",
+            embedding_dim=cfg.embedding_dim,
+            num_embeddings=cfg.num_embeddings[f],
+            feature_names=[f],
+            pooling=PoolingType.SUM,
+        )
+        for f in features
+    ]
+
+
+def _sequence_tables(cfg: UpstreamConfig) -> List[EmbeddingConfig]:
+    """Unpooled tables for the sequence. The pin table also serves the candidate's pin_id, so a
+    pin in a user's history and the same pin as a candidate start from one vector; this is why
+    pin_id sits in the EmbeddingCollection and not in the pin tower's EmbeddingBagCollection
+    (TorchRec cannot share a table between the two module kinds)."""
+
+    def table(name: str, rows: int, features: List[str]) -> EmbeddingConfig:
+        return EmbeddingConfig(
+            name=name, embedding_dim=cfg.embedding_dim, num_embeddings=rows, feature_names=features
+        )
+
+    n = cfg.num_embeddings
+    return [
+        table("t_pin_id", n["pin_id"], ["pin_id", "seq_pin_id"]),
+        table("t_seq_action", n["seq_action"], ["seq_action"]),
+        table("t_seq_gap", n["seq_gap"], ["seq_gap"]),
+    ]
+
+
+class UserTower(nn.Module):
+    """Profile embeddings + the sequence encoder's summary -> DHEN tower -> unit vector."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        super().__init__()
+        d = cfg.embedding_dim
+        self.sequence = SequenceEncoder(d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout)
+        self.mlp = Tower((len(USER_FEATURES) + 1) * d, cfg.tower_dims, d)
+
+    def forward(
+        self, profile: torch.Tensor, pins: JaggedTensor, actions: JaggedTensor, gaps: JaggedTensor
+    ) -> torch.Tensor:
+        """profile: [B, 4d] pooled embeddings; pins/actions/gaps: the sequence's token embeddings."""
+        n = self.sequence.max_len
+        tokens = pins.to_padded_dense(n) + actions.to_padded_dense(n) + gaps.to_padded_dense(n)
+        history = self.sequence(tokens, pins.lengths())
+        return F.normalize(self.mlp(torch.cat([profile, history], dim=1)), dim=-1)
+
+
+class PinTower(nn.Module):
+    """pin_id, category and advertiser embeddings + projected content -> DHEN tower -> unit vector."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        super().__init__()
+        d = cfg.embedding_dim
+        self.content = nn.Sequential(nn.Linear(cfg.content_dim, d), nn.ReLU())
+        self.mlp = Tower((len(PIN_FEATURES) + 1) * d, cfg.tower_dims, d)
+
+    def forward(self, pin_id: JaggedTensor, attributes: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """pin_id: one embedding per example; attributes: [B, 2d] pooled; content: [B, content_dim]."""
+        pin = pin_id.to_padded_dense(1).squeeze(1)
+        x = torch.cat([pin, attributes, self.content(content)], dim=1)
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class InteractionTower(nn.Module):
+    """The only place context (surface, hour, position) meets the entities: it sees both
+    tower outputs, their elementwise product and dot product, and the context embeddings, and
+    emits one logit per task. Its gradients flow back into the towers on purpose: the entity
+    vectors must be useful to the heads."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        super().__init__()
+        d = cfg.embedding_dim
+        self.tasks = cfg.tasks
+        self.mlp = Tower((3 + len(cfg.context_features)) * d + 1, cfg.interaction_dims, len(cfg.tasks))
+
+    def forward(self, user: torch.Tensor, pin: torch.Tensor, context: torch.Tensor) -> Dict[str, torch.Tensor]:
+        cross = user * pin
+        x = torch.cat([user, pin, cross, cross.sum(dim=1, keepdim=True), context], dim=1)
+        logits = self.mlp(x)
+        return {task: logits[:, i] for i, task in enumerate(self.tasks)}
+
+
+class UpstreamLoss(nn.Module):
+    """Weighted BCE over the tasks labelled in the batch + the weighted contrastive term.
+
+    The temperature is fixed by default: a learned one is driven down by the contrastive term
+    alone and changes the scale of the space between retrains, which the snapshot smoothing
+    (aligning E(t-1) to a retrained model) would then have to undo. `learn_temperature`
+    makes it a parameter (log-parametrised, kept >= 0.01 as in CLIP).
+    """
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        log_t = torch.tensor(math.log(cfg.temperature))
+        if cfg.learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=0.01)
+
+    def positive_rows(self, labels: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Rows whose pin the user engaged with (any positive label > 0) and did not hide."""
+        positive = torch.zeros(len(like), dtype=torch.bool, device=like.device)
+        for name in self.cfg.contrastive_positives:
+            if name in labels:
+                positive |= labels[name] > 0
+        for name in NEGATIVE_LABELS:
+            if name in labels:
+                positive &= labels[name] <= 0
+        return positive
+
+    def forward(
+        self,
+        logits: Dict[str, torch.Tensor],
+        user: torch.Tensor,
+        pin: torch.Tensor,
+        pin_ids: torch.Tensor,
+        labels: Dict[str, torch.Tensor],
+        dense: Dict[str, torch.Tensor],
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        parts = multi_task_bce(logits, labels, cfg.task_weights)
+        if cfg.contrastive:
+            key = cfg.sampling_prob_key
+            if key is not None and key not in dense:
+                raise KeyError(f"logQ correction needs batch.dense[{key!r}] (pin sampling probability)")
+            parts["contrastive"] = cfg.contrastive_weight * in_batch_softmax_loss(
+                user,
+                pin,
+                pin_ids,
+                self.positive_rows(labels, pin_ids),
+                self.temperature(),
+                dense[key] if key is not None else None,
+            )
+        if not parts:
+            raise ValueError(f"batch carries none of the labels {cfg.tasks} and contrastive is off")
+        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
+
+
+class DERM(nn.Module):
+    """Decoupled entity representation model: `forward(batch) -> (loss, outputs)` for training
+    (TorchRec's train pipelines expect exactly that), `embed_users` / `embed_pins` for export.
+
+    outputs: "logits" (task -> [B]), "user_emb" and "pin_emb" ([B, d], unit norm), "losses"
+    (detached per-part losses, for logging). `table_device="meta"` defers allocating the
+    tables to `DistributedModelParallel`, which builds only this rank's shards.
+    """
+
+    def __init__(self, cfg: UpstreamConfig, table_device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.user_ebc = EmbeddingBagCollection(_bag_tables(cfg, USER_FEATURES), device=table_device)
+        self.pin_ebc = EmbeddingBagCollection(_bag_tables(cfg, _PIN_ATTRIBUTES), device=table_device)
+        self.context_ebc = EmbeddingBagCollection(
+            _bag_tables(cfg, cfg.context_features), device=table_device
+        )
+        self.sequence_ec = EmbeddingCollection(_sequence_tables(cfg), device=table_device)
+        self.user_tower = UserTower(cfg)
+        self.pin_tower = PinTower(cfg)
+        self.interaction = InteractionTower(cfg)
+        self.loss = UpstreamLoss(cfg)
+
+    def _user(self, sparse: KeyedJaggedTensor, ids: Dict[str, JaggedTensor]) -> torch.Tensor:
+        profile = self.user_ebc(sparse).values()
+        return self.user_tower(profile, ids["seq_pin_id"], ids["seq_action"], ids["seq_gap"])
+
+    def _pin(
+        self, sparse: KeyedJaggedTensor, ids: Dict[str, JaggedTensor], content: torch.Tensor
+    ) -> torch.Tensor:
+        return self.pin_tower(ids["pin_id"], self.pin_ebc(sparse).values(), content)
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        ids = self.sequence_ec(batch.sparse)
+        user = self._user(batch.sparse, ids)
+        pin = self._pin(batch.sparse, ids, batch.dense["content_emb"])
+        logits = self.interaction(user, pin, self.context_ebc(batch.sparse).values())
+        pin_ids = batch.sparse["pin_id"].values()
+        loss, losses = self.loss(logits, user, pin, pin_ids, batch.labels, batch.dense)
+        return loss, {"logits": logits, "user_emb": user, "pin_emb": pin, "losses": losses}
+
+    def embed_users(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """[B, d] unit user vectors, without labels. `sparse` still carries every key of
+        `cfg.sparse_features`; pin and context features may be empty lists."""
+        return self._user(sparse, self.sequence_ec(sparse))
+
+    def embed_pins(self, sparse: KeyedJaggedTensor, content_emb: torch.Tensor) -> torch.Tensor:
+        """[B, d] unit pin vectors, without labels. `sparse` still carries every key of
+        `cfg.sparse_features`; user, sequence and context features may be empty lists."""
+        return self._pin(sparse, self.sequence_ec(sparse), content_emb)
