@@ -1,0 +1,299 @@
+"""The upstream model (DERM): shapes, gradients, losses by hand, context isolation, sharding."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from derl.datapipes.batch import NUM_GAP_BUCKETS, Batch
+from derl.models.losses import in_batch_softmax_loss
+from derl.models.upstream import DERM, UpstreamConfig
+
+VOCAB = dict(
+    user_id=10, country=3, age_bucket=4, gender=3, pin_id=12, category=5, advertiser_id=4,
+    seq_action=6, seq_gap=NUM_GAP_BUCKETS, surface=3, hour=24,
+)
+B = 4
+
+
+def small_config(**overrides) -> UpstreamConfig:
+    kw = dict(
+        num_embeddings=VOCAB, embedding_dim=8, seq_len=5, seq_layers=1, seq_heads=2,
+        seq_dropout=0.0, tower_dims=(16,), interaction_dims=(16,),
+    )
+    return UpstreamConfig(**{**kw, **overrides})
+
+
+def make_batch(
+    cfg: UpstreamConfig,
+    seq_lengths: Sequence[int] = (3, 0, 5, 1),
+    pin_ids: Sequence[int] = (1, 2, 3, 4),
+    surface: Sequence[int] = (0, 1, 2, 0),
+    hour: Sequence[int] = (0, 5, 12, 23),
+    labels: Optional[Dict[str, torch.Tensor]] = None,
+    seed: int = 0,
+) -> Batch:
+    """A batch with every key of cfg.sparse_features; organic pins 1 and 3 have no advertiser."""
+    g = torch.Generator().manual_seed(seed)
+    fixed = {"pin_id": pin_ids, "surface": surface, "hour": hour}
+    values, lengths = [], []
+    for f in cfg.sparse_features:
+        if f in fixed:
+            lens, vals = [1] * B, torch.tensor(fixed[f])
+        else:
+            lens = list(seq_lengths) if f.startswith("seq_") else [1] * B
+            if f == "advertiser_id":
+                lens = [0, 1, 0, 1]
+            rows = VOCAB["pin_id" if f == "seq_pin_id" else f]
+            vals = torch.randint(0, rows, (sum(lens),), generator=g)
+        values.append(vals)
+        lengths += lens
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(cfg.sparse_features), values=torch.cat(values), lengths=torch.tensor(lengths)
+    )
+    if labels is None:
+        labels = {
+            "click": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+            "save": torch.tensor([0.0, 1.0, 0.0, 0.0]),
+            "hide": torch.tensor([0.0, 0.0, 0.0, 1.0]),
+        }
+    dense = {
+        "content_emb": torch.randn(B, cfg.content_dim, generator=g),
+        "pin_sampling_prob": torch.tensor([0.1, 0.2, 0.05, 0.3]),
+    }
+    return Batch(sparse=sparse, dense=dense, labels=labels)
+
+
+@pytest.fixture
+def model() -> DERM:
+    torch.manual_seed(0)
+    return DERM(small_config())
+
+
+def test_forward_backward_reaches_tables_and_transformer(model: DERM) -> None:
+    loss, out = model(make_batch(model.cfg))
+    assert set(out["logits"]) == set(model.cfg.tasks)
+    assert set(out["losses"]) == {"click", "save", "hide", "contrastive"}
+    assert out["losses"]["contrastive"] > 0
+    loss.backward()
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.grad is None]
+    assert not missing, missing
+    for name in (
+        "sequence_ec.embeddings.t_pin_id.weight",
+        "sequence_ec.embeddings.t_seq_action.weight",
+        "sequence_ec.embeddings.t_seq_gap.weight",
+        "user_ebc.embedding_bags.t_user_id.weight",
+        "pin_ebc.embedding_bags.t_category.weight",
+        "context_ebc.embedding_bags.t_hour.weight",
+        "user_tower.sequence.cls",
+        "user_tower.sequence.encoder.layers.0.self_attn.in_proj_weight",
+    ):
+        assert params[name].grad.abs().sum() > 0, name
+
+
+def test_outputs_are_unit_norm_and_match_embed_methods(model: DERM) -> None:
+    batch = make_batch(model.cfg)
+    _, out = model(batch)
+    for key in ("user_emb", "pin_emb"):
+        assert out[key].shape == (B, model.cfg.embedding_dim)
+        torch.testing.assert_close(out[key].norm(dim=1), torch.ones(B))
+    torch.testing.assert_close(model.embed_users(batch.sparse), out["user_emb"])
+    torch.testing.assert_close(
+        model.embed_pins(batch.sparse, batch.dense["content_emb"]), out["pin_emb"]
+    )
+
+
+@pytest.mark.parametrize("seq_lengths", [(0, 2, 0, 5), (0, 0, 0, 0), (7, 1, 0, 2)])
+def test_empty_and_overlong_sequences(model: DERM, seq_lengths) -> None:
+    loss, out = model(make_batch(model.cfg, seq_lengths=seq_lengths))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(out["user_emb"]).all()
+    torch.testing.assert_close(out["user_emb"].norm(dim=1), torch.ones(B))
+
+
+def test_context_does_not_reach_entity_embeddings(model: DERM) -> None:
+    _, a = model(make_batch(model.cfg))
+    _, b = model(make_batch(model.cfg, surface=(2, 2, 0, 1), hour=(9, 9, 9, 9)))
+    torch.testing.assert_close(a["user_emb"], b["user_emb"], rtol=0, atol=0)
+    torch.testing.assert_close(a["pin_emb"], b["pin_emb"], rtol=0, atol=0)
+    assert not torch.equal(a["logits"]["click"], b["logits"]["click"])
+
+
+def test_bce_only_over_labels_present(model: DERM) -> None:
+    ad_labels = {"clicked": torch.tensor([1.0, 0, 0, 0]), "converted": torch.zeros(B)}
+    _, out = model(make_batch(model.cfg, labels=ad_labels))
+    assert set(out["losses"]) == {"clicked", "contrastive"}
+    # No task label and no contrastive term: nothing to learn from.
+    off = DERM(small_config(contrastive=False))
+    with pytest.raises(ValueError):
+        off(make_batch(off.cfg, labels={"converted": torch.zeros(B)}))
+
+
+def test_contrastive_positives_follow_labels(model: DERM) -> None:
+    labels = {
+        "click": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        "save": torch.tensor([0.0, 1.0, 0.0, 0.0]),
+        "hide": torch.tensor([1.0, 0.0, 0.0, 0.0]),
+    }
+    rows = model.loss.positive_rows(labels, torch.zeros(B))
+    assert rows.tolist() == [False, True, True, False]  # row 0 was hidden
+
+
+def test_missing_sampling_probability_is_an_error(model: DERM) -> None:
+    batch = make_batch(model.cfg)
+    del batch.dense["pin_sampling_prob"]
+    with pytest.raises(KeyError, match="pin_sampling_prob"):
+        model(batch)
+
+
+def test_learned_temperature_gets_gradient() -> None:
+    m = DERM(small_config(learn_temperature=True))
+    loss, _ = m(make_batch(m.cfg))
+    loss.backward()
+    assert m.loss.log_temperature.grad.abs() > 0
+
+
+# --- the contrastive loss by hand -------------------------------------------------------------
+
+
+def _reference(q, p, ids, prob, positive, t) -> float:
+    """Sampled softmax written out row by row: allowed columns are the diagonal and every
+    column holding another item; logits carry -log q."""
+    losses = []
+    for i in range(len(ids)):
+        if not positive[i]:
+            continue
+        cols = [j for j in range(len(ids)) if j == i or ids[j] != ids[i]]
+        z = np.array([q[i] @ p[j] / t - (np.log(prob[j]) if prob is not None else 0.0) for j in cols])
+        losses.append(-(z[cols.index(i)] - np.log(np.exp(z).sum())))
+    return float(np.mean(losses)) if losses else 0.0
+
+
+Q = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, -0.6]])
+P = np.array([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [-0.6, 0.8]])
+PROB = np.array([0.5, 0.25, 0.125, 0.125])
+
+
+def _loss(ids, positive, prob=PROB, t=0.5) -> torch.Tensor:
+    return in_batch_softmax_loss(
+        torch.tensor(Q), torch.tensor(P), torch.tensor(ids), torch.tensor(positive), t,
+        None if prob is None else torch.tensor(prob),
+    )
+
+
+def test_logq_correction_matches_hand_computation() -> None:
+    ids, positive = [0, 1, 2, 3], [True] * 4
+    corrected = _loss(ids, positive)
+    assert corrected.item() == pytest.approx(_reference(Q, P, ids, PROB, positive, 0.5), rel=1e-9)
+    plain = _loss(ids, positive, prob=None)
+    assert plain.item() == pytest.approx(_reference(Q, P, ids, None, positive, 0.5), rel=1e-9)
+    assert abs(corrected.item() - plain.item()) > 1e-3
+    # A uniform q shifts every logit equally: the correction then changes nothing.
+    uniform = _loss(ids, positive, prob=np.full(4, 0.25))
+    assert uniform.item() == pytest.approx(plain.item(), rel=1e-9)
+
+
+def test_same_pin_in_batch_negatives_are_masked() -> None:
+    ids, positive = [7, 7, 3, 7], [True] * 4
+    masked = _loss(ids, positive)
+    assert masked.item() == pytest.approx(_reference(Q, P, ids, PROB, positive, 0.5), rel=1e-9)
+    assert abs(masked.item() - _loss([0, 1, 2, 3], positive).item()) > 1e-3
+
+
+def test_only_positive_rows_count() -> None:
+    ids = [0, 1, 2, 3]
+    positive = [True, False, True, False]
+    assert _loss(ids, positive).item() == pytest.approx(
+        _reference(Q, P, ids, PROB, positive, 0.5), rel=1e-9
+    )
+    q = torch.tensor(Q, requires_grad=True)
+    none = in_batch_softmax_loss(q, torch.tensor(P), torch.tensor(ids), torch.zeros(4, dtype=torch.bool), 0.5)
+    none.backward()
+    assert none.item() == 0.0 and q.grad is not None and not q.grad.any()
+
+
+# --- sharded -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_model_parallel_and_train_pipeline() -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        torch.manual_seed(0)
+        cfg = small_config()
+        model = DERM(cfg, table_device=torch.device("meta"))
+        tables = []
+        for m in model.modules():
+            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
+                apply_optimizer_in_backward(RowWiseAdagrad, m.parameters(), {"lr": 0.1})
+                tables += [n for n, _ in m.named_parameters()]
+        # Tiny tables would be planned data-parallel; force table-wise to exercise the all-to-alls.
+        constraints = {
+            n.split(".")[-2]: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])
+            for n in tables
+        }
+        sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints
+        )
+        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
+        dense = KeyedOptimizerWrapper(
+            dict(in_backward_optimizer_filter(dmp.named_parameters())),
+            lambda params: torch.optim.Adam(params, lr=1e-2),
+        )
+        optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+
+        def pin_table() -> torch.Tensor:
+            weight = dmp.state_dict()["sequence_ec.embeddings.t_pin_id.weight"]
+            return weight.local_shards()[0].tensor.clone()
+
+        before = pin_table()
+        batch = make_batch(cfg)
+        loss, out = dmp(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert torch.isfinite(loss)
+        assert not torch.equal(before, pin_table())  # the fused optimizer stepped in backward
+
+        pipeline = TrainPipelineSparseDist(dmp, optimizer, torch.device("cpu"))
+        batches = iter([make_batch(cfg, seed=s) for s in range(3)])
+        for _ in range(3):
+            out = pipeline.progress(batches)
+            assert all(torch.isfinite(v) for v in out["losses"].values())
+        # Every embedding module had its input dist pipelined (forward is FX-traceable).
+        assert len(pipeline._pipelined_modules) == 4
+        pipeline.detach()
+        users = dmp.module.embed_users(batch.sparse)
+        torch.testing.assert_close(users.norm(dim=1), torch.ones(B))
+    finally:
+        dist.destroy_process_group()

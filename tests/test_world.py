@@ -1,0 +1,94 @@
+"""The synthetic world: deterministic, shaped like the ads regime of the paper, and leak-free."""
+
+import datetime as dt
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from derl.datapipes import schema as S
+from derl.datapipes.world import PRESETS, generate
+
+
+def _table(root, name):
+    return pads.dataset(root / name, format="parquet", partitioning="hive").to_table()
+
+
+def test_same_seed_same_world_other_seed_other_world(tmp_path, tiny_world):
+    again = tmp_path / "again"
+    generate(again, PRESETS["tiny"], seed=0)
+    other = tmp_path / "other"
+    generate(other, PRESETS["tiny"], seed=1)
+    for name in S.TABLES:
+        assert _table(again, name).equals(_table(tiny_world, name)), name
+    assert not _table(other, "engagements").equals(_table(tiny_world, "engagements"))
+
+
+def test_every_table_has_its_schema_and_day_partitions(tiny_world):
+    for name, spec in S.TABLES.items():
+        for path in sorted((tiny_world / name).rglob("*.parquet")):
+            schema = pq.read_schema(path)
+            for f in spec.schema:
+                assert schema.field(f.name).type == f.type, (path, f.name)
+            if spec.partitioned_by_day:
+                S.parse_day(path.parent.name.removeprefix("ds="))
+    assert len(list((tiny_world / "engagements").glob("ds=*"))) == PRESETS["tiny"].num_days
+
+
+def test_ads_are_sparse_and_noisy_organic_is_rich(tiny_world):
+    ads = _table(tiny_world, "ad_events")
+    clicked = ads.column("clicked").to_numpy()
+    converted = ads.column("converted").to_numpy()
+    assert 0.01 <= clicked.mean() <= 0.03  # CTR around 1-3 %
+    assert 0.05 <= converted.sum() / clicked.sum() <= 0.15  # CVR given click 5-15 %
+    assert not (converted & ~clicked.astype(bool)).any()
+    eng = _table(tiny_world, "engagements")
+    actions = np.bincount(eng.column("action").to_numpy(), minlength=S.NUM_ACTIONS)
+    organic_signal = actions.sum() - actions[S.Action.IMPRESSION]
+    assert eng.num_rows > 2 * ads.num_rows
+    assert organic_signal > 20 * clicked.sum()  # the ad side alone is starved of signal
+    assert (actions > 0).all()  # every action type occurs
+    assert actions[S.Action.IMPRESSION] > actions[S.Action.SAVE] > 0
+
+
+def test_pin_popularity_is_power_law(tiny_world):
+    counts = np.bincount(_table(tiny_world, "engagements").column("pin_id").to_numpy())
+    top = np.sort(counts)[::-1]
+    # A uniform catalogue would give the top 1 % of Pins 1 % of impressions.
+    assert top[: len(top) // 100].sum() / top.sum() > 0.15
+
+
+def test_cold_users_and_pins_appear_only_on_the_last_days(tiny_world):
+    cfg = PRESETS["tiny"]
+    first_cold = S.parse_day(cfg.start_day) + dt.timedelta(days=cfg.num_days - cfg.cold_days)
+    users = pq.read_table(tiny_world / "users")
+    pins = pq.read_table(tiny_world / "pins")
+    cold_users = users.filter(pads.field("signup_ds") >= first_cold).column("user_id").to_numpy()
+    cold_pins = pins.filter(pads.field("created_ds") >= first_cold).column("pin_id").to_numpy()
+    assert len(cold_users) > 0 and len(cold_pins) > 0
+    eng = _table(tiny_world, "engagements")
+    before = eng.filter(pads.field("ds") < f"{first_cold:%Y-%m-%d}")
+    assert not np.isin(before.column("user_id").to_numpy(), cold_users).any()
+    assert not np.isin(before.column("pin_id").to_numpy(), cold_pins).any()
+    after = eng.filter(pads.field("ds") >= f"{first_cold:%Y-%m-%d}")
+    assert np.isin(after.column("user_id").to_numpy(), cold_users).any()
+
+
+def test_user_sequences_hold_the_last_engagements_before_the_day_and_nothing_after(tiny_world):
+    cfg = PRESETS["tiny"]
+    eng = _table(tiny_world, "engagements").to_pandas()
+    positive = eng[eng.action != S.Action.IMPRESSION]
+    seqs = _table(tiny_world, "user_sequences").to_pandas()
+    assert len(seqs) > 0
+    for ds, day in seqs.groupby("ds"):
+        day_start = S.day_start_ts(S.parse_day(ds))
+        flat_ts = np.concatenate(day.seq_ts.to_numpy())
+        assert (flat_ts < day_start).all(), f"leak on {ds}"
+        # Spot-check the contents against the engagement log itself.
+        history = positive[positive.ts < day_start].sort_values(["ts"], kind="stable")
+        for row in day.head(20).itertuples():
+            mine = history[history.user_id == row.user_id].tail(cfg.sequence_length)
+            assert list(row.seq_pin_id) == mine.pin_id.tolist()
+            assert list(row.seq_action) == mine.action.tolist()
+            assert list(row.seq_ts) == mine.ts.tolist()
