@@ -143,27 +143,40 @@ def _sequence_tables(cfg: UpstreamConfig) -> List[EmbeddingConfig]:
     ]
 
 
+def _latest(events: JaggedTensor, n: int) -> torch.Tensor:
+    """[B, n, d]: each row's last n event embeddings (sequences are oldest-first), zero-padded
+    at the end. Unlike `to_padded_dense`, which keeps the first n, an over-long sequence loses
+    its oldest events, not its newest."""
+    keep = events.lengths().clamp(max=n).unsqueeze(1)
+    steps = torch.arange(n, device=keep.device)
+    values = F.pad(events.values(), (0, 0, 0, 1))  # one zero row to point padding at
+    start = events.offsets()[1:].unsqueeze(1) - keep
+    return values[torch.where(steps < keep, start + steps, values.size(0) - 1)]
+
+
 class UserTower(nn.Module):
     """Profile embeddings + the sequence encoder's summary -> DHEN tower -> unit vector."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         super().__init__()
         d = cfg.embedding_dim
-        self.sequence = SequenceEncoder(d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout)
+        self.sequence = SequenceEncoder(
+            d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout
+        )
         self.mlp = Tower((len(USER_FEATURES) + 1) * d, cfg.tower_dims, d)
 
     def forward(
         self, profile: torch.Tensor, pins: JaggedTensor, actions: JaggedTensor, gaps: JaggedTensor
     ) -> torch.Tensor:
-        """profile: [B, 4d] pooled embeddings; pins/actions/gaps: the sequence's token embeddings."""
+        """profile: [B, 4d] pooled embeddings; pins/actions/gaps: the sequence's events."""
         n = self.sequence.max_len
-        tokens = pins.to_padded_dense(n) + actions.to_padded_dense(n) + gaps.to_padded_dense(n)
+        tokens = _latest(pins, n) + _latest(actions, n) + _latest(gaps, n)
         history = self.sequence(tokens, pins.lengths())
         return F.normalize(self.mlp(torch.cat([profile, history], dim=1)), dim=-1)
 
 
 class PinTower(nn.Module):
-    """pin_id, category and advertiser embeddings + projected content -> DHEN tower -> unit vector."""
+    """pin_id, category, advertiser embeddings + projected content -> DHEN tower -> unit vector."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         super().__init__()
@@ -171,8 +184,10 @@ class PinTower(nn.Module):
         self.content = nn.Sequential(nn.Linear(cfg.content_dim, d), nn.ReLU())
         self.mlp = Tower((len(PIN_FEATURES) + 1) * d, cfg.tower_dims, d)
 
-    def forward(self, pin_id: JaggedTensor, attributes: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-        """pin_id: one embedding per example; attributes: [B, 2d] pooled; content: [B, content_dim]."""
+    def forward(
+        self, pin_id: JaggedTensor, attributes: torch.Tensor, content: torch.Tensor
+    ) -> torch.Tensor:
+        """pin_id: one embedding per example; attributes: [B, 2d]; content: [B, content_dim]."""
         pin = pin_id.to_padded_dense(1).squeeze(1)
         x = torch.cat([pin, attributes, self.content(content)], dim=1)
         return F.normalize(self.mlp(x), dim=-1)
@@ -188,9 +203,12 @@ class InteractionTower(nn.Module):
         super().__init__()
         d = cfg.embedding_dim
         self.tasks = cfg.tasks
-        self.mlp = Tower((3 + len(cfg.context_features)) * d + 1, cfg.interaction_dims, len(cfg.tasks))
+        in_dim = (3 + len(cfg.context_features)) * d + 1
+        self.mlp = Tower(in_dim, cfg.interaction_dims, len(cfg.tasks))
 
-    def forward(self, user: torch.Tensor, pin: torch.Tensor, context: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, user: torch.Tensor, pin: torch.Tensor, context: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
         cross = user * pin
         x = torch.cat([user, pin, cross, cross.sum(dim=1, keepdim=True), context], dim=1)
         logits = self.mlp(x)
@@ -243,7 +261,7 @@ class UpstreamLoss(nn.Module):
         if cfg.contrastive:
             key = cfg.sampling_prob_key
             if key is not None and key not in dense:
-                raise KeyError(f"logQ correction needs batch.dense[{key!r}] (pin sampling probability)")
+                raise KeyError(f"logQ correction needs batch.dense[{key!r}], the pin sampling prob")
             parts["contrastive"] = cfg.contrastive_weight * in_batch_softmax_loss(
                 user,
                 pin,
@@ -253,7 +271,7 @@ class UpstreamLoss(nn.Module):
                 dense[key] if key is not None else None,
             )
         if not parts:
-            raise ValueError(f"batch carries none of the labels {cfg.tasks} and contrastive is off")
+            raise ValueError(f"batch has none of the labels {cfg.tasks}, contrastive is off")
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
 
@@ -269,11 +287,13 @@ class DERM(nn.Module):
     def __init__(self, cfg: UpstreamConfig, table_device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.user_ebc = EmbeddingBagCollection(_bag_tables(cfg, USER_FEATURES), device=table_device)
-        self.pin_ebc = EmbeddingBagCollection(_bag_tables(cfg, _PIN_ATTRIBUTES), device=table_device)
-        self.context_ebc = EmbeddingBagCollection(
-            _bag_tables(cfg, cfg.context_features), device=table_device
-        )
+
+        def bags(features: Sequence[str]) -> EmbeddingBagCollection:
+            return EmbeddingBagCollection(_bag_tables(cfg, features), device=table_device)
+
+        self.user_ebc = bags(USER_FEATURES)
+        self.pin_ebc = bags(_PIN_ATTRIBUTES)
+        self.context_ebc = bags(cfg.context_features)
         self.sequence_ec = EmbeddingCollection(_sequence_tables(cfg), device=table_device)
         self.user_tower = UserTower(cfg)
         self.pin_tower = PinTower(cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 from typing import Dict, Optional, Sequence
 
@@ -132,6 +131,26 @@ def test_empty_and_overlong_sequences(model: DERM, seq_lengths) -> None:
     torch.testing.assert_close(out["user_emb"].norm(dim=1), torch.ones(B))
 
 
+def test_overlong_sequence_keeps_its_latest_events(model: DERM) -> None:
+    """Sequences are oldest-first: cutting one to seq_len (5) must drop its oldest events."""
+    long = make_batch(model.cfg, seq_lengths=(7, 1, 0, 2))
+    kjt = long.sparse.to_dict()
+    drop = {"seq_pin_id", "seq_action", "seq_gap"}
+    values, lengths = [], []
+    for f in model.cfg.sparse_features:
+        jt = kjt[f]
+        if f in drop:  # the same batch with row 0's two oldest events removed
+            values.append(torch.cat([jt.values()[2:7], jt.values()[7:]]))
+            lengths.append(torch.tensor([5, 1, 0, 2]))
+        else:
+            values.append(jt.values())
+            lengths.append(jt.lengths())
+    cut = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(model.cfg.sparse_features), values=torch.cat(values), lengths=torch.cat(lengths)
+    )
+    torch.testing.assert_close(model.embed_users(long.sparse), model.embed_users(cut))
+
+
 def test_context_does_not_reach_entity_embeddings(model: DERM) -> None:
     _, a = model(make_batch(model.cfg))
     _, b = model(make_batch(model.cfg, surface=(2, 2, 0, 1), hour=(9, 9, 9, 9)))
@@ -185,7 +204,8 @@ def _reference(q, p, ids, prob, positive, t) -> float:
         if not positive[i]:
             continue
         cols = [j for j in range(len(ids)) if j == i or ids[j] != ids[i]]
-        z = np.array([q[i] @ p[j] / t - (np.log(prob[j]) if prob is not None else 0.0) for j in cols])
+        log_q = np.zeros(len(ids)) if prob is None else np.log(prob)
+        z = np.array([q[i] @ p[j] / t - log_q[j] for j in cols])
         losses.append(-(z[cols.index(i)] - np.log(np.exp(z).sum())))
     return float(np.mean(losses)) if losses else 0.0
 
@@ -228,7 +248,8 @@ def test_only_positive_rows_count() -> None:
         _reference(Q, P, ids, PROB, positive, 0.5), rel=1e-9
     )
     q = torch.tensor(Q, requires_grad=True)
-    none = in_batch_softmax_loss(q, torch.tensor(P), torch.tensor(ids), torch.zeros(4, dtype=torch.bool), 0.5)
+    nobody = torch.zeros(4, dtype=torch.bool)
+    none = in_batch_softmax_loss(q, torch.tensor(P), torch.tensor(ids), nobody, 0.5)
     none.backward()
     assert none.item() == 0.0 and q.grad is not None and not q.grad.any()
 
@@ -265,7 +286,9 @@ def test_distributed_model_parallel_and_train_pipeline() -> None:
             topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints
         )
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
+        dmp = DistributedModelParallel(
+            model, device=torch.device("cpu"), plan=plan, sharders=sharders
+        )
         dense = KeyedOptimizerWrapper(
             dict(in_backward_optimizer_filter(dmp.named_parameters())),
             lambda params: torch.optim.Adam(params, lr=1e-2),
