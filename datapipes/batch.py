@@ -20,13 +20,19 @@ USER_FEATURES = ("user_id", "country", "age_bucket", "gender")
 PIN_FEATURES = ("pin_id", "category", "advertiser_id")  # advertiser_id: empty for organic Pins
 SEQUENCE_FEATURES = ("seq_pin_id", "seq_action", "seq_gap")  # jagged: the last L engagements
 CONTEXT_FEATURES = ("surface", "hour")
-AD_FEATURES = ("campaign_id", "position")  # ad_events only
-SPARSE_FEATURES = USER_FEATURES + PIN_FEATURES + SEQUENCE_FEATURES + CONTEXT_FEATURES
+AD_FEATURES = ("campaign_id", "position")  # empty for organic rows (campaign: unless an ad)
+# Every batch carries all of these, in this order: sharded TorchRec modules fix the key order on
+# their first batch, so organic and ad batches must share one layout.
+ALL_SPARSE_FEATURES = USER_FEATURES + PIN_FEATURES + SEQUENCE_FEATURES + CONTEXT_FEATURES + AD_FEATURES
 
 # Time since a sequence engagement, in log2(hours + 1) buckets.
 NUM_GAP_BUCKETS = 16
 # Ad slot positions above this share one bucket.
 NUM_POSITIONS = 32
+
+# Dense features: the Pin's content embedding [B, CONTENT_DIM], and the probability that a row of
+# the reader's table shows this Pin [B] (the q of the contrastive logQ correction).
+DENSE_FEATURES = ("content_emb", "pin_sampling_prob")
 
 # Labels by example table.
 ENGAGEMENT_LABELS = ("closeup", "click", "save", "long_click", "hide")

@@ -34,12 +34,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from derl.datapipes import schema as S
 from derl.datapipes.batch import (
-    AD_FEATURES,
+    ALL_SPARSE_FEATURES,
     AD_LABELS,
     ENGAGEMENT_LABELS,
     NUM_GAP_BUCKETS,
     NUM_POSITIONS,
-    SPARSE_FEATURES,
     Batch,
 )
 from derl.datapipes.sources import (
@@ -101,6 +100,7 @@ class _Entities:
         self.pins = IdIndex(pins.column("pin_id").to_numpy(), pins_path, "pin_id")
         self.category = pins.column("category").to_numpy().astype(np.int64)
         self.advertiser = pins.column("advertiser_id").fill_null(-1).to_numpy()
+        self.campaign = pins.column("campaign_id").fill_null(-1).to_numpy()
         emb = pins.column("content_emb").combine_chunks()
         if emb.null_count:
             raise DataError(f"{pins_path}: column 'content_emb' has {emb.null_count} null rows")
@@ -217,8 +217,18 @@ class ExampleReader:
         self.entities = _Entities(self.sources, self.stats)
         self._sequences: "collections.OrderedDict[str, _Sequences]" = collections.OrderedDict()
         self._epoch = 0
-        self.keys = SPARSE_FEATURES + (AD_FEATURES if table == "ad_events" else ())
         self.label_names = AD_LABELS if table == "ad_events" else ENGAGEMENT_LABELS
+        self.pin_prob = self._pin_sampling_prob(self.sources.units(table, days))
+
+    def _pin_sampling_prob(self, units: Sequence[ReadUnit]) -> np.ndarray:
+        """P(a row of this table in the day range, on any rank, shows Pin p), per Pin row (and
+        one last slot for Pins missing from `pins`): the q of the contrastive logQ correction."""
+        counts = np.zeros(len(self.entities.content) + 1, dtype=np.int64)
+        for path in dict.fromkeys(u.path for u in units):
+            ids = read_checked(path, self.spec, columns=["pin_id"]).column("pin_id").to_numpy()
+            row, found = self.entities.pins.rows(ids)
+            counts += np.bincount(np.where(found, row, len(counts) - 1), minlength=len(counts))
+        return counts / max(counts.sum(), 1)
 
     @property
     def num_rows(self) -> int:
@@ -332,13 +342,14 @@ class ExampleReader:
             jagged[c] = (user_found.astype(np.int64), ent.profile[c][user_row][user_found])
         jagged["category"] = (pin_found.astype(np.int64), ent.category[pin_row][pin_found])
         if self.table == "ad_events":
-            advertiser = rows["advertiser_id"]
-            jagged["campaign_id"] = (one, rows["campaign_id"])
+            advertiser, campaign = rows["advertiser_id"], rows["campaign_id"]
             jagged["position"] = (one, np.minimum(rows["position"], NUM_POSITIONS - 1).astype(np.int64))
-        else:
+        else:  # organic rows: ad features from the Pin (empty unless it is an ad), no position
             advertiser = np.where(pin_found, ent.advertiser[pin_row], -1)
-        has_adv = advertiser >= 0
-        jagged["advertiser_id"] = (has_adv.astype(np.int64), advertiser[has_adv])
+            campaign = np.where(pin_found, ent.campaign[pin_row], -1)
+            jagged["position"] = (np.zeros(n, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        for key, ids in (("advertiser_id", advertiser), ("campaign_id", campaign)):
+            jagged[key] = ((ids >= 0).astype(np.int64), ids[ids >= 0])
 
         # Each row joins the sequences of its own day (a shuffle window may span two days).
         seq_len = np.zeros(n, dtype=np.int64)
@@ -356,11 +367,13 @@ class ExampleReader:
         jagged["seq_action"] = (seq_len, seq_action)
         jagged["seq_gap"] = (seq_len, _gap_bucket(rows["ts"][owner] - seq_ts))
 
-        values = [self._hashed(k, jagged[k][1].astype(np.int64)) for k in self.keys]
+        values = [self._hashed(k, jagged[k][1].astype(np.int64)) for k in ALL_SPARSE_FEATURES]
         sparse = KeyedJaggedTensor(
-            keys=list(self.keys),
+            keys=list(ALL_SPARSE_FEATURES),
             values=torch.from_numpy(np.concatenate(values)),
-            lengths=torch.from_numpy(np.concatenate([jagged[k][0] for k in self.keys]).astype(np.int32)),
+            lengths=torch.from_numpy(
+                np.concatenate([jagged[k][0] for k in ALL_SPARSE_FEATURES]).astype(np.int32)
+            ),
         )
         content = np.zeros((n, S.CONTENT_DIM), dtype=np.float32)
         content[pin_found] = ent.content[pin_row[pin_found]]
@@ -381,7 +394,12 @@ class ExampleReader:
         self.stats.rows_emitted += n
         return Batch(
             sparse=sparse,
-            dense={"content_emb": torch.from_numpy(content)},
+            dense={
+                "content_emb": torch.from_numpy(content),
+                "pin_sampling_prob": torch.from_numpy(
+                    self.pin_prob[np.where(pin_found, pin_row, len(self.pin_prob) - 1)].astype(np.float32)
+                ),
+            },
             labels={k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in labels.items()},
             meta={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in meta.items()},
         )

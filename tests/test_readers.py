@@ -243,3 +243,15 @@ def test_errors_in_the_prefetch_thread_reach_the_caller(world_copy):
     path.write_bytes(b"garbage")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         _read_all(world_copy)
+
+
+def test_every_batch_has_one_key_layout_and_the_pin_sampling_probability(tiny_world):
+    organic = next(iter(ExampleReader(tiny_world, "engagements", config=SMALL)))
+    ads = next(iter(ExampleReader(tiny_world, "ad_events", config=SMALL)))
+    assert organic.sparse.keys() == ads.sparse.keys()
+    assert (organic.sparse["position"].lengths() == 0).all()
+    assert (ads.sparse["position"].lengths() == 1).all()
+    # q: the share of the table's rows that show each Pin, over the whole day range.
+    counts = np.bincount(_source(tiny_world, "engagements").column("pin_id").to_numpy())
+    pins = organic.meta["pin_id"].numpy()
+    np.testing.assert_allclose(organic.dense["pin_sampling_prob"].numpy(), counts[pins] / counts.sum(), rtol=1e-6)
