@@ -188,7 +188,7 @@ def test_nan_content_embedding_is_replaced_and_counted(world_copy):
     _rewrite(path, poison)
     r = _read_all(world_copy)
     assert r.stats.repaired["content_emb_nan"] == 2
-    assert np.isfinite(r.entities.content).all()
+    assert np.isfinite(r.joiner.entities.content).all()
 
 
 def test_empty_day_range_names_the_table_and_what_exists(tiny_world):

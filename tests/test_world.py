@@ -5,7 +5,6 @@ import datetime as dt
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import pytest
 
 from derl.datapipes import schema as S
 from derl.datapipes.world import PRESETS, generate
