@@ -51,8 +51,12 @@ class MixedStream:
 
     def iterate(self, start_step: int = 0) -> Iterator[Batch]:
         streams = [self._cycle(r, e, s) for r, (e, s) in zip(self.readers, self.positions(start_step))]
-        for j in itertools.islice(self._picks(), start_step, None):
-            yield next(streams[j])
+        try:
+            for j in itertools.islice(self._picks(), start_step, None):
+                yield next(streams[j])
+        finally:
+            for s in streams:
+                s.close()
 
     @staticmethod
     def _cycle(reader: ExampleReader, epoch: int, skip: int) -> Iterator[Batch]:

@@ -83,6 +83,7 @@ def _prefetched(make: Callable[[], Iterator[Batch]], depth: int) -> Iterator[Bat
             yield item
     finally:
         stop.set()
+        thread.join()  # never leave a thread inside torch code at interpreter exit
 
 
 class ExampleReader:

@@ -13,6 +13,9 @@ from typing import List, Optional
 
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
+from derl.launchers import train_upstream
+from derl.launchers.dist import launch
+from derl.models.sharding import ShardingError
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -45,6 +48,11 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"{t['table']:<16}{t['files']:>6}{t['rows']:>14,}  {t['days']:<28}{ids}")
 
 
+def _train_upstream(args: argparse.Namespace) -> None:
+    train_upstream.validate(args)
+    launch(train_upstream.train, args.nproc, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="derl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("train-upstream", help="train one domain's upstream entity model (DERM)")
+    train_upstream.add_arguments(p)
+    p.set_defaults(run=_train_upstream)
 
     p = sub.add_parser("inspect", help="summarise a source folder: tables, rows, days, id ranges")
     p.add_argument("source", type=Path)
@@ -67,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (DataError, FileExistsError) as e:
+    except (DataError, FileExistsError, FileNotFoundError, ValueError, ShardingError) as e:
         print(f"derl {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

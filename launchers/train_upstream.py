@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -30,6 +32,9 @@ from derl.launchers.upstream_eval import evaluate_recall
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, describe_plan, shard_model
 from derl.models.upstream import DERM, UpstreamConfig
+
+# Fault injection for the resume tests: the last rank kills itself after this step.
+_FAULT_AT_STEP = int(os.environ.get("DERL_FAULT_AT_STEP", "0"))
 
 # Which tables feed each domain, and in what share (None: in proportion to their rows).
 DOMAIN_TABLES = {
@@ -52,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=32, help="sequence events the model reads")
     p.add_argument("--seq-layers", type=int, default=2)
+    p.add_argument("--seq-dropout", type=float, default=0.1)
     p.add_argument("--tower-dims", default="256,128", help="hidden widths of the towers")
     p.add_argument("--no-contrastive", action="store_true", help="BCE heads only (ablation)")
     p.add_argument("--contrastive-weight", type=float, default=1.0)
@@ -65,21 +71,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _model_config(args: argparse.Namespace, vocab: Dict[str, int]) -> UpstreamConfig:
+def validate(args: argparse.Namespace) -> None:
+    """Configuration errors, caught before any worker starts."""
     if args.seq_len <= 0:
         raise ValueError(f"--seq-len must be at least 1, got {args.seq_len}")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.resume and checkpoint.latest(args.out / "checkpoints") is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {args.out / 'checkpoints'}")
+    SourceTables(args.data).units("engagements")  # the source exists and is readable
+
+
+def _model_config(args: argparse.Namespace, vocab: Dict[str, int]) -> UpstreamConfig:
     return UpstreamConfig.for_domain(
         args.domain,
         vocab,
         embedding_dim=args.embedding_dim,
         seq_len=args.seq_len,
         seq_layers=args.seq_layers,
+        seq_dropout=args.seq_dropout,
         tower_dims=tuple(int(x) for x in args.tower_dims.split(",")),
         interaction_dims=tuple(int(x) for x in args.tower_dims.split(",")),
         contrastive=not args.no_contrastive,
         contrastive_weight=args.contrastive_weight,
         temperature=args.temperature,
     )
+
+
+def load_model_config(run: Path) -> UpstreamConfig:
+    """The model config a run was trained with (RUN/config.json), to rebuild its model."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not an upstream run folder (no config.json)")
+    model = json.loads(path.read_text())["model"]
+    tuples = {f.name for f in dataclasses.fields(UpstreamConfig) if "Tuple" in str(f.type)}
+    return UpstreamConfig(**{k: tuple(v) if k in tuples else v for k, v in model.items()})
 
 
 def _stream(args: argparse.Namespace, days, worker: derl_dist.Worker, vocab) -> MixedStream:
@@ -121,11 +147,7 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
     torch.manual_seed(args.seed)
     out: Path = args.out
     ckpt_root = out / "checkpoints"
-    resume_from: Optional[Path] = None
-    if args.resume:
-        resume_from = checkpoint.latest(ckpt_root)
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
+    resume_from = checkpoint.latest(ckpt_root) if args.resume else None
 
     sources = SourceTables(args.data)
     split = default_split(sources.days("engagements"))
@@ -180,12 +202,15 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
                 writer.add_scalar(f"loss/{k}", v, step)
             writer.add_scalar("throughput/examples_per_s", rate, step)
             history.append({"step": step, **losses})
+        if step == _FAULT_AT_STEP and worker.rank == worker.world_size - 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # tests: a rank dies mid-run
         if step % args.checkpoint_every == 0 or step == steps:
             checkpoint.save(ckpt_root, step, dmp, optimizer, {"days": days, "domain": args.domain})
         if args.eval_every and step % args.eval_every == 0 and step < steps:
             evals.append(_evaluate(pipeline, dmp, stream, sources, eval_day, days, worker, args, step, writer))
             dmp.train()
     bar.close()
+    batches.close()  # stops the readers' prefetch threads
     seconds = time.perf_counter() - t_start
     final = _evaluate(pipeline, dmp, stream, sources, eval_day, days, worker, args, step, writer)
     metrics = {
@@ -232,6 +257,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
+    validate(args)
     derl_dist.launch(train, args.nproc, args)
 
 

@@ -45,7 +45,6 @@ class ShardingError(ValueError):
 class OptimConfig:
     embedding_lr: float = 0.05  # row-wise Adagrad, fused in backward
     dense_lr: float = 1e-3  # Adam
-    dense_weight_decay: float = 0.0
 
 
 def memory_per_rank_bytes(local_world_size: int) -> int:
@@ -111,10 +110,11 @@ def shard_model(
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: torch.optim.Adam(
-            params, lr=optim.dense_lr, weight_decay=optim.dense_weight_decay
-        ),
+        lambda params: torch.optim.Adam(params, lr=optim.dense_lr),
     )
+    # Adam creates its state lazily; a zero-gradient step creates it now (moving nothing), so
+    # that a checkpoint's optimizer state has somewhere to load into.
+    dense.init_state()
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
 
 

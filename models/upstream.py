@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from derl.datapipes.batch import (
     CONTEXT_FEATURES,
@@ -152,6 +152,12 @@ def _latest(events: JaggedTensor, n: int) -> torch.Tensor:
     values = F.pad(events.values(), (0, 0, 0, 1))  # one zero row to point padding at
     start = events.offsets()[1:].unsqueeze(1) - keep
     return values[torch.where(steps < keep, start + steps, values.size(0) - 1)]
+
+
+def _pooled(embeddings: KeyedTensor, features: Sequence[str]) -> torch.Tensor:
+    """[B, len(features) * d] in the given feature order. A sharded EBC's output keys follow the
+    sharding plan, not the config, so never rely on `KeyedTensor.values()`'s order."""
+    return torch.cat([embeddings[f] for f in features], dim=1)
 
 
 class UserTower(nn.Module):
@@ -301,19 +307,20 @@ class DERM(nn.Module):
         self.loss = UpstreamLoss(cfg)
 
     def _user(self, sparse: KeyedJaggedTensor, ids: Dict[str, JaggedTensor]) -> torch.Tensor:
-        profile = self.user_ebc(sparse).values()
+        profile = _pooled(self.user_ebc(sparse), USER_FEATURES)
         return self.user_tower(profile, ids["seq_pin_id"], ids["seq_action"], ids["seq_gap"])
 
     def _pin(
         self, sparse: KeyedJaggedTensor, ids: Dict[str, JaggedTensor], content: torch.Tensor
     ) -> torch.Tensor:
-        return self.pin_tower(ids["pin_id"], self.pin_ebc(sparse).values(), content)
+        return self.pin_tower(ids["pin_id"], _pooled(self.pin_ebc(sparse), _PIN_ATTRIBUTES), content)
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
         ids = self.sequence_ec(batch.sparse)
         user = self._user(batch.sparse, ids)
         pin = self._pin(batch.sparse, ids, batch.dense["content_emb"])
-        logits = self.interaction(user, pin, self.context_ebc(batch.sparse).values())
+        context = _pooled(self.context_ebc(batch.sparse), self.cfg.context_features)
+        logits = self.interaction(user, pin, context)
         pin_ids = batch.sparse["pin_id"].values()
         loss, losses = self.loss(logits, user, pin, pin_ids, batch.labels, batch.dense)
         return loss, {"logits": logits, "user_emb": user, "pin_emb": pin, "losses": losses}

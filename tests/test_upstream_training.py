@@ -1,0 +1,114 @@
+"""train-upstream end to end: sharded on 1 and 2 gloo ranks, killed and resumed, and learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from derl.datapipes.readers import ExampleReader, ReaderConfig
+from derl.datapipes.sources import DataError
+from derl.launchers import dist as derl_dist
+from derl.launchers.train_upstream import load_model_config
+from derl.models import checkpoint
+from derl.models.sharding import OptimConfig, shard_model
+from derl.models.upstream import DERM
+
+# Small enough for CPU CI, big enough to learn something.
+SMALL = ["--embedding-dim", "16", "--seq-layers", "1", "--tower-dims", "32", "--batch-size", "256"]
+
+
+def derl(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "derl.launchers.cli", *args],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"derl {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def loss_worker(run: str, data: str) -> dict:
+    """Rebuild a run's model on this many ranks, load its last checkpoint (DCP reshards it), and
+    take one forward/backward on the same batch on every rank."""
+    worker = derl_dist.init()
+    try:
+        torch.manual_seed(0)
+        model = DERM(load_model_config(Path(run)), table_device=torch.device("meta"))
+        dmp, optimizer, _ = shard_model(model, worker.device, OptimConfig())
+        checkpoint.load(checkpoint.latest(Path(run) / "checkpoints"), dmp, optimizer)
+        reader = ExampleReader(Path(data), "engagements", ("2026-01-03", "2026-01-03"),
+                               config=ReaderConfig(batch_size=256, shuffle_buffer=0, prefetch=0))
+        batch = next(iter(reader))
+        dmp.eval()  # no dropout: the same function on every world size
+        loss, _ = dmp(batch)
+        loss.backward()
+        grads = [p.grad.norm() for n, p in dmp.named_parameters() if "tower" in n and p.grad is not None]
+        return {"loss": float(loss), "dense_grad_norm": float(torch.stack(grads).norm())}
+    finally:
+        derl_dist.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained_once(tiny_world, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("upstream") / "run"
+    derl("train-upstream", "--data", str(tiny_world), "--out", str(run), "--max-steps", "4", *SMALL)
+    return run
+
+
+def test_world_size_1_and_2_give_the_same_loss_and_gradients(trained_once, tiny_world):
+    one = derl_dist.launch(loss_worker, 1, str(trained_once), str(tiny_world))
+    two = derl_dist.launch(loss_worker, 2, str(trained_once), str(tiny_world))
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert one["dense_grad_norm"] == pytest.approx(two["dense_grad_norm"], rel=1e-4)
+
+
+def test_run_writes_plan_metrics_checkpoints_and_logs(trained_once):
+    m = _metrics(trained_once)
+    assert m["steps"] == 4 and m["world_size"] == 1
+    assert {"recall@50", "popularity_recall@50"} <= set(m)
+    assert set(m["eval"]["tasks"]) == {"save", "click"}
+    assert any("t_pin_id" in line for line in m["plan"])
+    assert checkpoint.latest(trained_once / "checkpoints").name == "step-000004"
+    assert list((trained_once / "tb").glob("events.out.tfevents.*"))
+
+
+def test_a_run_killed_mid_way_and_resumed_ends_like_an_uninterrupted_one(tiny_world, tmp_path):
+    common = ["--data", str(tiny_world), "--nproc", "2", "--max-steps", "12",
+              "--checkpoint-every", "6", *SMALL]
+    derl("train-upstream", "--out", str(tmp_path / "straight"), *common)
+    killed = derl("train-upstream", "--out", str(tmp_path / "killed"), *common,
+                  env={"DERL_FAULT_AT_STEP": "9"}, check=False)
+    assert killed.returncode != 0
+    assert checkpoint.latest(tmp_path / "killed" / "checkpoints").name == "step-000006"
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    derl("train-upstream", "--out", str(tmp_path / "killed"), "--resume", *common)
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")
+    assert resumed["steps"] == straight["steps"] == 12
+    for k, v in straight["final_losses"].items():
+        assert resumed["final_losses"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert resumed["recall@50"] == pytest.approx(straight["recall@50"], abs=1e-3)
+
+
+def test_bad_configuration_fails_before_training(tiny_world, tmp_path):
+    base = ["train-upstream", "--data", str(tiny_world), "--out", str(tmp_path / "r"), *SMALL]
+    p = derl(*base, "--seq-len", "0", check=False)
+    assert p.returncode == 2 and "--seq-len must be at least 1" in p.stderr
+    p = derl(*base, "--resume", check=False)
+    assert p.returncode == 2 and "--resume: no checkpoint under" in p.stderr
+    p = derl(*base, "--memory-per-rank-gb", "0.0001", "--max-steps", "1", check=False)
+    assert p.returncode == 2 and "no sharding plan fits 1 rank(s)" in p.stderr and "t_pin_id" in p.stderr
+
+
+def test_more_ranks_than_row_groups_is_refused(tiny_world):
+    with pytest.raises(DataError, match="row groups cannot be split between 1000 ranks"):
+        ExampleReader(tiny_world, "ad_events", world_size=1000)
