@@ -144,9 +144,11 @@ class FeatureJoiner:
                 self._sequences.popitem(last=False)
         return self._sequences[day_start]
 
-    def user_features(self, user_ids: np.ndarray, ts: np.ndarray, day_start: np.ndarray) -> Jagged:
-        """Profile and sequence features; each row's sequence is that of its own day, its
-        time gaps measured from the row's `ts`. Unknown users get empty profiles (counted)."""
+    def user_features(self, user_ids: np.ndarray, ts: np.ndarray,
+                      day_start: np.ndarray) -> Tuple[Jagged, np.ndarray]:
+        """Profile and sequence features, and the content [events, CONTENT_DIM] of the sequence's
+        Pins (in `seq_pin_id` value order). Each row's sequence is that of its own day, its time
+        gaps measured from the row's `ts`. Unknown users get empty profiles (counted)."""
         n = len(user_ids)
         row, found = self.entities.users.rows(user_ids)
         self.stats.repair("unknown_user", int((~found).sum()))
@@ -167,7 +169,12 @@ class FeatureJoiner:
         jagged["seq_pin_id"] = (seq_len, pin)
         jagged["seq_action"] = (seq_len, action)
         jagged["seq_gap"] = (seq_len, _gap_bucket(ts[owner] - seq_ts))
-        return jagged
+        return jagged, self.content_of(pin)
+
+    def content_of(self, pin_ids: np.ndarray) -> np.ndarray:
+        """[n, CONTENT_DIM] content embeddings; zeros for Pins missing from `pins`."""
+        row, found = self.entities.pins.rows(pin_ids)
+        return np.where(found[:, None], self.entities.content[row], 0.0).astype(np.float32)
 
     def pin_features(self, pin_ids: np.ndarray) -> Tuple[Jagged, np.ndarray, np.ndarray]:
         """(Pin id, category, advertiser and campaign features; content [n, CONTENT_DIM];
@@ -181,9 +188,7 @@ class FeatureJoiner:
             "advertiser_id": _present(np.where(found, e.advertiser[row], -1)),
             "campaign_id": _present(np.where(found, e.campaign[row], -1)),
         }
-        content = np.zeros((len(pin_ids), S.CONTENT_DIM), dtype=np.float32)
-        content[found] = e.content[row[found]]
-        return jagged, content, np.where(found, row, -1)
+        return jagged, self.content_of(pin_ids), np.where(found, row, -1)
 
     def _hashed(self, feature: str, ids: np.ndarray) -> np.ndarray:
         size = self.vocab[feature]
@@ -209,8 +214,9 @@ class FeatureJoiner:
         """Users as of the start of `day` (their sequence then, gaps measured from then)."""
         start = S.day_start_ts(S.parse_day(day))
         ts = np.full(len(user_ids), start, dtype=np.int64)
-        jagged = self.user_features(user_ids, ts, ts)
-        return Batch(sparse=self.sparse(jagged, len(user_ids)), dense={}, labels={},
+        jagged, seq_content = self.user_features(user_ids, ts, ts)
+        return Batch(sparse=self.sparse(jagged, len(user_ids)),
+                     dense={"seq_content": torch.from_numpy(seq_content)}, labels={},
                      meta={"user_id": torch.from_numpy(user_ids)})
 
     def pin_batch(self, pin_ids: np.ndarray) -> Batch:

@@ -207,7 +207,7 @@ class ExampleReader:
     def _to_batch(self, rows: Dict[str, np.ndarray]) -> Batch:
         n = len(rows["ts"])
         joiner = self.joiner
-        jagged = joiner.user_features(rows["user_id"], rows["ts"], rows["day_start"])
+        jagged, seq_content = joiner.user_features(rows["user_id"], rows["ts"], rows["day_start"])
         pin_jagged, content, pin_row = joiner.pin_features(rows["pin_id"])
         jagged.update(pin_jagged)
         one = np.ones(n, dtype=np.int64)
@@ -235,6 +235,7 @@ class ExampleReader:
             sparse=joiner.sparse(jagged, n),
             dense={
                 "content_emb": torch.from_numpy(content),
+                "seq_content": torch.from_numpy(seq_content),
                 "pin_sampling_prob": torch.from_numpy(self.pin_prob[pin_row].astype(np.float32)),
             },
             labels={k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in labels.items()},

@@ -60,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-dropout", type=float, default=0.1)
     p.add_argument("--tower-dims", default="256,128", help="hidden widths of the towers")
     p.add_argument("--no-contrastive", action="store_true", help="BCE heads only (ablation)")
+    p.add_argument("--no-logq", action="store_true", help="no popularity correction (ablation)")
     p.add_argument("--contrastive-weight", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--embedding-lr", type=float, default=0.05)
@@ -94,6 +95,7 @@ def _model_config(args: argparse.Namespace, vocab: Dict[str, int]) -> UpstreamCo
         interaction_dims=tuple(int(x) for x in args.tower_dims.split(",")),
         contrastive=not args.no_contrastive,
         contrastive_weight=args.contrastive_weight,
+        sampling_prob_key=None if args.no_logq else "pin_sampling_prob",
         temperature=args.temperature,
     )
 

@@ -76,7 +76,7 @@ def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: Sour
     users = np.unique(np.concatenate([u for u, _ in pairs.values()]))
     chunks = rank_chunks(users, worker.rank, worker.world_size, batch_size)
     my_users = np.concatenate([c[:n] for c, n in chunks])
-    user_vecs = embed_chunks(lambda b: model.embed_users(b.sparse),
+    user_vecs = embed_chunks(lambda b: model.embed_users(b.sparse, b.dense["seq_content"]),
                              lambda u: joiner.user_batch(u, day), chunks, worker.device)
     top = topk_rows(user_vecs, catalogue, max(ks)).cpu()
     popular = popular_pins(sources, train_days, max(ks))

@@ -161,22 +161,34 @@ def _pooled(embeddings: KeyedTensor, features: Sequence[str]) -> torch.Tensor:
 
 
 class UserTower(nn.Module):
-    """Profile embeddings + the sequence encoder's summary -> DHEN tower -> unit vector."""
+    """Profile embeddings + the sequence encoder's summary -> DHEN tower -> unit vector.
+
+    Each sequence event is the sum of its Pin's id embedding, its projected content embedding
+    (as PinnerFormer feeds PinSage vectors: a Pin seen a few times has a weak id embedding but
+    informative content), its action and its time-gap bucket."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         super().__init__()
         d = cfg.embedding_dim
+        self.content = nn.Linear(cfg.content_dim, d)
         self.sequence = SequenceEncoder(
             d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout
         )
         self.mlp = Tower((len(USER_FEATURES) + 1) * d, cfg.tower_dims, d)
 
     def forward(
-        self, profile: torch.Tensor, pins: JaggedTensor, actions: JaggedTensor, gaps: JaggedTensor
+        self,
+        profile: torch.Tensor,
+        pins: JaggedTensor,
+        actions: JaggedTensor,
+        gaps: JaggedTensor,
+        content: torch.Tensor,
     ) -> torch.Tensor:
-        """profile: [B, 4d] pooled embeddings; pins/actions/gaps: the sequence's events."""
+        """profile: [B, 4d] pooled embeddings; pins/actions/gaps: the sequence's events;
+        content: [events, content_dim], the events' Pin content, in `pins.values()` order."""
         n = self.sequence.max_len
-        tokens = _latest(pins, n) + _latest(actions, n) + _latest(gaps, n)
+        content = JaggedTensor(values=self.content(content), lengths=pins.lengths())
+        tokens = _latest(pins, n) + _latest(content, n) + _latest(actions, n) + _latest(gaps, n)
         history = self.sequence(tokens, pins.lengths())
         return F.normalize(self.mlp(torch.cat([profile, history], dim=1)), dim=-1)
 
@@ -306,9 +318,13 @@ class DERM(nn.Module):
         self.interaction = InteractionTower(cfg)
         self.loss = UpstreamLoss(cfg)
 
-    def _user(self, sparse: KeyedJaggedTensor, ids: Dict[str, JaggedTensor]) -> torch.Tensor:
+    def _user(
+        self, sparse: KeyedJaggedTensor, ids: Dict[str, JaggedTensor], seq_content: torch.Tensor
+    ) -> torch.Tensor:
         profile = _pooled(self.user_ebc(sparse), USER_FEATURES)
-        return self.user_tower(profile, ids["seq_pin_id"], ids["seq_action"], ids["seq_gap"])
+        return self.user_tower(
+            profile, ids["seq_pin_id"], ids["seq_action"], ids["seq_gap"], seq_content
+        )
 
     def _pin(
         self, sparse: KeyedJaggedTensor, ids: Dict[str, JaggedTensor], content: torch.Tensor
@@ -317,7 +333,7 @@ class DERM(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
         ids = self.sequence_ec(batch.sparse)
-        user = self._user(batch.sparse, ids)
+        user = self._user(batch.sparse, ids, batch.dense["seq_content"])
         pin = self._pin(batch.sparse, ids, batch.dense["content_emb"])
         context = _pooled(self.context_ebc(batch.sparse), self.cfg.context_features)
         logits = self.interaction(user, pin, context)
@@ -325,10 +341,10 @@ class DERM(nn.Module):
         loss, losses = self.loss(logits, user, pin, pin_ids, batch.labels, batch.dense)
         return loss, {"logits": logits, "user_emb": user, "pin_emb": pin, "losses": losses}
 
-    def embed_users(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    def embed_users(self, sparse: KeyedJaggedTensor, seq_content: torch.Tensor) -> torch.Tensor:
         """[B, d] unit user vectors, without labels. `sparse` still carries every key of
         `cfg.sparse_features`; pin and context features may be empty lists."""
-        return self._user(sparse, self.sequence_ec(sparse))
+        return self._user(sparse, self.sequence_ec(sparse), seq_content)
 
     def embed_pins(self, sparse: KeyedJaggedTensor, content_emb: torch.Tensor) -> torch.Tensor:
         """[B, d] unit pin vectors, without labels. `sparse` still carries every key of

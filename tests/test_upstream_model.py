@@ -77,6 +77,7 @@ def make_batch(
         }
     dense = {
         "content_emb": torch.randn(B, cfg.content_dim, generator=g),
+        "seq_content": torch.randn(sum(seq_lengths), cfg.content_dim, generator=g),
         "pin_sampling_prob": torch.tensor([0.1, 0.2, 0.05, 0.3]),
     }
     return Batch(sparse=sparse, dense=dense, labels=labels)
@@ -116,7 +117,7 @@ def test_outputs_are_unit_norm_and_match_embed_methods(model: DERM) -> None:
     for key in ("user_emb", "pin_emb"):
         assert out[key].shape == (B, model.cfg.embedding_dim)
         torch.testing.assert_close(out[key].norm(dim=1), torch.ones(B))
-    torch.testing.assert_close(model.embed_users(batch.sparse), out["user_emb"])
+    torch.testing.assert_close(model.embed_users(batch.sparse, batch.dense["seq_content"]), out["user_emb"])
     torch.testing.assert_close(
         model.embed_pins(batch.sparse, batch.dense["content_emb"]), out["pin_emb"]
     )
@@ -148,7 +149,11 @@ def test_overlong_sequence_keeps_its_latest_events(model: DERM) -> None:
     cut = KeyedJaggedTensor.from_lengths_sync(
         keys=list(model.cfg.sparse_features), values=torch.cat(values), lengths=torch.cat(lengths)
     )
-    torch.testing.assert_close(model.embed_users(long.sparse), model.embed_users(cut))
+    content = long.dense["seq_content"]
+    cut_content = torch.cat([content[2:7], content[7:]])
+    torch.testing.assert_close(
+        model.embed_users(long.sparse, content), model.embed_users(cut, cut_content)
+    )
 
 
 def test_context_does_not_reach_entity_embeddings(model: DERM) -> None:
@@ -316,7 +321,7 @@ def test_distributed_model_parallel_and_train_pipeline() -> None:
         # Every embedding module had its input dist pipelined (forward is FX-traceable).
         assert len(pipeline._pipelined_modules) == 4
         pipeline.detach()
-        users = dmp.module.embed_users(batch.sparse)
+        users = dmp.module.embed_users(batch.sparse, batch.dense["seq_content"])
         torch.testing.assert_close(users.norm(dim=1), torch.ones(B))
     finally:
         dist.destroy_process_group()

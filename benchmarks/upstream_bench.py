@@ -1,0 +1,264 @@
+"""Upstream training throughput: examples/s of DERM on 1 and 2 CPU ranks, sequence length 32 and
+128, the plain loop against TorchRec's pipeline, and where a step's time goes (issue: "report
+in the README"; this prints the table and writes DIR/upstream.{json,md,png}).
+
+    python -m derl.benchmarks.upstream_bench --out DIR [--data WORLD] [--steps N] [--warmup N]
+        [--profile-steps N] [--batch-size 1024] [--embedding-dim 64] [--seq-layers 2]
+        [--threads N] [--quick]
+
+Without --data it generates two worlds under DIR (once): the demo preset with stored sequences
+of 32 events, and the same with 128. --quick: the tiny preset, batch 256, 3 steps (a smoke
+test, not a measurement). With --data both lengths read WORLD (meta says its stored length).
+"Sequence length L" is the world's stored length and the model's `seq_len`; `mean_seq` is how
+many events an example really fed the model (shorter histories are padded to L). Batches come
+from the last BENCH_DAYS upstream days, where histories are longest.
+
+Each configuration runs in fresh processes on the training path of `train-upstream` (its
+argument parser, `_model_config`, `_stream` over the upstream days, `shard_model`, gloo ranks
+through `launch`, each rank with cores / ranks intra-op `threads` unless --threads says):
+- examples_per_s = world_size * batch_size * steps / seconds, timed on rank 0 over `--steps`
+  steps after `--warmup` untimed ones (sharded steps are collective: ranks run in lockstep).
+  `pipeline`: `TrainPipelineSparseDist.progress`; `plain` (1 rank): next(batches); loss, _ =
+  model(batch); loss.backward(); optimizer.step(); optimizer.zero_grad().
+- peak_rss_mb: rank 0's peak resident memory, read before any profiling.
+- embedding / transformer / data / rest_% (1 rank, plain loop, after its timed steps): a
+  torch.profiler trace of `--profile-steps` steps. Forward hooks open a record_function scope
+  around the four TorchRec modules (user_ebc, pin_ebc, context_ebc, sequence_ec: input dist,
+  lookup, output dist) and around `user_tower.sequence` (the transformer). Each backward autograd
+  node is charged to the scope its forward op ran in, linked by the profiler's sequence numbers;
+  the fused row-wise Adagrad update runs inside the TBE backward node, so it counts as
+  embedding. data is waiting for the next batch; rest is everything else (towers, loss,
+  AccumulateGrad, the dense Adam step). Limits: the profiler adds microseconds per op
+  (profiled_step_ms against step_ms shows how much), which weighs on op-heavy parts such as
+  the embedding modules' KJT plumbing more than on a few large matmuls; the shares are of
+  the plain loop, whose input dist the pipeline would overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from derl.benchmarks import report
+from derl.datapipes.sources import SourceTables
+from derl.datapipes.splits import default_split
+from derl.datapipes.world import PRESETS, WORLD_META, generate
+from derl.launchers import dist as derl_dist
+from derl.launchers import train_upstream as tu
+
+EMBEDDING_MODULES = ("user_ebc", "pin_ebc", "context_ebc", "sequence_ec")
+SEQ_LENS = (32, 128)
+# Train on the last upstream days: the reader goes through days in order (a bounded shuffle),
+# so a short run from the first day would see users with no history yet: empty sequences.
+BENCH_DAYS = 3
+
+
+def _build(spec: Dict, worker: derl_dist.Worker):
+    """The model, optimizer and batch stream exactly as `train-upstream` builds them."""
+    from derl.models.sharding import OptimConfig, shard_model
+    from derl.models.upstream import DERM
+
+    p = argparse.ArgumentParser()
+    tu.add_arguments(p)
+    args = p.parse_args(spec["argv"])
+    torch.manual_seed(args.seed)
+    sources = SourceTables(args.data)
+    first, last = default_split(sources.days("engagements")).upstream_days
+    upstream = [d for d in sources.days("engagements") if first <= d <= last]
+    days = (upstream[-BENCH_DAYS:][0], last)
+    vocab = sources.vocab()
+    model = DERM(tu._model_config(args, vocab), table_device=torch.device("meta"))
+    dmp, optimizer, _ = shard_model(model, worker.device, OptimConfig(args.embedding_lr, args.dense_lr))
+    return dmp, optimizer, tu._stream(args, days, worker, vocab)
+
+
+def _worker(spec: Dict) -> Dict[str, float]:
+    """One rank of one configuration (module level: spawned workers unpickle it)."""
+    worker = derl_dist.init()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    try:
+        dmp, optimizer, stream = _build(spec, worker)
+        lengths: List[float] = []
+
+        def batches_of(it: Iterator) -> Iterator:  # records how many events each example fed
+            for b in it:
+                lengths.append(float(b.sparse["seq_pin_id"].lengths().clamp(max=spec["seq_len"]).float().mean()))
+                yield b
+
+        batches = batches_of(stream.iterate())
+        dmp.train()
+        if spec["loop"] == "pipeline":
+            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+            pipeline = TrainPipelineSparseDist(dmp, optimizer, worker.device)
+            step = lambda: pipeline.progress(batches)
+        else:
+            def step():
+                with record_function("derl::data"):
+                    batch = next(batches).to(worker.device)
+                loss, _ = dmp(batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+        for _ in range(spec["warmup"]):
+            step()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(spec["steps"]):
+            step()
+        seconds = time.perf_counter() - t0
+        out = {"seconds": seconds, "mean_seq": sum(lengths) / len(lengths),
+               "threads": torch.get_num_threads(), "peak_rss_mb": report.peak_rss_mb()}
+        if spec["profile_steps"] and spec["loop"] == "plain" and worker.world_size == 1:
+            out.update(_breakdown(dmp, step, spec["profile_steps"]))
+        batches.close()
+        return out
+    finally:
+        derl_dist.shutdown()
+
+
+def _breakdown(dmp, step, steps: int) -> Dict[str, float]:
+    """Shares of profiled step time in the embedding modules and the transformer (docstring)."""
+    model = dmp.module
+    scoped = {f"derl::embedding.{n}": getattr(model, n) for n in EMBEDDING_MODULES}
+    scoped["derl::transformer"] = model.user_tower.sequence
+    handles, open_scopes = [], {}
+    for name, m in scoped.items():
+        def pre(mod, inp, name=name):
+            open_scopes[name] = record_function(name).__enter__()
+
+        def post(mod, inp, outp, name=name):
+            open_scopes.pop(name).__exit__(None, None, None)
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                with record_function("derl::step"):
+                    step()
+    finally:
+        for h in handles:
+            h.remove()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    kind = lambda name: name.split("::")[1].split(".")[0]  # embedding, transformer
+    scopes = [(e.thread, e.time_range.start, e.time_range.end, kind(e.name))
+              for e in events if e.name.startswith(("derl::embedding", "derl::transformer"))]
+    spent = {"embedding": 0.0, "transformer": 0.0}
+    for _, start, end, k in scopes:  # forward
+        spent[k] += end - start
+    # A forward op carries the sequence nr of the next autograd node; the last op with nr n made
+    # node n, so the scope of that op (None: outside both) owns node n's backward.
+    owner = {}
+    for e in events:
+        if e.sequence_nr >= 0 and not e.fwd_thread and not e.name.startswith(("autograd::", "derl::")):
+            owner[(e.thread, e.sequence_nr)] = next(
+                (k for thread, start, end, k in scopes
+                 if thread == e.thread and start <= e.time_range.start <= end), None)
+    for e in events:  # backward: each autograd node's whole evaluation
+        if e.name.startswith("autograd::engine::evaluate_function"):
+            k = owner.get((e.fwd_thread, e.sequence_nr))
+            if k:
+                spent[k] += e.time_range.end - e.time_range.start
+    span = lambda name: sum(e.time_range.end - e.time_range.start for e in events if e.name == name)
+    total = span("derl::step")
+    shares = {f"{k}_%": 100 * v / total for k, v in {**spent, "data": span("derl::data")}.items()}
+    return {**shares, "rest_%": 100 - sum(shares.values()), "profiled_step_ms": total / 1e3 / steps}
+
+
+def _worlds(args) -> Dict[int, Path]:
+    if args.data:
+        return {n: args.data for n in SEQ_LENS}
+    base = PRESETS["tiny" if args.quick else "demo"]
+    worlds = {n: args.out / f"world-{'tiny' if args.quick else 'demo'}-seq{n}" for n in SEQ_LENS}
+    for n, path in worlds.items():
+        if not path.exists():
+            print(f"generating {path}")
+            generate(path, dataclasses.replace(base, sequence_length=n), seed=0)
+    return worlds
+
+
+def _stored_seq_len(world: Path) -> int:
+    return json.loads((world / WORLD_META).read_text())["config"]["sequence_length"]
+
+
+def _plot(rows: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"seq {r['seq_len']}\n{r['world_size']} rank(s)\n{r['loop']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 1, 4))
+    ax.bar(labels, [r["examples_per_s"] for r in rows],
+           color=["C0" if r["loop"] == "pipeline" else "C1" for r in rows])
+    ax.set_ylabel("training examples/s (global)")
+    ax.set_title("DERM upstream training, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="source folder (default: worlds generated under --out)")
+    p.add_argument("--steps", type=int, help="timed steps (default 20; --quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
+    p.add_argument("--profile-steps", type=int, help="steps profiled for the breakdown (default 3; --quick 2)")
+    p.add_argument("--batch-size", type=int, help="per rank (default 1024; --quick 256)")
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--seq-layers", type=int, default=2)
+    p.add_argument("--threads", type=int, help="intra-op threads per rank (default: cores / ranks)")
+    p.add_argument("--quick", action="store_true", help="tiny world, few steps: a smoke test")
+    args = p.parse_args()
+    steps = args.steps or (3 if args.quick else 20)
+    args.batch_size = args.batch_size or (256 if args.quick else 1024)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    profile_steps = args.profile_steps if args.profile_steps is not None else (2 if args.quick else 3)
+    worlds = _worlds(args)
+
+    rows = []
+    for seq_len in SEQ_LENS:
+        for world_size, loop in ((1, "pipeline"), (1, "plain"), (2, "pipeline")):
+            argv = ["--data", str(worlds[seq_len]), "--out", str(args.out / "run"),
+                    "--batch-size", str(args.batch_size), "--embedding-dim", str(args.embedding_dim),
+                    "--seq-len", str(seq_len), "--seq-layers", str(args.seq_layers)]
+            spec = {"argv": argv, "seq_len": seq_len, "loop": loop, "steps": steps,
+                    "warmup": warmup, "profile_steps": profile_steps, "threads": args.threads}
+            print(f"seq {seq_len}, {world_size} rank(s), {loop} ...", flush=True)
+            # A fresh process per configuration: its peak memory and threads are its own.
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                r = pool.submit(derl_dist.launch, _worker, world_size, spec).result()
+            examples = world_size * args.batch_size * steps
+            rows.append({
+                "seq_len": seq_len, "world_size": world_size, "loop": loop,
+                "threads": r["threads"], "mean_seq": r["mean_seq"],
+                "examples_per_s": examples / r["seconds"],
+                "step_ms": 1e3 * r["seconds"] / steps,
+                **{k: r.get(k, "-") for k in ("embedding_%", "transformer_%", "data_%", "rest_%",
+                                              "profiled_step_ms")},
+                "peak_rss_mb": r["peak_rss_mb"],
+            })
+    meta = {**report.machine(), "batch_size": args.batch_size, "embedding_dim": args.embedding_dim,
+            "seq_layers": args.seq_layers, "steps": steps, "warmup": warmup,
+            "profile_steps": profile_steps,
+            "worlds": {n: f"{w} (stored seq {_stored_seq_len(w)})" for n, w in worlds.items()}}
+    md = report.write(args.out, "upstream", rows, meta)
+    _plot(rows, args.out / "upstream.png")
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
