@@ -14,7 +14,7 @@ many events an example really fed the model (shorter histories are padded to L).
 from the last BENCH_DAYS upstream days, where histories are longest.
 
 Each configuration runs in fresh processes on the training path of `train-upstream` (its
-argument parser, `_model_config`, `_stream` over the upstream days, `shard_model`, gloo ranks
+argument parser, `model_config`, `example_stream` over the upstream days, `shard_model`, gloo ranks
 through `launch`, each rank with cores / ranks intra-op `threads` unless --threads says):
 - examples_per_s = world_size * batch_size * steps / seconds, timed on rank 0 over `--steps`
   steps after `--warmup` untimed ones (sharded steps are collective: ranks run in lockstep).
@@ -32,6 +32,8 @@ through `launch`, each rank with cores / ranks intra-op `threads` unless --threa
   (profiled_step_ms against step_ms shows how much), which weighs on op-heavy parts such as
   the embedding modules' KJT plumbing more than on a few large matmuls; the shares are of
   the plain loop, whose input dist the pipeline would overlap.
+Measure on an otherwise idle machine: where other processes hold the cores, intra-op threads
+wait on each other (seen here: 1 rank with 2 threads 20x slower per step than with 1 thread).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -77,9 +80,10 @@ def _build(spec: Dict, worker: derl_dist.Worker):
     upstream = [d for d in sources.days("engagements") if first <= d <= last]
     days = (upstream[-BENCH_DAYS:][0], last)
     vocab = sources.vocab()
-    model = DERM(tu._model_config(args, vocab), table_device=torch.device("meta"))
-    dmp, optimizer, _ = shard_model(model, worker.device, OptimConfig(args.embedding_lr, args.dense_lr))
-    return dmp, optimizer, tu._stream(args, days, worker, vocab)
+    model = DERM(tu.model_config(args, vocab), table_device=torch.device("meta"))
+    optim = OptimConfig(args.embedding_lr, args.dense_lr)
+    dmp, optimizer, _ = shard_model(model, worker.device, optim)
+    return dmp, optimizer, tu.example_stream(args, days, worker, vocab)
 
 
 def _worker(spec: Dict) -> Dict[str, float]:
@@ -93,7 +97,8 @@ def _worker(spec: Dict) -> Dict[str, float]:
 
         def batches_of(it: Iterator) -> Iterator:  # records how many events each example fed
             for b in it:
-                lengths.append(float(b.sparse["seq_pin_id"].lengths().clamp(max=spec["seq_len"]).float().mean()))
+                seq = b.sparse["seq_pin_id"].lengths().clamp(max=spec["seq_len"])
+                lengths.append(float(seq.float().mean()))
                 yield b
 
         batches = batches_of(stream.iterate())
@@ -162,7 +167,8 @@ def _breakdown(dmp, step, steps: int) -> Dict[str, float]:
     # node n, so the scope of that op (None: outside both) owns node n's backward.
     owner = {}
     for e in events:
-        if e.sequence_nr >= 0 and not e.fwd_thread and not e.name.startswith(("autograd::", "derl::")):
+        forward_op = not e.fwd_thread and not e.name.startswith(("autograd::", "derl::"))
+        if e.sequence_nr >= 0 and forward_op:
             owner[(e.thread, e.sequence_nr)] = next(
                 (k for thread, start, end, k in scopes
                  if thread == e.thread and start <= e.time_range.start <= end), None)
@@ -213,27 +219,32 @@ def _plot(rows: List[Dict], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="source folder (default: worlds generated under --out)")
+    p.add_argument("--data", type=Path, help="source folder (default: worlds made under --out)")
     p.add_argument("--steps", type=int, help="timed steps (default 20; --quick 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
-    p.add_argument("--profile-steps", type=int, help="steps profiled for the breakdown (default 3; --quick 2)")
+    p.add_argument("--profile-steps", type=int,
+                   help="steps profiled for the breakdown (default 3; --quick 2)")
     p.add_argument("--batch-size", type=int, help="per rank (default 1024; --quick 256)")
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--seq-layers", type=int, default=2)
     p.add_argument("--threads", type=int, help="intra-op threads per rank (default: cores / ranks)")
     p.add_argument("--quick", action="store_true", help="tiny world, few steps: a smoke test")
     args = p.parse_args()
-    steps = args.steps or (3 if args.quick else 20)
-    args.batch_size = args.batch_size or (256 if args.quick else 1024)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    profile_steps = args.profile_steps if args.profile_steps is not None else (2 if args.quick else 3)
+
+    def pick(given, quick, full):
+        return given if given is not None else quick if args.quick else full
+
+    steps, warmup = pick(args.steps, 3, 20), pick(args.warmup, 1, 3)
+    profile_steps = pick(args.profile_steps, 2, 3)
+    args.batch_size = pick(args.batch_size, 256, 1024)
     worlds = _worlds(args)
 
     rows = []
     for seq_len in SEQ_LENS:
         for world_size, loop in ((1, "pipeline"), (1, "plain"), (2, "pipeline")):
             argv = ["--data", str(worlds[seq_len]), "--out", str(args.out / "run"),
-                    "--batch-size", str(args.batch_size), "--embedding-dim", str(args.embedding_dim),
+                    "--batch-size", str(args.batch_size),
+                    "--embedding-dim", str(args.embedding_dim),
                     "--seq-len", str(seq_len), "--seq-layers", str(args.seq_layers)]
             spec = {"argv": argv, "seq_len": seq_len, "loop": loop, "steps": steps,
                     "warmup": warmup, "profile_steps": profile_steps, "threads": args.threads}
@@ -251,9 +262,10 @@ def main() -> None:
                                               "profiled_step_ms")},
                 "peak_rss_mb": r["peak_rss_mb"],
             })
-    meta = {**report.machine(), "batch_size": args.batch_size, "embedding_dim": args.embedding_dim,
-            "seq_layers": args.seq_layers, "steps": steps, "warmup": warmup,
-            "profile_steps": profile_steps,
+    machine = {k: v for k, v in report.machine().items() if k != "threads"}  # per row instead
+    meta = {**machine, "cores": os.cpu_count(), "batch_size": args.batch_size,
+            "embedding_dim": args.embedding_dim, "seq_layers": args.seq_layers, "steps": steps,
+            "warmup": warmup, "profile_steps": profile_steps,
             "worlds": {n: f"{w} (stored seq {_stored_seq_len(w)})" for n, w in worlds.items()}}
     md = report.write(args.out, "upstream", rows, meta)
     _plot(rows, args.out / "upstream.png")

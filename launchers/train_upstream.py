@@ -83,7 +83,7 @@ def validate(args: argparse.Namespace) -> None:
     SourceTables(args.data).units("engagements")  # the source exists and is readable
 
 
-def _model_config(args: argparse.Namespace, vocab: Dict[str, int]) -> UpstreamConfig:
+def model_config(args: argparse.Namespace, vocab: Dict[str, int]) -> UpstreamConfig:
     return UpstreamConfig.for_domain(
         args.domain,
         vocab,
@@ -110,7 +110,7 @@ def load_model_config(run: Path) -> UpstreamConfig:
     return UpstreamConfig(**{k: tuple(v) if k in tuples else v for k, v in model.items()})
 
 
-def _stream(args: argparse.Namespace, days, worker: derl_dist.Worker, vocab) -> MixedStream:
+def example_stream(args: argparse.Namespace, days, worker: derl_dist.Worker, vocab) -> MixedStream:
     config = ReaderConfig(batch_size=args.batch_size, seed=args.seed, drop_last=True)
     readers, shares = [], []
     for table, share in DOMAIN_TABLES[args.domain]:
@@ -156,8 +156,8 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
     days = (args.from_day or split.upstream_days[0], args.until or split.upstream_days[1])
     eval_day = args.until and _next_day(sources, args.until) or split.cut_day
     vocab = sources.vocab()
-    cfg = _model_config(args, vocab)
-    stream = _stream(args, days, worker, vocab)
+    cfg = model_config(args, vocab)
+    stream = example_stream(args, days, worker, vocab)
     steps = _steps(args, stream, worker.device)
 
     model = DERM(cfg, table_device=torch.device("meta"))
