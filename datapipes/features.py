@@ -22,7 +22,8 @@ from derl.datapipes import schema as S
 from derl.datapipes.batch import ALL_SPARSE_FEATURES, NUM_GAP_BUCKETS, Batch
 from derl.datapipes.sources import DataError, IdIndex, SourceTables, read_checked
 
-_SEQUENCE_DAYS_CACHED = 2  # readers go through days in order; two cover a shuffle window
+# Readers go through days in order, but rows kept in the shuffle buffer can linger a few days.
+_SEQUENCE_DAYS_CACHED = 4
 
 Jagged = Dict[str, Tuple[np.ndarray, np.ndarray]]  # feature -> (lengths [n], values)
 
@@ -141,8 +142,14 @@ class FeatureJoiner:
             table = pa.concat_tables([read_checked(p, S.USER_SEQUENCES) for p in files])
             self._sequences[day_start] = _Sequences(table, files[0], day_start)
             while len(self._sequences) > _SEQUENCE_DAYS_CACHED:
-                self._sequences.popitem(last=False)
+                self._sequences.popitem(last=False)  # the least recently used day
+        self._sequences.move_to_end(day_start)
         return self._sequences[day_start]
+
+    def set_sequences(self, day: str, table: pa.Table) -> None:
+        """Use `table` (e.g. from `sequences_as_of`) as the user sequences of `day`."""
+        start = S.day_start_ts(S.parse_day(day))
+        self._sequences[start] = _Sequences(table, Path(f"<sequences as of {day}>"), start)
 
     def user_features(self, user_ids: np.ndarray, ts: np.ndarray,
                       day_start: np.ndarray) -> Tuple[Jagged, np.ndarray]:
@@ -174,7 +181,9 @@ class FeatureJoiner:
     def content_of(self, pin_ids: np.ndarray) -> np.ndarray:
         """[n, CONTENT_DIM] content embeddings; zeros for Pins missing from `pins`."""
         row, found = self.entities.pins.rows(pin_ids)
-        return np.where(found[:, None], self.entities.content[row], 0.0).astype(np.float32)
+        content = self.entities.content[row]
+        content[~found] = 0.0
+        return content
 
     def pin_features(self, pin_ids: np.ndarray) -> Tuple[Jagged, np.ndarray, np.ndarray]:
         """(Pin id, category, advertiser and campaign features; content [n, CONTENT_DIM];

@@ -169,21 +169,23 @@ class ExampleReader:
         return rows
 
     def _row_batches(self, epoch: int) -> Iterator[Dict[str, np.ndarray]]:
-        """Rows in batch-sized chunks: units in day order (shuffled within a day), rows mixed
-        within a window of `shuffle_buffer` rows."""
+        """Rows in batch-sized chunks: units in day order (shuffled within a day); each time
+        `shuffle_buffer` rows have gathered they are permuted and emitted in full batches, the
+        remainder (less than a batch) carried into the next window. No row outlives its window,
+        so a batch spans at most a couple of days and the sequence cache stays small."""
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, self.rank, epoch])
         order = sorted(range(len(self.units)), key=lambda i: (self.units[i].day, rng.random()))
         buffer: List[Dict[str, np.ndarray]] = []
         buffered = 0
 
-        def drain(keep: int) -> Iterator[Dict[str, np.ndarray]]:
+        def drain() -> Iterator[Dict[str, np.ndarray]]:
             nonlocal buffer, buffered
             rows = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
             if cfg.shuffle_buffer:
                 perm = rng.permutation(buffered)
                 rows = {k: v[perm] for k, v in rows.items()}
-            n_out = (buffered - keep) // cfg.batch_size * cfg.batch_size
+            n_out = buffered // cfg.batch_size * cfg.batch_size
             for s in range(0, n_out, cfg.batch_size):
                 yield {k: v[s : s + cfg.batch_size] for k, v in rows.items()}
             buffer = [{k: v[n_out:] for k, v in rows.items()}]
@@ -193,9 +195,9 @@ class ExampleReader:
             buffer.append(self._read_unit(self.units[i]))
             buffered += len(buffer[-1]["ts"])
             if buffered >= max(cfg.shuffle_buffer, cfg.batch_size):
-                yield from drain(keep=cfg.shuffle_buffer // 2)
+                yield from drain()
         if buffered:
-            yield from drain(keep=0)
+            yield from drain()
         if buffered:  # a final partial batch
             if cfg.drop_last:
                 self.stats.rows_dropped["drop_last"] += buffered

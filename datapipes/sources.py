@@ -212,11 +212,16 @@ class IdIndex:
         if len(ids) and np.any(self.sorted[1:] == self.sorted[:-1]):
             dup = self.sorted[1:][self.sorted[1:] == self.sorted[:-1]][0]
             raise DataError(f"{path}: column {column!r} repeats id {dup}")
+        # Ids 0..n-1 (as an id-mapped source has) need no search: the id is its sorted position.
+        self.dense = bool(len(ids)) and self.sorted[0] == 0 and self.sorted[-1] == len(ids) - 1
 
     def rows(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(row positions, found mask); positions where not found are 0."""
         if not len(self.sorted):
             return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        if self.dense:
+            found = (ids >= 0) & (ids < len(self.sorted))
+            return self.order[np.where(found, ids, 0)], found
         pos = np.minimum(np.searchsorted(self.sorted, ids), len(self.sorted) - 1)
         found = self.sorted[pos] == ids
         return np.where(found, self.order[pos], 0), found

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from derl.datapipes import schema as S
+from derl.datapipes.sequences import SequenceBuffer
 
 WORLD_META = "_world.json"
 
@@ -299,58 +300,6 @@ def _timestamps(rng: np.random.Generator, peak_hour: np.ndarray, day0: int) -> n
     return day0 + hour * 3600 + rng.integers(0, 3600, len(peak_hour))
 
 
-class _SequenceBuffer:
-    """Each user's last L positive engagements, right-aligned with -1 padding on the left."""
-
-    def __init__(self, num_users: int, length: int):
-        self.pin = np.full((num_users, length), -1, dtype=np.int64)
-        self.action = np.zeros((num_users, length), dtype=np.int8)
-        self.ts = np.zeros((num_users, length), dtype=np.int64)
-        self.length = length
-
-    def rows(self, users: np.ndarray) -> pa.Table:
-        """The sequences of `users` as a user_sequences table (users with no history omitted)."""
-        pin, action, ts = self.pin[users], self.action[users], self.ts[users]
-        valid = pin >= 0
-        counts = valid.sum(axis=1)
-        keep = counts > 0
-        offsets = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int32)
-        mask = valid[keep]
-        return pa.table(
-            {
-                "user_id": pa.array(users[keep].astype(np.int64)),
-                "seq_pin_id": pa.ListArray.from_arrays(offsets, pa.array(pin[keep][mask])),
-                "seq_action": pa.ListArray.from_arrays(offsets, pa.array(action[keep][mask])),
-                "seq_ts": pa.ListArray.from_arrays(offsets, pa.array(ts[keep][mask])),
-            },
-            schema=S.USER_SEQUENCES.schema,
-        )
-
-    def append(self, user: np.ndarray, pin: np.ndarray, action: np.ndarray, ts: np.ndarray) -> None:
-        """Append a day's events (any order); keeps the newest L per user, oldest first."""
-        L = self.length
-        order = np.lexsort((ts, user))
-        user, pin, action, ts = user[order], pin[order], action[order], ts[order]
-        users, first, counts = np.unique(user, return_index=True, return_counts=True)
-        # Place each user's newest <= L events right-aligned into an [A, L] block.
-        rank_from_end = (first + counts)[np.searchsorted(users, user)] - np.arange(len(user)) - 1
-        take = rank_from_end < L
-        row = np.searchsorted(users, user[take])
-        col = L - 1 - rank_from_end[take]
-        new_pin = np.full((len(users), L), -1, dtype=np.int64)
-        new_action = np.zeros((len(users), L), dtype=np.int8)
-        new_ts = np.zeros((len(users), L), dtype=np.int64)
-        new_pin[row, col], new_action[row, col], new_ts[row, col] = pin[take], action[take], ts[take]
-        # Old then new, squeeze the padding out to the left, keep the last L.
-        cat_pin = np.concatenate([self.pin[users], new_pin], axis=1)
-        squeeze = np.argsort(cat_pin >= 0, axis=1, kind="stable")[:, L:]
-        self.pin[users] = np.take_along_axis(cat_pin, squeeze, axis=1)
-        cat_action = np.concatenate([self.action[users], new_action], axis=1)
-        self.action[users] = np.take_along_axis(cat_action, squeeze, axis=1)
-        cat_ts = np.concatenate([self.ts[users], new_ts], axis=1)
-        self.ts[users] = np.take_along_axis(cat_ts, squeeze, axis=1)
-
-
 def _simulate_day(cfg: WorldConfig, e: _Entities, campaign: np.ndarray, day_index: int,
                   day0: int, rng: np.random.Generator, request_id_base: int):
     """One day's organic engagements and ad events, as Arrow tables, plus the active users."""
@@ -453,7 +402,7 @@ def generate(out: Path, cfg: WorldConfig, seed: int, overwrite: bool = False,
     campaign = np.nan_to_num(campaign.astype(np.float64), nan=-1).astype(np.int64)
     del users, pins
 
-    seqs = _SequenceBuffer(cfg.num_users, cfg.sequence_length)
+    seqs = SequenceBuffer(cfg.num_users, cfg.sequence_length)
     start = S.parse_day(cfg.start_day)
     counts = {"engagements": 0, "ad_events": 0, "user_sequences": 0, "clicks": 0, "conversions": 0}
     request_id = 0

@@ -13,7 +13,8 @@ from typing import List, Optional
 
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
-from derl.launchers import train_upstream
+from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, SnapshotError, versions
+from derl.launchers import export, train_upstream
 from derl.launchers.dist import launch
 from derl.models.sharding import ShardingError
 
@@ -53,6 +54,27 @@ def _train_upstream(args: argparse.Namespace) -> None:
     launch(train_upstream.train, args.nproc, args)
 
 
+def _export(args: argparse.Namespace) -> None:
+    export.validate(args)
+    launch(export.export, args.nproc, args)
+
+
+def _snapshots(args: argparse.Namespace) -> None:
+    if args.action == "list":
+        latest = (args.root / LATEST).read_text().strip() if (args.root / LATEST).is_file() else None
+        for v in versions(args.root):
+            m = json.loads((args.root / v / MANIFEST).read_text())
+            rows = ", ".join(f"{d}: {i['rows']['users']:,} users {i['rows']['pins']:,} pins"
+                             for d, i in m["domains"].items())
+            print(f"{v}{' (LATEST)' if v == latest else ''}  dim {m['dim']}  {rows}")
+        return
+    snap = Snapshot(args.root, args.version, check=args.action == "verify")
+    if args.action == "verify":
+        print(f"{snap.path}: OK ({len(snap.manifest['files'])} files, sha256 verified)")
+    else:
+        print(json.dumps({k: v for k, v in snap.manifest.items() if k != "files"}, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="derl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_upstream.add_arguments(p)
     p.set_defaults(run=_train_upstream)
 
+    p = sub.add_parser("export", help="export upstream embeddings as a versioned snapshot")
+    export.add_arguments(p)
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("snapshots", help="list, show or verify embedding snapshots")
+    p.add_argument("action", choices=["list", "show", "verify"])
+    p.add_argument("root", type=Path, help="snapshot root (derl export --out)")
+    p.add_argument("--version", help="default: LATEST")
+    p.set_defaults(run=_snapshots)
+
     p = sub.add_parser("inspect", help="summarise a source folder: tables, rows, days, id ranges")
     p.add_argument("source", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -79,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError, ShardingError) as e:
+    except (DataError, SnapshotError, FileExistsError, FileNotFoundError, ValueError, ShardingError) as e:
         print(f"derl {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

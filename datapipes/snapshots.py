@@ -1,0 +1,155 @@
+"""Reading embedding snapshots (DESIGN.md stage 3): the hand-over from upstream to downstream.
+
+    <root>/<version>/<domain>/{users,pins}/part-*.parquet  (entity_id int64, embedding list<float32>[d])
+    <root>/<version>/<domain>/ads.faiss + ads_ids.parquet
+    <root>/<version>/manifest.json
+    <root>/LATEST
+
+Opening a snapshot verifies it against its manifest first (every file present with its sha256,
+no unlisted part, every part of the stated dimension, the index the size of its id map): a
+half-written or tampered snapshot is refused with `SnapshotError` naming what is wrong.
+Lookups are vectorised: ids -> rows by binary search over a sorted id array.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+ENTITIES = ("users", "pins")
+
+
+class SnapshotError(ValueError):
+    """A snapshot that is missing, incomplete, tampered with, or of the wrong shape."""
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    return pa.schema([("entity_id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))])
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions(root: Path) -> List[str]:
+    """Complete versions under `root` (folders with a manifest), oldest first."""
+    return sorted(p.name for p in Path(root).iterdir() if (p / MANIFEST).is_file()) if Path(root).is_dir() else []
+
+
+def resolve(root: Path, version: Optional[str] = None) -> Path:
+    """The folder of `version`, or of the one LATEST names."""
+    root = Path(root)
+    if version is None:
+        latest = root / LATEST
+        if not latest.is_file():
+            raise SnapshotError(f"{root}: no {LATEST} file, so no complete snapshot")
+        version = latest.read_text().strip()
+    path = root / version
+    if not (path / MANIFEST).is_file():
+        raise SnapshotError(f"{path}: no such snapshot version (no {MANIFEST})")
+    return path
+
+
+def verify(path: Path) -> dict:
+    """Check a snapshot folder against its manifest; return the manifest."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SnapshotError(f"{path / MANIFEST}: unreadable manifest ({e})") from e
+    listed = manifest.get("files", {})
+    for rel, digest in listed.items():
+        f = path / rel
+        if not f.is_file():
+            raise SnapshotError(f"{path}: manifest names {rel}, which is not there")
+        if sha256(f) != digest:
+            raise SnapshotError(f"{f}: checksum mismatch (manifest {digest[:12]}…): the file changed")
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST}
+    extra = sorted(present - set(listed))
+    if extra:
+        raise SnapshotError(f"{path}: files not in the manifest: {', '.join(extra[:5])}")
+    for domain, info in manifest["domains"].items():
+        dim = manifest["dim"]
+        for entity in ENTITIES:
+            for part in sorted((path / domain / entity).glob("part-*.parquet")):
+                got = pq.read_schema(part).field("embedding").type
+                if got != pa.list_(pa.float32(), dim):
+                    raise SnapshotError(f"{part}: embedding type {got}, manifest says dimension {dim}")
+        ids = pq.read_metadata(path / domain / "ads_ids.parquet").num_rows
+        if ids != info["rows"]["ads"]:
+            raise SnapshotError(f"{path / domain}: ads_ids has {ids} rows, manifest says {info['rows']['ads']}")
+    return manifest
+
+
+class EmbeddingTable:
+    """One snapshot table in memory: sorted ids and a [n, d] float32 matrix."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray):
+        order = np.argsort(ids, kind="stable")
+        self.ids, self.vectors = ids[order], np.ascontiguousarray(vectors[order])
+
+    @classmethod
+    def read(cls, folder: Path, dim: int) -> "EmbeddingTable":
+        parts = sorted(Path(folder).glob("part-*.parquet"))
+        t = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else embedding_schema(dim).empty_table()
+        emb = t.column("embedding").combine_chunks()
+        vectors = emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), dim)
+        return cls(t.column("entity_id").to_numpy(), vectors.astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lookup(self, ids: np.ndarray, default: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """([len(ids), d] vectors, [len(ids)] missing flags); missing ids get `default` (zeros)."""
+        dim = self.vectors.shape[1]
+        if not len(self.ids):
+            missing = np.ones(len(ids), dtype=bool)
+            return np.broadcast_to(default if default is not None else np.zeros(dim, np.float32), (len(ids), dim)).copy(), missing
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        missing = self.ids[pos] != ids
+        out = self.vectors[pos].copy()
+        out[missing] = default if default is not None else 0.0
+        return out, missing
+
+
+class Snapshot:
+    """A verified snapshot version: its manifest, its tables and its ad indexes."""
+
+    def __init__(self, root: Path, version: Optional[str] = None, check: bool = True):
+        self.path = resolve(root, version)
+        self.manifest = verify(self.path) if check else json.loads((self.path / MANIFEST).read_text())
+        self.version = self.manifest["version"]
+        self.dim = self.manifest["dim"]
+        self._tables: Dict[Tuple[str, str], EmbeddingTable] = {}
+
+    @property
+    def domains(self) -> List[str]:
+        return sorted(self.manifest["domains"])
+
+    def table(self, domain: str, entity: str) -> EmbeddingTable:
+        if domain not in self.manifest["domains"] or entity not in ENTITIES:
+            raise SnapshotError(f"{self.path}: no {domain}/{entity} table (domains: {self.domains})")
+        key = (domain, entity)
+        if key not in self._tables:
+            self._tables[key] = EmbeddingTable.read(self.path / domain / entity, self.dim)
+        return self._tables[key]
+
+    def ads_index(self, domain: str):
+        """(faiss index over the domain's ad Pins, their Pin ids in index order)."""
+        import faiss
+
+        index = faiss.read_index(str(self.path / domain / "ads.faiss"))
+        ids = pq.read_table(self.path / domain / "ads_ids.parquet").column("pin_id").to_numpy()
+        return index, ids
