@@ -147,9 +147,25 @@ class Snapshot:
         return self._tables[key]
 
     def ads_index(self, domain: str):
-        """(faiss index over the domain's ad Pins, their Pin ids in index order)."""
+        """(faiss index over the domain's ad Pins, their Pin ids in index order). The id map
+        names the version it was built for: an index from another version (another space) is
+        refused rather than queried with these user vectors."""
         import faiss
 
+        ids_table = pq.read_table(self.path / domain / "ads_ids.parquet")
+        built_for = (ids_table.schema.metadata or {}).get(b"snapshot_version", b"").decode()
+        if built_for != self.version:
+            raise SnapshotError(
+                f"{self.path / domain}: ad index built for version {built_for or '?'}, "
+                f"not {self.version}: user vectors and index must come from one version"
+            )
         index = faiss.read_index(str(self.path / domain / "ads.faiss"))
-        ids = pq.read_table(self.path / domain / "ads_ids.parquet").column("pin_id").to_numpy()
-        return index, ids
+        return index, ids_table.column("pin_id").to_numpy()
+
+    def retrieve_ads(self, domain: str, user_ids: np.ndarray, k: int):
+        """Top-k ad Pins per user by inner product: ([n, k] Pin ids, [n, k] scores, missing
+        users). Unknown users are refused by the caller's choice: they come back flagged."""
+        vectors, missing = self.table(domain, "users").lookup(np.asarray(user_ids))
+        index, ids = self.ads_index(domain)
+        scores, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), scores, missing

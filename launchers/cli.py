@@ -75,6 +75,16 @@ def _snapshots(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in snap.manifest.items() if k != "files"}, indent=2))
 
 
+def _retrieve(args: argparse.Namespace) -> None:
+    snap = Snapshot(args.snapshots, args.version)
+    pins, scores, missing = snap.retrieve_ads(args.domain, [args.user], args.k)
+    if missing[0]:
+        raise SnapshotError(f"user {args.user} is not in snapshot {snap.version} ({args.domain})")
+    print(f"top {args.k} ads for user {args.user} ({args.domain}, snapshot {snap.version}):")
+    for rank, (pin, score) in enumerate(zip(pins[0], scores[0]), 1):
+        print(f"{rank:>4}  pin {pin:<10} score {score:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="derl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path, help="snapshot root (derl export --out)")
     p.add_argument("--version", help="default: LATEST")
     p.set_defaults(run=_snapshots)
+
+    p = sub.add_parser("retrieve", help="top-K ads for a user through a snapshot's faiss index")
+    p.add_argument("--snapshots", type=Path, required=True, help="snapshot root")
+    p.add_argument("--version", help="default: LATEST")
+    p.add_argument("--domain", default="engagement")
+    p.add_argument("--user", type=int, required=True)
+    p.add_argument("-k", type=int, default=10)
+    p.set_defaults(run=_retrieve)
 
     p = sub.add_parser("inspect", help="summarise a source folder: tables, rows, days, id ranges")
     p.add_argument("source", type=Path)

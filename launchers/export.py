@@ -105,7 +105,7 @@ def _write_part(path: Path, chunks, embed, make_batch, device, dim: int) -> int:
     return rows
 
 
-def _ads_index(folder: Path, ad_ids: np.ndarray, dim: int) -> Dict[str, object]:
+def _ads_index(folder: Path, ad_ids: np.ndarray, dim: int, version: str) -> Dict[str, object]:
     """faiss inner-product index over the ad Pins' vectors (exact while small, HNSW above)."""
     import faiss
 
@@ -121,7 +121,8 @@ def _ads_index(folder: Path, ad_ids: np.ndarray, dim: int) -> Dict[str, object]:
         index.hnsw.efSearch = 128
     index.add(vectors)
     faiss.write_index(index, str(folder / "ads.faiss"))
-    pq.write_table(pa.table({"pin_id": pa.array(ids)}), folder / "ads_ids.parquet")
+    ids_table = pa.table({"pin_id": pa.array(ids)}).replace_schema_metadata({"snapshot_version": version})
+    pq.write_table(ids_table, folder / "ads_ids.parquet")
     return {"kind": kind, "size": len(ids)}
 
 
@@ -193,7 +194,7 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
         return None
 
     for domain, info in domains.items():
-        info["ads_index"] = _ads_index(tmp / domain, ads, dim)
+        info["ads_index"] = _ads_index(tmp / domain, ads, dim, version)
         info["rows"]["ads"] = info["ads_index"]["size"]
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {

@@ -84,9 +84,9 @@ class SequenceEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """tokens: [B, max_len, dim], valid in the first `lengths[b]` steps; returns [B, dim]."""
-        steps = torch.arange(self.max_len, device=tokens.device)
-        lengths = lengths.clamp(max=self.max_len).unsqueeze(1)
+        """tokens: [B, n <= max_len, dim], valid in the first `lengths[b]` steps; returns [B, dim]."""
+        steps = torch.arange(tokens.size(1), device=tokens.device)
+        lengths = lengths.clamp(max=tokens.size(1)).unsqueeze(1)
         padding = steps.unsqueeze(0) >= lengths
         x = tokens + self.recency((lengths - 1 - steps).clamp(min=0))
         x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1)

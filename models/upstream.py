@@ -186,7 +186,8 @@ class UserTower(nn.Module):
     ) -> torch.Tensor:
         """profile: [B, 4d] pooled embeddings; pins/actions/gaps: the sequence's events;
         content: [events, content_dim], the events' Pin content, in `pins.values()` order."""
-        n = self.sequence.max_len
+        # Pad to the longest sequence in the batch, not to max_len: attention cost is quadratic.
+        n = int(pins.lengths().max().clamp(min=1, max=self.sequence.max_len))
         content = JaggedTensor(values=self.content(content), lengths=pins.lengths())
         tokens = _latest(pins, n) + _latest(content, n) + _latest(actions, n) + _latest(gaps, n)
         history = self.sequence(tokens, pins.lengths())

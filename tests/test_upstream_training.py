@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,20 +15,7 @@ from derl.launchers.train_upstream import load_model_config
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, shard_model
 from derl.models.upstream import DERM
-
-# Small enough for CPU CI, big enough to learn something.
-SMALL = ["--embedding-dim", "16", "--seq-layers", "1", "--tower-dims", "32", "--batch-size", "256"]
-
-
-def derl(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "derl.launchers.cli", *args],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"derl {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
+from helpers import SMALL, derl
 
 def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
