@@ -27,6 +27,7 @@ test: setup
 
 bench: setup
 	$(PY) -m derl.benchmarks.datapipe_bench --out benchmarks/results/local
+	$(PY) -m derl.benchmarks.upstream_bench --out benchmarks/results/local
 
 clean:
 	rm -rf $(VENV) work
