@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
@@ -49,14 +49,15 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"{t['table']:<16}{t['files']:>6}{t['rows']:>14,}  {t['days']:<28}{ids}")
 
 
-def _train_upstream(args: argparse.Namespace) -> None:
-    train_upstream.validate(args)
-    launch(train_upstream.train, args.nproc, args)
+def _launched(validate: Callable[[argparse.Namespace], None],
+              entry: Callable[[argparse.Namespace], object]) -> Callable[[argparse.Namespace], None]:
+    """A distributed stage: check its flags here, then run `entry` on --nproc local ranks (or
+    inline, under torchrun / TorchX, which start the ranks themselves)."""
+    def run(args: argparse.Namespace) -> None:
+        validate(args)
+        launch(entry, args.nproc, args)
 
-
-def _export(args: argparse.Namespace) -> None:
-    export.validate(args)
-    launch(export.export, args.nproc, args)
+    return run
 
 
 def _snapshots(args: argparse.Namespace) -> None:
@@ -98,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-upstream", help="train one domain's upstream entity model (DERM)")
     train_upstream.add_arguments(p)
-    p.set_defaults(run=_train_upstream)
+    p.set_defaults(run=_launched(train_upstream.validate, train_upstream.train))
 
     p = sub.add_parser("export", help="export upstream embeddings as a versioned snapshot")
     export.add_arguments(p)
-    p.set_defaults(run=_export)
+    p.set_defaults(run=_launched(export.validate, export.export))
 
     p = sub.add_parser("snapshots", help="list, show or verify embedding snapshots")
     p.add_argument("action", choices=["list", "show", "verify"])

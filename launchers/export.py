@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -226,11 +227,10 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    validate(args)
-    derl_dist.launch(export, args.nproc, args)
+    """`python -m` / `torchrun -m` entry: the same as `derl export`."""
+    from derl.launchers import cli
+
+    cli.main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

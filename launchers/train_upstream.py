@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -256,11 +257,10 @@ def _evaluate(pipeline, dmp, stream, sources, day, days, worker, args, step, wri
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    validate(args)
-    derl_dist.launch(train, args.nproc, args)
+    """`python -m` / `torchrun -m` entry: the same as `derl train-upstream`."""
+    from derl.launchers import cli
+
+    cli.main(["train-upstream", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
