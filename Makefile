@@ -19,7 +19,7 @@ $(VENV)/.derl-installed: requirements/cpu.txt pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/derl generate --out $(DEMO_DIR)/world --preset demo --seed 0
+	test -d $(DEMO_DIR)/world || $(VENV)/bin/derl generate --out $(DEMO_DIR)/world --preset demo --seed 0
 	$(VENV)/bin/derl inspect $(DEMO_DIR)/world
 
 test: setup

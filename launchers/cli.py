@@ -6,6 +6,7 @@ Each subcommand parses its flags and calls into the package; no stage logic live
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -49,15 +50,17 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"{t['table']:<16}{t['files']:>6}{t['rows']:>14,}  {t['days']:<28}{ids}")
 
 
-def _launched(validate: Callable[[argparse.Namespace], None],
-              entry: Callable[[argparse.Namespace], object]) -> Callable[[argparse.Namespace], None]:
+def _launch_stage(validate: Callable[[argparse.Namespace], None],
+                  entry: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
     """A distributed stage: check its flags here, then run `entry` on --nproc local ranks (or
     inline, under torchrun / TorchX, which start the ranks themselves)."""
-    def run(args: argparse.Namespace) -> None:
-        validate(args)
-        launch(entry, args.nproc, args)
+    validate(args)
+    launch(entry, args.nproc, args)
 
-    return run
+
+def _launched(validate, entry) -> Callable[[argparse.Namespace], None]:
+    # A partial of module-level functions pickles: `args` (which holds it) goes to spawned ranks.
+    return functools.partial(_launch_stage, validate, entry)
 
 
 def _snapshots(args: argparse.Namespace) -> None:

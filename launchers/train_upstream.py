@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-contrastive", action="store_true", help="BCE heads only (ablation)")
     p.add_argument("--no-logq", action="store_true", help="no popularity correction (ablation)")
     p.add_argument("--contrastive-weight", type=float, default=1.0)
+    p.add_argument("--contrastive-positives",
+                   help="comma-separated labels whose rows are positives (default: every task but hide)")
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--embedding-lr", type=float, default=0.05)
     p.add_argument("--dense-lr", type=float, default=1e-3)
@@ -96,6 +98,8 @@ def model_config(args: argparse.Namespace, vocab: Dict[str, int]) -> UpstreamCon
         interaction_dims=tuple(int(x) for x in args.tower_dims.split(",")),
         contrastive=not args.no_contrastive,
         contrastive_weight=args.contrastive_weight,
+        **({"contrastive_positives": tuple(args.contrastive_positives.split(","))}
+           if args.contrastive_positives else {}),
         sampling_prob_key=None if args.no_logq else "pin_sampling_prob",
         temperature=args.temperature,
     )
