@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -91,6 +92,46 @@ def verify(path: Path) -> dict:
         if ids != info["rows"]["ads"]:
             raise SnapshotError(f"{path / domain}: ads_ids has {ids} rows, manifest says {info['rows']['ads']}")
     return manifest
+
+
+PINS = "pins"  # <root>/pins/<owner>.json: {"version": ..., "owner": ...}
+
+
+def pin(root: Path, version: str, owner: str) -> Path:
+    """Record that `owner` (e.g. a downstream model) depends on `version`: gc keeps it."""
+    resolve(root, version)
+    folder = Path(root) / PINS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(owner.encode()).hexdigest()[:16]}.json"
+    path.write_text(json.dumps({"version": version, "owner": owner}))
+    return path
+
+
+def pinned(root: Path) -> Dict[str, List[str]]:
+    """version -> owners that pin it."""
+    out: Dict[str, List[str]] = {}
+    for f in sorted((Path(root) / PINS).glob("*.json")):
+        p = json.loads(f.read_text())
+        out.setdefault(p["version"], []).append(p["owner"])
+    return out
+
+
+def gc(root: Path, keep: int, dry_run: bool = False) -> Dict[str, List[str]]:
+    """Remove all but the `keep` newest versions, never LATEST nor a pinned one, and the
+    leftovers of killed exports (hidden `.*.tmp-*` folders)."""
+    if keep < 1:
+        raise ValueError(f"--keep must be at least 1, got {keep}")
+    root = Path(root)
+    all_versions = versions(root)
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    protected = set(all_versions[-keep:]) | set(pinned(root)) | ({latest} if latest else set())
+    removed = [v for v in all_versions if v not in protected]
+    leftovers = sorted(p.name for p in root.glob(".*.tmp-*") if p.is_dir())
+    if not dry_run:
+        for name in removed + leftovers:
+            shutil.rmtree(root / name)
+    return {"removed": removed, "kept": [v for v in all_versions if v in protected],
+            "pinned": sorted(set(pinned(root)) & set(all_versions)), "leftovers_removed": leftovers}
 
 
 class EmbeddingTable:

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional
 
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
-from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, SnapshotError, versions
+from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, SnapshotError, gc, pinned, versions
 from derl.launchers import export, train_upstream
 from derl.launchers.dist import launch
 from derl.models.sharding import ShardingError
@@ -64,13 +64,24 @@ def _launched(validate, entry) -> Callable[[argparse.Namespace], None]:
 
 
 def _snapshots(args: argparse.Namespace) -> None:
+    if args.action == "gc":
+        if args.keep is None:
+            raise ValueError("snapshots gc needs --keep N")
+        done = gc(args.root, args.keep, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(done['removed'])} version(s): {', '.join(done['removed']) or '-'}; "
+              f"kept {', '.join(done['kept']) or '-'} (pinned: {', '.join(done['pinned']) or '-'}); "
+              f"{len(done['leftovers_removed'])} unfinished export folder(s) {verb}")
+        return
     if args.action == "list":
         latest = (args.root / LATEST).read_text().strip() if (args.root / LATEST).is_file() else None
         for v in versions(args.root):
             m = json.loads((args.root / v / MANIFEST).read_text())
             rows = ", ".join(f"{d}: {i['rows']['users']:,} users {i['rows']['pins']:,} pins"
                              for d, i in m["domains"].items())
-            print(f"{v}{' (LATEST)' if v == latest else ''}  dim {m['dim']}  {rows}")
+            pins = pinned(args.root).get(v, [])
+            print(f"{v}{' (LATEST)' if v == latest else ''}{' (pinned)' if pins else ''}"
+                  f"  dim {m['dim']}  {rows}")
         return
     snap = Snapshot(args.root, args.version, check=args.action == "verify")
     if args.action == "verify":
@@ -108,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_arguments(p)
     p.set_defaults(run=_launched(export.validate, export.export))
 
-    p = sub.add_parser("snapshots", help="list, show or verify embedding snapshots")
-    p.add_argument("action", choices=["list", "show", "verify"])
+    p = sub.add_parser("snapshots", help="list, show, verify or gc embedding snapshots")
+    p.add_argument("action", choices=["list", "show", "verify", "gc"])
     p.add_argument("root", type=Path, help="snapshot root (derl export --out)")
     p.add_argument("--version", help="default: LATEST")
+    p.add_argument("--keep", type=int, help="gc: how many newest versions to keep")
+    p.add_argument("--dry-run", action="store_true", help="gc: say what would go")
     p.set_defaults(run=_snapshots)
 
     p = sub.add_parser("retrieve", help="top-K ads for a user through a snapshot's faiss index")

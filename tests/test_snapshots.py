@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from derl.datapipes.sequences import sequences_as_of
-from derl.datapipes.snapshots import EmbeddingTable, Snapshot, SnapshotError, versions
+from derl.datapipes.snapshots import EmbeddingTable, Snapshot, SnapshotError, pin, versions
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from helpers import SMALL, derl
@@ -165,3 +165,20 @@ def test_an_ad_index_from_another_version_is_refused(snapshot_root, tmp_path):
 def test_retrieve_for_a_user_the_snapshot_does_not_hold_is_a_clear_error(snapshot_root):
     p = derl("retrieve", "--snapshots", str(snapshot_root), "--user", "99999999", check=False)
     assert p.returncode == 2 and "user 99999999 is not in snapshot" in p.stderr
+
+
+def test_gc_keeps_the_newest_latest_and_pinned_versions_and_clears_killed_exports(snapshot_root, tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    source = snapshot_root / (snapshot_root / "LATEST").read_text().strip()
+    for v in ("2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"):
+        shutil.copytree(source, root / v)
+    (root / "LATEST").write_text("2026-01-03\n")  # an older version may be LATEST after a rollback
+    (root / ".2026-01-05.tmp-123").mkdir()  # what a killed export leaves
+    pin(root, "2026-01-01", "ranker run A")
+    p = derl("snapshots", "gc", str(root), "--keep", "1")
+    assert "removed 1 version(s): 2026-01-02" in p.stdout
+    assert versions(root) == ["2026-01-01", "2026-01-03", "2026-01-04"]
+    assert not (root / ".2026-01-05.tmp-123").exists()
+    assert "(pinned)" in derl("snapshots", "list", str(root)).stdout
+    assert derl("snapshots", "gc", str(root), "--keep", "0", check=False).returncode == 2
