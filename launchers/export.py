@@ -33,11 +33,12 @@ import torch.distributed as dist
 
 from derl.datapipes.features import FeatureJoiner
 from derl.datapipes.sequences import sequences_as_of
-from derl.datapipes.snapshots import LATEST, MANIFEST, SnapshotError, embedding_schema, sha256
+from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, SnapshotError, embedding_schema, sha256
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers import dist as derl_dist
 from derl.launchers.embedding import rank_chunks
+from derl.launchers.refresh import refresh_domain
 from derl.launchers.train_upstream import load_model_config
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, shard_model
@@ -58,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--previous", help="refresh: smooth with this version ('latest': LATEST)")
+    p.add_argument("--weight", type=float, default=0.8, help="refresh: w in w*E(t-1) + (1-w)*E(t)")
+    p.add_argument("--no-align", action="store_true", help="refresh: average without Procrustes")
 
 
 def _runs(args: argparse.Namespace) -> Dict[str, Path]:
@@ -160,6 +164,9 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
     seq_len = max(c.seq_len for c in configs.values())
     joiner.set_sequences(cut, sequences_as_of(sources, cut, seq_len, my_users))
 
+    previous = None
+    if args.previous:
+        previous = Snapshot(args.out, None if args.previous == "latest" else args.previous)
     domains: Dict[str, dict] = {}
     for domain, run in runs.items():
         model = DERM(configs[domain], table_device=torch.device("meta"))
@@ -188,6 +195,9 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
             "entities_per_s": float(counts.sum()) / seconds,
             "upstream_metrics": {k: v for k, v in metrics.items() if k.startswith(("recall@", "popularity_recall@"))},
         }
+        if previous is not None:
+            domains[domain]["refresh"] = refresh_domain(
+                tmp / domain, previous, domain, worker.rank, args.weight, not args.no_align)
     if _FAULT and worker.rank == worker.world_size - 1:
         os.kill(os.getpid(), signal.SIGKILL)  # tests: a rank dies after writing its parts
     dist.barrier()

@@ -15,6 +15,7 @@ import pytest
 from derl.datapipes.sequences import sequences_as_of
 from derl.datapipes.snapshots import EmbeddingTable, Snapshot, SnapshotError, pin, versions
 from derl.datapipes.sources import SourceTables
+from derl.launchers.refresh import procrustes
 from derl.datapipes.splits import default_split
 from helpers import SMALL, derl
 
@@ -182,3 +183,33 @@ def test_gc_keeps_the_newest_latest_and_pinned_versions_and_clears_killed_export
     assert not (root / ".2026-01-05.tmp-123").exists()
     assert "(pinned)" in derl("snapshots", "list", str(root)).stdout
     assert derl("snapshots", "gc", str(root), "--keep", "0", check=False).returncode == 2
+
+
+def test_procrustes_recovers_a_rotation():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    a = rng.standard_normal((500, 8))
+    np.testing.assert_allclose(procrustes(a.T @ (a @ q)), q, atol=1e-8)
+
+
+def test_refresh_aligns_a_retrained_space_then_smooths(snapshot_root, tiny_world, upstream_runs, tmp_path):
+    root = tmp_path / "s"
+    shutil.copytree(snapshot_root, root)
+    first = Snapshot(root)
+    # A "retrained" engagement model: the conversion run, another space of the same dimension.
+    retrained = {"engagement": upstream_runs["conversion"]}
+    _export(tiny_world, retrained, root, "--version", "v2", "--previous", "latest", "--weight", "0.8")
+    raw = tmp_path / "raw"
+    _export(tiny_world, retrained, raw, "--version", "v2")
+    second, daily = Snapshot(root), Snapshot(raw)
+    assert second.version == "v2" and versions(root) == [first.version, "v2"]
+    info = second.manifest["domains"]["engagement"]["refresh"]
+    assert info["previous_version"] == first.version and info["shared_entities"] > 0
+    assert info["mean_cosine_after_alignment"] > info["mean_cosine_before_alignment"]
+    rotation = np.load(second.path / "engagement" / "alignment.npy")
+    ids = first.table("engagement", "users").ids[:50]
+    prev = first.table("engagement", "users").lookup(ids)[0]
+    new = daily.table("engagement", "users").lookup(ids)[0] @ rotation
+    want = 0.8 * prev + 0.2 * new
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(second.table("engagement", "users").lookup(ids)[0], want, atol=1e-5)
