@@ -31,9 +31,8 @@ NUM_GAP_BUCKETS = 16
 NUM_POSITIONS = 32
 
 # Dense features: the Pin's content embedding [B, CONTENT_DIM]; the content of the sequence's Pins
-# [events, CONTENT_DIM], one row per `seq_pin_id` value (jagged like it); and the probability
-# that a row of the reader's table shows this Pin [B] (the q of the contrastive logQ correction).
-DENSE_FEATURES = ("content_emb", "seq_content", "pin_sampling_prob")
+# [events, CONTENT_DIM], one row per `seq_pin_id` value (jagged like it); and `pin_sampling_prob`,
+# the probability that a row of the reader's table shows this Pin [B] (the logQ correction's q).
 
 # Labels by example table.
 ENGAGEMENT_LABELS = ("closeup", "click", "save", "long_click", "hide")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from derl.datapipes import schema as S
-from derl.datapipes.batch import AD_LABELS, ENGAGEMENT_LABELS, NUM_POSITIONS, Batch
+from derl.datapipes.batch import AD_LABELS, NUM_POSITIONS, Batch
 from derl.datapipes.features import FeatureJoiner
 from derl.datapipes.sources import (
     DataError,
@@ -116,7 +116,6 @@ class ExampleReader:
         self.joiner = FeatureJoiner(self.sources, vocab)
         self.stats = self.joiner.stats
         self._epoch = 0
-        self.label_names = AD_LABELS if table == "ad_events" else ENGAGEMENT_LABELS
         self.pin_prob = self._pin_sampling_prob(self.sources.units(table, days))
 
     def _pin_sampling_prob(self, units: Sequence[ReadUnit]) -> np.ndarray:
