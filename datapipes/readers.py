@@ -40,6 +40,10 @@ from derl.datapipes.sources import (
     shard_units,
 )
 
+# A join adds dense features to a batch from its rows (user_id, pin_id, ts, day_start, ...);
+# it runs inside `_to_batch`, so in the prefetch thread, off the training step.
+DenseJoin = Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]
+
 
 @dataclass
 class ReaderConfig:
@@ -102,6 +106,7 @@ class ExampleReader:
         world_size: int = 1,
         config: Optional[ReaderConfig] = None,
         vocab: Optional[Dict[str, int]] = None,
+        joins: Sequence[DenseJoin] = (),
     ):
         if table not in ("engagements", "ad_events"):
             raise ValueError(f"examples come from 'engagements' or 'ad_events', not {table!r}")
@@ -115,6 +120,7 @@ class ExampleReader:
         self.units: List[ReadUnit] = shard_units(self.sources.units(table, days), rank, world_size)
         self.joiner = FeatureJoiner(self.sources, vocab)
         self.stats = self.joiner.stats
+        self.joins = list(joins)
         self._epoch = 0
         self.pin_prob = self._pin_sampling_prob(self.sources.units(table, days))
 
@@ -232,13 +238,16 @@ class ExampleReader:
         if self.table == "ad_events":
             meta["request_id"] = rows["request_id"]
         self.stats.rows_emitted += n
+        dense = {
+            "content_emb": torch.from_numpy(content),
+            "seq_content": torch.from_numpy(seq_content),
+            "pin_sampling_prob": torch.from_numpy(self.pin_prob[pin_row].astype(np.float32)),
+        }
+        for join in self.joins:
+            dense.update({k: torch.from_numpy(v) for k, v in join(rows).items()})
         return Batch(
             sparse=joiner.sparse(jagged, n),
-            dense={
-                "content_emb": torch.from_numpy(content),
-                "seq_content": torch.from_numpy(seq_content),
-                "pin_sampling_prob": torch.from_numpy(self.pin_prob[pin_row].astype(np.float32)),
-            },
+            dense=dense,
             labels={k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in labels.items()},
             meta={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in meta.items()},
         )

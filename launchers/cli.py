@@ -15,7 +15,7 @@ from typing import Callable, List, Optional
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
 from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, SnapshotError, gc, pinned, versions
-from derl.launchers import export, train_upstream
+from derl.launchers import evaluate, export, pipeline, train_downstream, train_upstream
 from derl.launchers.dist import launch
 from derl.models.sharding import ShardingError
 
@@ -119,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_arguments(p)
     p.set_defaults(run=_launched(export.validate, export.export))
 
+    p = sub.add_parser("train-downstream", help="train a CTR/CVR ranker, with or without upstream vectors")
+    train_downstream.add_arguments(p)
+    p.set_defaults(run=_launched(train_downstream.validate, train_downstream.train))
+
+    p = sub.add_parser("score", help="score a day with a trained ranker and a snapshot version of your choice")
+    train_downstream.add_score_arguments(p)
+    p.set_defaults(run=_launched(train_downstream.validate_score, train_downstream.rescore))
+
+    p = sub.add_parser("evaluate", help="compare ranker runs on the held-out day: report.json/.md")
+    evaluate.add_arguments(p)
+    p.set_defaults(run=evaluate.evaluate)
+
+    p = sub.add_parser("pipeline", help="every stage in order into one work folder, resumable, one report")
+    pipeline.add_arguments(p)
+    p.set_defaults(run=pipeline.pipeline)
+
     p = sub.add_parser("snapshots", help="list, show, verify or gc embedding snapshots")
     p.add_argument("action", choices=["list", "show", "verify", "gc"])
     p.add_argument("root", type=Path, help="snapshot root (derl export --out)")
@@ -146,7 +162,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (DataError, SnapshotError, FileExistsError, FileNotFoundError, ValueError, ShardingError) as e:
+    except (DataError, SnapshotError, FileExistsError, FileNotFoundError, ValueError, ShardingError,
+            pipeline.StageFailed) as e:
         print(f"derl {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -181,15 +181,20 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
              "eval_day": eval_day, "data": str(args.data), "world_size": worker.world_size},
             indent=2, default=list))
 
-    step = 0
+    # `offset`: steps taken on earlier day ranges. Resuming on new days (an incremental run,
+    # `--resume --until DAY`) keeps counting, so its checkpoints are the newest.
+    step = offset = 0
     if resume_from is not None:
         state = checkpoint.load(resume_from, dmp, optimizer)
-        step = state["step"] if tuple(state["days"]) == days else 0
+        step = state["step"]
+        offset = state.get("offset", 0) if tuple(state["days"]) == days else step
+        steps += offset
         if worker.is_main:
-            print(f"resumed from {resume_from} at step {step}")
+            print(f"resumed from {resume_from} at step {step}"
+                  f"{'' if offset != step else ' (new days: an incremental run)'}")
 
     pipeline = TrainPipelineSparseDist(dmp, optimizer, worker.device)
-    batches = stream.iterate(start_step=step)
+    batches = stream.iterate(start_step=step - offset)
     writer = SummaryWriter(str(out / "tb")) if worker.is_main else None
     history: List[Dict[str, float]] = []
     evals: List[Dict[str, object]] = []
@@ -212,7 +217,8 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
         if step == _FAULT_AT_STEP and worker.rank == worker.world_size - 1:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: a rank dies mid-run
         if step % args.checkpoint_every == 0 or step == steps:
-            checkpoint.save(ckpt_root, step, dmp, optimizer, {"days": days, "domain": args.domain})
+            checkpoint.save(ckpt_root, step, dmp, optimizer,
+                            {"days": days, "domain": args.domain, "offset": offset})
         if args.eval_every and step % args.eval_every == 0 and step < steps:
             evals.append(_evaluate(pipeline, dmp, stream, sources, eval_day, days, worker, args, step, writer))
             dmp.train()

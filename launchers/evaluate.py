@@ -1,0 +1,242 @@
+"""`derl evaluate`: the downstream report — rankers side by side on the held-out day.
+
+    derl evaluate --runs none=RUN_A snapshot=RUN_B coupled=RUN_C --data WORLD --snapshots SNAP --out DIR
+
+Reads each ranker run's scored evaluation rows (RUN/predictions) and metrics, and writes
+DIR/report.json, DIR/report.md and DIR/ne_over_steps.png:
+- per run: CTR NE / ROC-AUC / PR-AUC / calibration, CVR (on clicked rows) NE / AUC, throughput;
+- the relative NE gain of every run over the baseline run, on the same rows, with a 95 %
+  paired-bootstrap interval (a gain whose interval excludes 0 is told apart from noise);
+- what coupled costs: its train and scoring throughput against snapshot's, for its NE;
+- cold start: the same metrics on impressions whose user, or whose ad, the snapshot live on the
+  evaluation day does not hold (new on that day), and on the rest;
+- ad retrieval: recall@K of the clicked ads through the snapshot's faiss index, per domain,
+  against popularity (the K most clicked ads of the training days).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from derl.datapipes.snapshots import Snapshot, SnapshotJoin
+from derl.datapipes.sources import SourceTables
+from derl.launchers.train_downstream import PREDICTIONS, read_predictions
+from derl.models.metrics import bootstrap_ne_gain, ranker_metrics
+
+KS = (10, 50, 100)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", nargs="+", required=True, metavar="NAME=RUN",
+                   help="ranker runs (derl train-downstream --out); NAME defaults to the folder name")
+    p.add_argument("--baseline", default="none", help="the run NAME the gains are measured against")
+    p.add_argument("--data", type=Path, help="source folder (for ad retrieval recall)")
+    p.add_argument("--snapshots", type=Path, help="snapshot root (cold start, ad retrieval)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+
+
+def _runs(specs: List[str]) -> Dict[str, Path]:
+    runs = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        run = Path(path if sep else spec)
+        name = name if sep else run.name
+        if not (run / "metrics.json").is_file():
+            raise FileNotFoundError(f"--runs {spec}: {run} has no metrics.json (not a finished ranker run)")
+        if name in runs:
+            raise ValueError(f"--runs: two runs named {name!r}")
+        runs[name] = run
+    return runs
+
+
+def _aligned(preds: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, Dict[str, np.ndarray]]:
+    """Every run's rows in one request_id order; runs scored on other rows are refused."""
+    out = {}
+    reference = None
+    for name, p in preds.items():
+        order = np.argsort(p["request_id"], kind="stable")
+        p = {k: v[order] for k, v in p.items()}
+        if reference is None:
+            reference = p["request_id"]
+        elif not np.array_equal(reference, p["request_id"]):
+            raise ValueError(f"run {name!r} was scored on other impressions than the others: "
+                             "compare runs evaluated on the same day of the same data")
+        out[name] = p
+    return out
+
+
+def cold_masks(snapshots: Path, day: str, rows: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Impressions whose user / ad the snapshot live on `day` does not hold."""
+    join = SnapshotJoin(snapshots, ("engagement/users", "engagement/pins"))
+    snap = join.snapshot(join.version_on(day))
+    new_user = snap.table("engagement", "users").lookup(rows["user_id"])[1]
+    new_ad = snap.table("engagement", "pins").lookup(rows["pin_id"])[1]
+    return {"new_user": new_user, "new_ad": new_ad, "warm": ~new_user & ~new_ad}
+
+
+def ad_retrieval(snapshots: Path, data: Path, day: str, train_days) -> Dict[str, object]:
+    """recall@K of each clicked (user, ad) pair of `day` through the faiss ad index of the
+    version live that day, per domain, and of the most clicked ads of the training days."""
+    sources = SourceTables(data)
+    events = sources.read("ad_events", (day, day), columns=["user_id", "pin_id", "clicked"])
+    clicked = events.column("clicked").to_numpy() > 0
+    users, ads = events.column("user_id").to_numpy()[clicked], events.column("pin_id").to_numpy()[clicked]
+    past = sources.read("ad_events", tuple(train_days), columns=["pin_id", "clicked"])
+    ids, counts = np.unique(past.column("pin_id").to_numpy()[past.column("clicked").to_numpy() > 0],
+                            return_counts=True)
+    popular = ids[np.argsort(-counts, kind="stable")[:max(KS)]]
+    version = SnapshotJoin(snapshots, ("engagement/users",)).version_on(day)
+    snap = Snapshot(snapshots, version)
+    out: Dict[str, object] = {"version": version, "pairs": int(len(users)),
+                              "popularity": {f"recall@{k}": float(np.isin(ads, popular[:k]).mean()) if len(ads) else 0.0
+                                             for k in KS}}
+    for domain in snap.domains:
+        top, _, missing = snap.retrieve_ads(domain, users, max(KS))
+        known = ~missing
+        hits = top[known] == ads[known, None]
+        out[domain] = {"users_in_snapshot": int(known.sum()),
+                       **{f"recall@{k}": float(hits[:, :k].any(axis=1).mean()) if known.any() else 0.0
+                          for k in KS}}
+    return out
+
+
+def evaluate(args: argparse.Namespace) -> Dict[str, object]:
+    runs = _runs(args.runs)
+    metrics = {n: json.loads((r / "metrics.json").read_text()) for n, r in runs.items()}
+    preds = _aligned({n: read_predictions(r / PREDICTIONS) for n, r in runs.items()})
+    days = {m["eval_day"] for m in metrics.values()}
+    if len(days) != 1:
+        raise ValueError(f"runs were evaluated on different days: {sorted(days)}")
+    day = days.pop()
+    rows = next(iter(preds.values()))
+    report: Dict[str, object] = {"eval_day": day, "rows": int(len(rows["clicked"])),
+                                 "clicks": int(rows["clicked"].sum()),
+                                 "conversions": int(rows["converted"].sum()), "runs": {}}
+    for name, m in metrics.items():
+        report["runs"][name] = {
+            "path": str(runs[name]), "upstream": m["upstream"], "vectors": m["vectors"],
+            "projection_dim": m.get("projection_dim"), "world_size": m["world_size"],
+            "train_versions": m["snapshot_versions"], "eval_versions": m["eval_versions"],
+            "train_examples_per_s": m["train_examples_per_s"],
+            "score_examples_per_s": m["score_examples_per_s"], **m["eval"]}
+    if args.baseline in preds:
+        base = preds[args.baseline]
+        report["ne_gain_over_baseline"] = {
+            "baseline": args.baseline,
+            **{name: {task: bootstrap_ne_gain(*_task_rows(p, base, task), resamples=args.resamples)
+                      for task in ("ctr", "cvr")}
+               for name, p in preds.items() if name != args.baseline}}
+    by_mode = {m["upstream"]: n for n, m in metrics.items()}
+    if "coupled" in by_mode and "snapshot" in by_mode:
+        s, c = report["runs"][by_mode["snapshot"]], report["runs"][by_mode["coupled"]]
+        report["coupled_vs_snapshot"] = {
+            "train_throughput_ratio": c["train_examples_per_s"] / s["train_examples_per_s"],
+            "score_throughput_ratio": c["score_examples_per_s"] / s["score_examples_per_s"],
+            "ctr_ne_delta": c["ctr"]["ne"] - s["ctr"]["ne"]}
+    if args.snapshots is not None:
+        masks = cold_masks(args.snapshots, day, rows)
+        report["cold_start"] = {
+            seg: {"rows": int(mask.sum()), "clicks": int(rows["clicked"][mask].sum()),
+                  **{name: ranker_metrics(p, mask)["ctr"] for name, p in preds.items()}}
+            for seg, mask in masks.items()}
+        if args.data is not None:
+            train_days = next(iter(metrics.values()))["train_days"]
+            report["ad_retrieval"] = ad_retrieval(args.snapshots, args.data, day, train_days)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    curves = {n: json.loads((r / "train_ne.json").read_text()) for n, r in runs.items()
+              if (r / "train_ne.json").is_file()}
+    plot_ne(curves, args.out / "ne_over_steps.png")
+    (args.out / "report.md").write_text(render(report))
+    print((args.out / "report.md").read_text())
+    return report
+
+
+def _task_rows(p: Dict[str, np.ndarray], base: Dict[str, np.ndarray], task: str):
+    """(labels, predictions, baseline predictions) of a task on its rows."""
+    if task == "ctr":
+        return p["clicked"], p["p_ctr"], base["p_ctr"]
+    on_click = p["clicked"] > 0
+    return p["converted"][on_click], p["p_cvr"][on_click], base["p_cvr"][on_click]
+
+
+def plot_ne(curves: Dict[str, List[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, history in curves.items():
+        ax.plot([h["step"] for h in history], [h["ctr_window_ne"] for h in history], label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("CTR normalised entropy (training window)")
+    ax.set_title("CTR NE over training, per ranker")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _f(v: Optional[float], digits: int = 4) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def render(report: Dict[str, object]) -> str:
+    """report.md: the tables a person reads."""
+    lines = [f"# Downstream evaluation on {report['eval_day']}", "",
+             f"{report['rows']:,} impressions, {report['clicks']:,} clicks, "
+             f"{report['conversions']:,} conversions.", "",
+             "| run | upstream | vectors | scored with | CTR NE | CTR AUC | CTR PR-AUC | CTR calibration "
+             "| CVR NE | CVR AUC | train ex/s | score ex/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in report["runs"].items():
+        lines.append(f"| {name} | {r['upstream']} | {r['vectors'] or '–'}"
+                     f"{' →' + str(r['projection_dim']) if r.get('projection_dim') else ''} "
+                     f"| {', '.join(r['eval_versions']) or '–'} | {_f(r['ctr'].get('ne'))} | {_f(r['ctr'].get('auc'))} | {_f(r['ctr'].get('pr_auc'))} "
+                     f"| {_f(r['ctr'].get('calibration'), 3)} | {_f(r['cvr'].get('ne'))} | {_f(r['cvr'].get('auc'))} "
+                     f"| {r['train_examples_per_s']:,.0f} | {r['score_examples_per_s']:,.0f} |")
+    gains = report.get("ne_gain_over_baseline")
+    if gains:
+        lines += ["", f"Relative NE gain over `{gains['baseline']}` (positive is better; 95 % paired "
+                      "bootstrap interval over impressions):", "",
+                  "| run | CTR NE gain | interval | CVR NE gain | interval |", "|---|---|---|---|---|"]
+        for name, g in gains.items():
+            if name == "baseline":
+                continue
+            c, v = g["ctr"], g["cvr"]
+            lines.append(f"| {name} | {c['gain']:+.2%} | [{c['ci_low']:+.2%}, {c['ci_high']:+.2%}]"
+                         f"{' *' if c['significant'] else ''} | {v['gain']:+.2%} | "
+                         f"[{v['ci_low']:+.2%}, {v['ci_high']:+.2%}]{' *' if v['significant'] else ''} |")
+        lines.append("\n\\* the interval excludes 0.")
+    cost = report.get("coupled_vs_snapshot")
+    if cost:
+        lines += ["", f"Coupled against snapshot: {cost['train_throughput_ratio']:.2f}x the training "
+                      f"throughput and {cost['score_throughput_ratio']:.2f}x the scoring throughput, "
+                      f"for a CTR NE difference of {cost['ctr_ne_delta']:+.4f} (negative: coupled better)."]
+    cold = report.get("cold_start")
+    if cold:
+        names = list(report["runs"])
+        lines += ["", "CTR NE by segment (new: not in the snapshot live on the evaluation day):", "",
+                  "| segment | rows | clicks | " + " | ".join(names) + " |",
+                  "|---|---|---|" + "---|" * len(names)]
+        for seg, s in cold.items():
+            lines.append(f"| {seg} | {s['rows']:,} | {s['clicks']:,} | "
+                         + " | ".join(_f(s[n].get('ne')) for n in names) + " |")
+    ret = report.get("ad_retrieval")
+    if ret:
+        lines += ["", f"Ad retrieval through the faiss index of snapshot {ret['version']} "
+                      f"({ret['pairs']:,} clicked pairs):", "",
+                  "| source | " + " | ".join(f"recall@{k}" for k in KS) + " |",
+                  "|---|" + "---|" * len(KS)]
+        for src in [d for d in ret if d not in ("version", "pairs")]:
+            lines.append(f"| {src} | " + " | ".join(_f(ret[src][f'recall@{k}'], 3) for k in KS) + " |")
+    lines += ["", "![CTR NE over training steps](ne_over_steps.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""`derl pipeline`: every stage in order into one work folder, resumable, then one report.
+
+    derl pipeline --workdir W [--preset tiny|demo] [--nproc N] [--launcher local|torchx] [--refresh]
+
+generate -> train-upstream (engagement, conversion) -> export -> train-downstream (none,
+snapshot with each vector set and with a projection, coupled) -> evaluate, then W/report.json
+(evaluate's report plus `upstream`, `snapshot` and `stages` sections) and W/report.md.
+
+Each stage runs as its own `derl` process (`local`: N local ranks through --nproc; `torchx`: the
+components of launchers/components.py on the local_cwd scheduler) and leaves a stamp in
+W/stamps/<stage>.json: its command line, the stamps of the stages it reads, and whether it
+finished. A stage whose stamp matches and says finished is skipped; one that crashed is run
+again — a training stage with checkpoints of the same command resumes from them (--resume) —
+and a stage whose command or inputs changed is redone from scratch, with everything after it.
+
+`--refresh` adds one day, as the paper's daily refresh does: each upstream model trains on the
+cut day from its last checkpoint, a new snapshot is exported for the next day, aligned onto
+the previous one and smoothed (w = 0.8), and the snapshot ranker trained on the old version
+is scored with the new one (and, to show what alignment does, with the new vectors raw and
+aligned-only); the report gains a `refresh` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot
+from derl.datapipes.sources import SourceTables
+from derl.datapipes.splits import default_split
+from derl.models import checkpoint
+
+# What each preset trains: small enough for CPU, big enough to learn. `rankers` are the
+# downstream runs: name -> train-downstream flags.
+PRESETS: Dict[str, Dict[str, object]] = {
+    "tiny": {
+        "upstream": ["--embedding-dim", "16", "--seq-layers", "1", "--tower-dims", "32",
+                     "--batch-size", "256", "--dense-lr", "3e-3", "--embedding-lr", "0.1"],
+        "upstream_epochs": {"engagement": "2", "conversion": "1"},
+        "downstream": ["--embedding-dim", "8", "--dense-arch", "32", "--over-arch", "32,16",
+                       "--batch-size", "256", "--epochs", "4"],
+        "projection_dim": "16",
+    },
+    "demo": {
+        "upstream": ["--embedding-dim", "32", "--seq-layers", "1", "--tower-dims", "128,64",
+                     "--batch-size", "1024", "--dense-lr", "3e-3", "--embedding-lr", "0.1",
+                     "--from-day", "2026-01-08"],
+        "upstream_epochs": {"engagement": "1", "conversion": "1"},
+        "downstream": ["--embedding-dim", "16", "--batch-size", "1024", "--epochs", "2"],
+        "projection_dim": "32",
+    },
+}
+DOMAINS = ("engagement", "conversion")
+
+
+def rankers(preset: Dict[str, object]) -> Dict[str, List[str]]:
+    """The downstream runs the report compares: the three modes, the paper's vector ablation,
+    and the learned projection."""
+    return {
+        "none": ["--upstream", "none"],
+        "snapshot": ["--upstream", "snapshot", "--vectors", "all"],
+        "snapshot-user": ["--upstream", "snapshot", "--vectors", "user"],
+        "snapshot-user_pin": ["--upstream", "snapshot", "--vectors", "user_pin"],
+        "snapshot-projected": ["--upstream", "snapshot", "--vectors", "all",
+                               "--projection-dim", str(preset["projection_dim"])],
+        "coupled": ["--upstream", "coupled", "--vectors", "all"],
+    }
+
+
+class StageFailed(RuntimeError):
+    """A stage's process failed; its own error is above. Re-running the pipeline continues."""
+
+
+@dataclass
+class Stage:
+    name: str
+    subcommand: str
+    args: List[str]
+    done: Path  # exists once the stage has finished
+    inputs: Tuple[str, ...] = ()
+    distributed: bool = False
+    resumable: bool = False  # train-upstream: --resume from its own checkpoints
+    output: Optional[Path] = None  # removed before a run from scratch
+    stamp: Dict[str, object] = field(default_factory=dict)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=2, help="ranks of each distributed stage")
+    p.add_argument("--launcher", choices=["local", "torchx"], default="local")
+    p.add_argument("--refresh", action="store_true", help="then run one more day (see above)")
+
+
+def stages(args: argparse.Namespace) -> List[Stage]:
+    w, preset = args.workdir, PRESETS[args.preset]
+    world, snaps = w / "world", w / "snapshots"
+    out = [Stage("generate", "generate", ["--out", str(world), "--preset", args.preset,
+                                          "--seed", str(args.seed), "--overwrite"],
+                 done=world / "_world.json")]
+    for d in DOMAINS:
+        run = w / "upstream" / d
+        out.append(Stage(f"upstream-{d}", "train-upstream",
+                         ["--data", str(world), "--out", str(run), "--domain", d, "--seed", str(args.seed),
+                          "--epochs", preset["upstream_epochs"][d], *preset["upstream"]],
+                         done=run / "metrics.json", inputs=("generate",), distributed=True,
+                         resumable=True, output=run))
+    out.append(Stage("export", "export",
+                     ["--data", str(world), "--out", str(snaps), "--overwrite",
+                      *[a for d in DOMAINS for a in ("--upstream", f"{d}={w / 'upstream' / d}")]],
+                     done=snaps / LATEST, inputs=tuple(f"upstream-{d}" for d in DOMAINS),
+                     distributed=True))
+    for name, flags in rankers(preset).items():
+        run = w / "downstream" / name
+        out.append(Stage(f"downstream-{name}", "train-downstream",
+                         ["--data", str(world), "--snapshots", str(snaps), "--out", str(run),
+                          "--seed", str(args.seed), *flags, *preset["downstream"]],
+                         done=run / "metrics.json", inputs=("export",), distributed=True, output=run))
+    out.append(Stage("evaluate", "evaluate",
+                     ["--runs", *[f"{n}={w / 'downstream' / n}" for n in rankers(preset)],
+                      "--data", str(world), "--snapshots", str(snaps), "--out", str(w / "evaluate")],
+                     done=w / "evaluate" / "report.json",
+                     inputs=tuple(f"downstream-{n}" for n in rankers(preset))))
+    return out
+
+
+def refresh_stages(args: argparse.Namespace) -> List[Stage]:
+    """One more day: incremental upstream on the cut day, a new version for the next day
+    (smoothed and aligned; raw and aligned-only beside it), the old ranker scored with each."""
+    w = args.workdir
+    world, snaps = w / "world", w / "snapshots"
+    days = SourceTables(world).days("engagements")
+    cut = default_split(days).cut_day
+    new_cut = days[days.index(cut) + 1]
+    out = []
+    for d in DOMAINS:
+        run = w / "upstream" / d
+        out.append(Stage(f"refresh-upstream-{d}", "train-upstream",
+                         ["--data", str(world), "--out", str(run), "--domain", d, "--resume",
+                          "--from-day", cut, "--until", cut, "--epochs", "1",
+                          *_without(PRESETS[args.preset]["upstream"], "--from-day")],
+                         done=run / "metrics.json", inputs=("evaluate",), distributed=True))
+    ups = [a for d in DOMAINS for a in ("--upstream", f"{d}={w / 'upstream' / d}")]
+    versions = {"raw": [], "aligned": ["--previous", cut, "--weight", "0"],
+                "smoothed": ["--previous", cut, "--weight", "0.8"]}
+    for kind, flags in versions.items():  # the real refresh (smoothed) last: it becomes LATEST
+        version = new_cut if kind == "smoothed" else f"{new_cut}-{kind}"
+        out.append(Stage(f"refresh-export-{kind}", "export",
+                         ["--data", str(world), "--out", str(snaps), "--cut", new_cut, "--version", version,
+                          "--overwrite", *flags, *ups],
+                         done=snaps / version / MANIFEST,
+                         inputs=tuple(f"refresh-upstream-{d}" for d in DOMAINS), distributed=True))
+        out.append(Stage(f"refresh-score-{kind}", "score",
+                         ["--run", str(w / "downstream" / "snapshot"), "--snapshots", str(snaps),
+                          "--snapshot-version", version, "--out", str(w / "refresh" / kind)],
+                         done=w / "refresh" / kind / "metrics.json", inputs=(f"refresh-export-{kind}",),
+                         distributed=True, output=w / "refresh" / kind))
+    return out
+
+
+def _without(flags: Sequence[str], flag: str) -> List[str]:
+    out, skip = [], False
+    for f in flags:
+        if skip:
+            skip = False
+        elif f == flag:
+            skip = True
+        else:
+            out.append(f)
+    return out
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs stages in order, skipping finished ones, with stamps under W/stamps."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.stamps = args.workdir / "stamps"
+        self.stamps.mkdir(parents=True, exist_ok=True)
+        self.digests: Dict[str, str] = {}
+        self.timings: Dict[str, object] = {}
+
+    def _stamp_path(self, stage: Stage) -> Path:
+        return self.stamps / f"{stage.name}.json"
+
+    def run(self, stage: Stage) -> None:
+        want = {"subcommand": stage.subcommand, "args": stage.args,
+                "inputs": {i: self.digests[i] for i in stage.inputs}}
+        digest = _digest(want)
+        self.digests[stage.name] = digest
+        path = self._stamp_path(stage)
+        old = json.loads(path.read_text()) if path.is_file() else None
+        same = old is not None and old["digest"] == digest
+        if same and old["finished"] and stage.done.exists():
+            print(f"[pipeline] {stage.name}: up to date, skipped")
+            self.timings[stage.name] = {"skipped": True, "seconds": old.get("seconds")}
+            return
+        args = list(stage.args)
+        if same and stage.resumable and checkpoint.latest(stage.output / "checkpoints") is not None:
+            args.append("--resume")
+            print(f"[pipeline] {stage.name}: resuming from its last checkpoint")
+        elif stage.output is not None and stage.output.exists() and not stage.resumable:
+            shutil.rmtree(stage.output)
+        elif stage.output is not None and stage.output.exists() and not same:
+            shutil.rmtree(stage.output)
+        path.write_text(json.dumps({"digest": digest, **want, "finished": False}, indent=2))
+        print(f"[pipeline] {stage.name}: derl {stage.subcommand} {' '.join(args)}", flush=True)
+        t0 = time.perf_counter()
+        self._launch(stage, args)
+        seconds = round(time.perf_counter() - t0, 1)
+        path.write_text(json.dumps({"digest": digest, **want, "finished": True, "seconds": seconds}, indent=2))
+        self.timings[stage.name] = {"skipped": False, "seconds": seconds}
+
+    def _launch(self, stage: Stage, args: List[str]) -> None:
+        nproc = ["--nproc", str(self.args.nproc)] if stage.distributed else []
+        if self.args.launcher == "local":
+            proc = subprocess.run([sys.executable, "-m", "derl.launchers.cli", stage.subcommand, *args, *nproc])
+            if proc.returncode != 0:
+                raise StageFailed(f"pipeline stage {stage.name} failed (exit {proc.returncode}); "
+                                   f"re-run the same command to continue from it")
+            return
+        from torchx.runner import get_runner
+        from torchx.specs import AppState
+
+        from derl.launchers.components import stage_app
+
+        app = stage_app(stage.subcommand, args, distributed=stage.distributed,
+                        nproc_per_node=self.args.nproc if stage.distributed else 1)
+        with get_runner() as runner:
+            handle = runner.run(app, scheduler="local_cwd",
+                                cfg={"log_dir": str(self.args.workdir / "torchx")})
+            status = runner.wait(handle, wait_interval=2)
+        if status is None or status.state != AppState.SUCCEEDED:
+            raise StageFailed(f"pipeline stage {stage.name} failed under TorchX ({status}); logs in "
+                               f"{self.args.workdir / 'torchx'}; re-run the same command to continue")
+
+
+def pipeline(args: argparse.Namespace) -> Dict[str, object]:
+    t0 = time.perf_counter()
+    runner = Runner(args)
+    for stage in stages(args):
+        runner.run(stage)
+    if args.refresh:
+        for stage in refresh_stages(args):
+            runner.run(stage)
+    report = combined_report(args, runner.timings, time.perf_counter() - t0)
+    print(f"[pipeline] done in {report['wall_s']:.0f} s: {args.workdir / 'report.md'} and report.json")
+    return report
+
+
+def combined_report(args: argparse.Namespace, timings: Dict[str, object], wall: float) -> Dict[str, object]:
+    w = args.workdir
+    report = json.loads((w / "evaluate" / "report.json").read_text())
+    report["upstream"] = {}
+    for d in DOMAINS:
+        m = json.loads((w / "upstream" / d / "metrics.json").read_text())
+        report["upstream"][d] = {k: m[k] for k in m if k.startswith(("recall@", "popularity_recall@"))}
+        report["upstream"][d].update(steps=m["steps"], train_examples_per_s=m["train_examples_per_s"],
+                                     eval_day=m["eval"]["day"])
+    snap = Snapshot(w / "snapshots", _first_version(w / "snapshots"))
+    report["snapshot"] = {k: v for k, v in snap.manifest.items() if k != "files"}
+    if args.refresh:
+        report["refresh"] = {kind: json.loads((w / "refresh" / kind / "metrics.json").read_text())["eval"]["ctr"]
+                             for kind in ("raw", "aligned", "smoothed")}
+        report["refresh"]["trained_with"] = report["runs"]["snapshot"]["ctr"]
+    report["stages"] = timings
+    report["wall_s"] = wall
+    report["preset"] = args.preset
+    (w / "report.json").write_text(json.dumps(report, indent=2))
+    md = (w / "evaluate" / "report.md").read_text().replace("](ne_over_steps.png)", "](evaluate/ne_over_steps.png)")
+    (w / "report.md").write_text(_upstream_md(report) + md + _refresh_md(report))
+    return report
+
+
+def _first_version(root: Path) -> str:
+    """The version the rankers trained with: the one the evaluate stage saw (the first cut)."""
+    return sorted((json.loads((root / v / MANIFEST).read_text())["cut_day"], v)
+                  for v in [p.name for p in root.iterdir() if (p / MANIFEST).is_file()])[0][1]
+
+
+def _upstream_md(report: Dict[str, object]) -> str:
+    lines = [f"# derl pipeline report ({report['preset']} preset, {report['wall_s'] / 60:.1f} min)", "",
+             "## Upstream", "", "| domain | steps | train ex/s | eval day | recall@50 | popularity@50 |",
+             "|---|---|---|---|---|---|"]
+    for d, m in report["upstream"].items():
+        lines.append(f"| {d} | {m['steps']} | {m['train_examples_per_s']:,.0f} | {m['eval_day']} "
+                     f"| {m['recall@50']:.4f} | {m['popularity_recall@50']:.4f} |")
+    s = report["snapshot"]
+    lines += ["", f"## Snapshot {s['version']} (cut {s['cut_day']}, dim {s['dim']})", "",
+              "| domain | users | pins | ads | entities/s |", "|---|---|---|---|---|"]
+    for d, i in s["domains"].items():
+        lines.append(f"| {d} | {i['rows']['users']:,} | {i['rows']['pins']:,} | {i['rows']['ads']:,} "
+                     f"| {i['entities_per_s']:,.0f} |")
+    return "\n".join(lines) + "\n\n## Downstream\n\n"
+
+
+def _refresh_md(report: Dict[str, object]) -> str:
+    r = report.get("refresh")
+    if not r:
+        return ""
+    lines = ["", "## Refresh: the snapshot ranker, trained on the first version, scored with the next", "",
+             "| vectors | CTR NE | CTR AUC |", "|---|---|---|"]
+    for kind in ("trained_with", "raw", "aligned", "smoothed"):
+        lines.append(f"| {kind} | {r[kind]['ne']:.4f} | {r[kind]['auc']:.4f} |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,237 @@
+"""The downstream ads ranker (DESIGN.md stage 4): DLRM / DCN-v2 from TorchRec's own blocks, with
+the upstream entity vectors as dense features, and two heads (CTR and CVR).
+
+    sparse ids (ad Pin, advertiser, campaign, category, surface, position, hour, user, profile)
+        -> SparseArch (a sharded EmbeddingBagCollection)                      [B, F, D]
+    dense = Pin content + upstream vectors (+ user·Pin dots, missing flags)
+        -> DenseArch                                                           [B, D]
+    -> InteractionArch (DLRM dot) or InteractionDCNArch (DCN-v2 low-rank cross net)
+    -> OverArch per task: CTR logit, CVR logit
+
+Where the upstream vectors come from is the one switch (`upstream`):
+- `none`: no upstream vectors (the baseline);
+- `snapshot`: from the batch, joined from an exported snapshot (`SnapshotJoin`), the decoupled
+  design of the paper; an id the snapshot lacks gets a learned default vector and a flag;
+- `coupled`: from upstream DERM towers inside the ranker, fine-tuned end to end on ad data, the
+  design the paper avoids (every ranker step pays for the towers, sequence transformer included).
+
+CVR is trained ESMM-style (Ma et al. 2018): pCTCVR = pCTR · pCVR is fitted to `converted` on all
+impressions. Conversions are rare and only follow clicks; fitting pCVR on clicked rows alone
+would train on ~1.5 % of the data and score all impressions with a model that never saw an
+unclicked one (sample selection bias). pCVR itself is evaluated on clicked impressions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.models.dlrm import DenseArch, InteractionArch, InteractionDCNArch, OverArch, SparseArch
+from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from derl.datapipes.batch import Batch
+from derl.datapipes.schema import CONTENT_DIM
+from derl.models.upstream import DERM, UpstreamConfig
+
+# Ad-side and context ids of an impression, each through its own table.
+RANKER_SPARSE_FEATURES = ("user_id", "country", "age_bucket", "gender", "pin_id", "category",
+                          "advertiser_id", "campaign_id", "surface", "position", "hour")
+UPSTREAM_MODES = ("none", "snapshot", "coupled")
+TASKS = ("ctr", "cvr")
+
+
+@dataclass
+class RankerConfig:
+    """Everything that shapes a ranker. `vectors` names the upstream vectors it takes, as
+    "<domain>/<entity>" (e.g. "engagement/users"); `upstream_dim` is their dimension."""
+
+    num_embeddings: Mapping[str, int]
+    upstream: str = "none"
+    vectors: Tuple[str, ...] = ()
+    upstream_dim: int = 0
+    # A learned projection of the concatenated upstream vectors to this width (None: as they are).
+    projection_dim: Optional[int] = None
+    embedding_dim: int = 16
+    dense_arch: Tuple[int, ...] = (64,)  # hidden widths; the last layer is embedding_dim
+    over_arch: Tuple[int, ...] = (128, 64)  # hidden widths; the last layer is one logit
+    interaction: str = "dcn"  # "dcn" (DCN-v2) or "dot" (DLRM)
+    dcn_layers: int = 2
+    dcn_rank: int = 32
+    cvr_weight: float = 1.0
+    # Base rates the heads start from (their output bias = logit of it): a head that starts at
+    # 0.5 on 1.5 % CTR spends its first hundreds of steps learning the base rate.
+    ctr_prior: float = 0.5
+    cvr_prior: float = 0.5
+    sparse_features: Tuple[str, ...] = RANKER_SPARSE_FEATURES
+
+    def __post_init__(self) -> None:
+        if self.upstream not in UPSTREAM_MODES:
+            raise ValueError(f"upstream must be one of {UPSTREAM_MODES}, not {self.upstream!r}")
+        if self.upstream == "none" and self.vectors:
+            raise ValueError("upstream 'none' takes no vectors")
+        if self.upstream != "none" and (not self.vectors or self.upstream_dim <= 0):
+            raise ValueError(f"upstream {self.upstream!r} needs vectors and their dimension")
+        if self.interaction not in ("dcn", "dot"):
+            raise ValueError(f"interaction must be 'dcn' or 'dot', not {self.interaction!r}")
+        for name in ("ctr_prior", "cvr_prior"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        missing = [f for f in self.sparse_features if f not in self.num_embeddings]
+        if missing:
+            raise ValueError(f"num_embeddings lacks {missing}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RankerConfig":
+        """Back from `dataclasses.asdict` via JSON (lists become the tuples they were)."""
+        tuples = {f.name for f in dataclasses.fields(cls) if "Tuple" in str(f.type)}
+        return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items()})
+
+    @property
+    def dot_pairs(self) -> Tuple[Tuple[int, int], ...]:
+        """(user, Pin) positions in `vectors` of each domain that has both: their dot product
+        is a feature of its own, the affinity the upstream space was trained to carry."""
+        pairs = []
+        for i, v in enumerate(self.vectors):
+            domain, entity = v.split("/")
+            if entity == "users" and f"{domain}/pins" in self.vectors:
+                pairs.append((i, self.vectors.index(f"{domain}/pins")))
+        return tuple(pairs)
+
+    @property
+    def upstream_features(self) -> int:
+        """Width of the upstream part of the dense input."""
+        if self.upstream == "none":
+            return 0
+        k = len(self.vectors)
+        vectors = self.projection_dim or k * self.upstream_dim
+        flags = k if self.upstream == "snapshot" else 0
+        return vectors + len(self.dot_pairs) + flags
+
+
+class UpstreamFeatures(nn.Module):
+    """[B, k, d] upstream vectors (+ [B, k] missing flags) -> the upstream part of the dense
+    input: the vectors (missing ones replaced by a learned default per vector, projected or
+    not), the user·Pin dot of each domain, and the flags."""
+
+    def __init__(self, cfg: RankerConfig) -> None:
+        super().__init__()
+        self.pairs = cfg.dot_pairs
+        k, d = len(cfg.vectors), cfg.upstream_dim
+        self.default = nn.Parameter(torch.zeros(k, d))
+        self.projection = nn.Linear(k * d, cfg.projection_dim) if cfg.projection_dim else None
+
+    def forward(self, vectors: torch.Tensor, missing: Optional[torch.Tensor]) -> torch.Tensor:
+        parts = []
+        if missing is not None:
+            vectors = torch.where(missing.unsqueeze(-1) > 0, self.default.unsqueeze(0), vectors)
+        flat = vectors.flatten(1)
+        parts.append(self.projection(flat) if self.projection is not None else flat)
+        parts.extend((vectors[:, u] * vectors[:, p]).sum(dim=1, keepdim=True) for u, p in self.pairs)
+        if missing is not None:
+            parts.append(missing)
+        return torch.cat(parts, dim=1)
+
+
+class CoupledTowers(nn.Module):
+    """The upstream DERMs inside the ranker (`coupled` mode): each vector computed by its
+    domain's user or Pin tower from the batch's own features, trained with the ranker.
+    Only the towers run; each DERM's interaction tower stays unused (DDP's static graph
+    allows that)."""
+
+    def __init__(self, vectors: Sequence[str], configs: Mapping[str, UpstreamConfig],
+                 table_device: Optional[torch.device]) -> None:
+        super().__init__()
+        self.vectors = tuple(vectors)
+        domains = sorted({v.split("/")[0] for v in vectors})
+        self.models = nn.ModuleDict({d: DERM(configs[d], table_device) for d in domains})
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        out = []
+        for v in self.vectors:
+            domain, entity = v.split("/")
+            model = self.models[domain]
+            if entity == "users":
+                out.append(model.embed_users(batch.sparse, batch.dense["seq_content"]))
+            else:
+                out.append(model.embed_pins(batch.sparse, batch.dense["content_emb"]))
+        return torch.stack(out, dim=1)
+
+
+class Ranker(nn.Module):
+    """CTR/CVR ranker: `forward(batch) -> (loss, outputs)` as TorchRec's train pipelines
+    expect; outputs "ctr" and "cvr" are probabilities [B], "losses" the detached parts,
+    "clicked" the batch's CTR label (when labelled), for training metrics.
+    `upstream_configs` (coupled mode) are the DERM configs of the domains in `cfg.vectors`."""
+
+    def __init__(self, cfg: RankerConfig, table_device: Optional[torch.device] = None,
+                 upstream_configs: Optional[Mapping[str, UpstreamConfig]] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embedding_dim
+        tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=D, feature_names=[f],
+                                     num_embeddings=cfg.num_embeddings[f], pooling=PoolingType.SUM)
+                  for f in cfg.sparse_features]
+        self.sparse_arch = SparseArch(EmbeddingBagCollection(tables, device=table_device))
+        self.towers = (CoupledTowers(cfg.vectors, upstream_configs or {}, table_device)
+                       if cfg.upstream == "coupled" else None)
+        self.upstream = UpstreamFeatures(cfg) if cfg.upstream != "none" else None
+        self.dense_arch = DenseArch(CONTENT_DIM + cfg.upstream_features, [*cfg.dense_arch, D])
+        num_sparse = len(cfg.sparse_features)
+        if cfg.interaction == "dcn":
+            width = (num_sparse + 1) * D
+            self.interaction = InteractionDCNArch(
+                num_sparse, LowRankCrossNet(width, cfg.dcn_layers, cfg.dcn_rank))
+        else:
+            width = D + (num_sparse + 1) * num_sparse // 2
+            self.interaction = InteractionArch(num_sparse)
+        self.heads = nn.ModuleDict({t: OverArch(width, [*cfg.over_arch, 1]) for t in TASKS})
+        for task, prior in (("ctr", cfg.ctr_prior), ("cvr", cfg.cvr_prior)):
+            nn.init.constant_(self.heads[task].model[-1].bias, math.log(prior / (1 - prior)))
+        self.loss = RankerLoss(cfg.cvr_weight)
+
+    def dense_input(self, batch: Batch) -> torch.Tensor:
+        parts = [batch.dense["content_emb"]]
+        if self.cfg.upstream == "snapshot":
+            parts.append(self.upstream(batch.dense["upstream"], batch.dense["upstream_missing"]))
+        elif self.cfg.upstream == "coupled":
+            parts.append(self.upstream(self.towers(batch), None))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        dense = self.dense_arch(self.dense_input(batch))
+        x = self.interaction(dense, self.sparse_arch(batch.sparse))
+        return self.loss(self.heads["ctr"](x).squeeze(1), self.heads["cvr"](x).squeeze(1), batch.labels)
+
+
+class RankerLoss(nn.Module):
+    """CTR BCE on all impressions + ESMM's CTCVR BCE, and the outputs. A module of its own so
+    that TorchRec's pipeline tracer treats it as a leaf: it looks at which labels a batch has."""
+
+    def __init__(self, cvr_weight: float) -> None:
+        super().__init__()
+        self.cvr_weight = cvr_weight
+
+    def forward(self, ctr_logit: torch.Tensor, cvr_logit: torch.Tensor,
+                labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        losses: Dict[str, torch.Tensor] = {}
+        outputs: Dict[str, Any] = {"ctr": torch.sigmoid(ctr_logit).detach(),
+                                   "cvr": torch.sigmoid(cvr_logit).detach()}
+        if "clicked" in labels:
+            clicked, converted = labels["clicked"], labels["converted"]
+            losses["ctr"] = F.binary_cross_entropy_with_logits(ctr_logit, clicked)
+            # log(pCTR·pCVR) from the logits, stable where both are small.
+            log_ctcvr = F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)
+            log_not = torch.log1p(-log_ctcvr.exp().clamp(max=1 - 1e-6))
+            losses["ctcvr"] = self.cvr_weight * -(converted * log_ctcvr
+                                                  + (1 - converted) * log_not).mean()
+            outputs["clicked"] = clicked  # for metrics on the training stream
+        loss = sum(losses.values()) if losses else ctr_logit.sum() * 0.0
+        outputs["losses"] = {k: v.detach() for k, v in losses.items()}
+        return loss, outputs

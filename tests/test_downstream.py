@@ -1,0 +1,245 @@
+"""Downstream rankers: the point-in-time snapshot join, the ranker's parts, the metrics, and
+train-downstream / evaluate end to end on 1 and 2 gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from derl.datapipes.readers import ExampleReader, ReaderConfig
+from derl.datapipes.snapshots import Snapshot, SnapshotError, SnapshotJoin, pinned
+from derl.datapipes.sources import SourceTables
+from derl.launchers import dist as derl_dist
+from derl.launchers.train_downstream import PREDICTIONS, read_predictions
+from derl.models.downstream import RankerConfig, UpstreamFeatures
+from derl.models.metrics import binary_metrics, bootstrap_ne_gain, normalized_entropy
+from helpers import derl, plant_snapshot
+
+DAY = 86_400
+JAN = {d: int(np.datetime64(f"2026-01-{d:02d}", "s").astype(np.int64)) for d in range(1, 10)}
+
+
+def _rows(users, days, pins=None):
+    users = np.asarray(users)
+    return {"user_id": users, "pin_id": np.asarray(pins if pins is not None else users + 100),
+            "day_start": np.array([JAN[d] for d in days])}
+
+
+@pytest.fixture
+def planted(tmp_path) -> Path:
+    """v1 cut on Jan 6 and v2 cut on Jan 7; user u's vector is [u, version, 0, 0]."""
+    root = tmp_path / "snap"
+    for n, (version, cut) in enumerate((("v1", "2026-01-06"), ("v2", "2026-01-07")), 1):
+        ids = np.array([1, 2, 3])
+        vec = np.stack([ids, np.full(3, n), np.zeros(3), np.zeros(3)], axis=1)
+        plant_snapshot(root, version, cut, {"engagement/users": (ids, vec),
+                                            "engagement/pins": (ids + 100, vec * 10)}, dim=4)
+    return root
+
+
+def test_each_row_gets_the_version_live_on_its_day_never_a_later_one(planted):
+    join = SnapshotJoin(planted, ("engagement/users", "engagement/pins"))
+    out = join(_rows([1, 1, 2, 3, 9], [6, 7, 8, 6, 7]))
+    users = out["upstream"][:, 0]
+    np.testing.assert_array_equal(users[:, 0], [1, 1, 2, 3, 0])  # the row's own user
+    np.testing.assert_array_equal(users[:, 1], [1, 2, 2, 1, 0])  # Jan 6: v1; Jan 7 and 8: v2
+    np.testing.assert_array_equal(out["upstream"][:, 1, 0], [10, 10, 20, 30, 0])  # its own Pin
+    np.testing.assert_array_equal(out["upstream_missing"], [[0, 0]] * 4 + [[1, 1]])
+    assert join.rows_by_version == {"v1": 2, "v2": 3}
+    with pytest.raises(SnapshotError, match="no snapshot was live on 2026-01-05"):
+        join(_rows([1], [5]))
+
+
+def test_a_pinned_version_serves_every_day(planted):
+    out = SnapshotJoin(planted, ("engagement/users",), version="v1")(_rows([1, 2], [6, 9]))
+    np.testing.assert_array_equal(out["upstream"][:, 0, 1], [1, 1])
+
+
+def test_a_snapshot_of_another_dimension_or_without_the_domain_is_refused(planted):
+    with pytest.raises(SnapshotError, match="dimension 4, but this ranker takes vectors of dimension 8"):
+        SnapshotJoin(planted, ("engagement/users",), dim=8)(_rows([1], [6]))
+    with pytest.raises(SnapshotError, match="no conversion/users table"):
+        SnapshotJoin(planted, ("conversion/users",))(_rows([1], [6]))
+
+
+def test_the_reader_joins_each_row_with_its_own_users_and_pins_vectors(tiny_world, tmp_path):
+    """Planted vectors that spell their own id and version: every row of every batch must
+    carry its user's and its Pin's, from the version of its day."""
+    sources = SourceTables(tiny_world)
+    users = sources.read("users", columns=["user_id"]).column("user_id").to_numpy()
+    pins = sources.read("pins", columns=["pin_id"]).column("pin_id").to_numpy()
+    root = tmp_path / "snap"
+    for n, cut in enumerate(("2026-01-05", "2026-01-07"), 1):
+        known = users[users % 7 != 0]  # some users are not in the snapshot
+        vec = lambda ids: np.stack([ids, np.full(len(ids), n)], axis=1)  # noqa: E731
+        plant_snapshot(root, f"v{n}", cut, {"engagement/users": (known, vec(known)),
+                                            "engagement/pins": (pins, vec(pins))}, dim=2)
+    join = SnapshotJoin(root, ("engagement/users", "engagement/pins"))
+    reader = ExampleReader(tiny_world, "ad_events", ("2026-01-05", "2026-01-08"),
+                           config=ReaderConfig(batch_size=1024, prefetch=2), joins=[join])
+    seen = 0
+    for b in reader:
+        up, missing = b.dense["upstream"].numpy(), b.dense["upstream_missing"].numpy()
+        user, pin = b.meta["user_id"].numpy(), b.meta["pin_id"].numpy()
+        version = np.where(b.meta["ts"].numpy() >= JAN[7], 2, 1)
+        absent = user % 7 == 0
+        np.testing.assert_array_equal(missing[:, 0], absent)
+        np.testing.assert_array_equal(up[~absent, 0, 0], user[~absent])
+        np.testing.assert_array_equal(up[~absent, 0, 1], version[~absent])
+        np.testing.assert_array_equal(up[absent, 0], 0)
+        np.testing.assert_array_equal(up[:, 1], np.stack([pin, version], axis=1))
+        seen += len(user)
+    assert seen == reader.stats.rows_emitted > 0 and sum(join.rows_by_version.values()) == seen
+
+
+def test_missing_vectors_get_the_learned_default_and_each_domain_its_dot_product():
+    cfg = RankerConfig({f: 10 for f in RankerConfig.__dataclass_fields__["sparse_features"].default},
+                       upstream="snapshot", vectors=("engagement/users", "engagement/pins"),
+                       upstream_dim=2)
+    features = UpstreamFeatures(cfg)
+    with torch.no_grad():
+        features.default.copy_(torch.tensor([[5.0, 5.0], [7.0, 7.0]]))
+    vectors = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[1.0, 2.0], [3.0, 4.0]]])
+    missing = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    out = features(vectors, missing)
+    assert out.shape == (2, cfg.upstream_features) == (2, 4 + 1 + 2)
+    torch.testing.assert_close(out[0], torch.tensor([1.0, 2, 3, 4, 11, 0, 0]))
+    torch.testing.assert_close(out[1], torch.tensor([5.0, 5, 3, 4, 35, 1, 0]))
+
+
+def test_metrics_agree_with_a_direct_computation():
+    pred = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.6])
+    label = np.array([0, 0, 1, 1, 0, 1])
+    m = binary_metrics(pred, label)
+    # AUC: share of (positive, negative) pairs ranked right; 8 of 9 here.
+    pos, neg = pred[label == 1], pred[label == 0]
+    assert m["auc"] == pytest.approx(np.mean(pos[:, None] > neg[None, :]), abs=1e-6) == pytest.approx(8 / 9, abs=1e-6)
+    ce = -np.mean(label * np.log(pred) + (1 - label) * np.log(1 - pred))
+    assert m["ne"] == pytest.approx(ce / -(0.5 * np.log(0.5) * 2), rel=1e-6)
+    assert m["ne"] == pytest.approx(normalized_entropy(pred, label), rel=1e-9)
+    assert m["calibration"] == pytest.approx(pred.sum() / label.sum(), rel=1e-6)
+    assert m["rows"] == 6 and m["positives"] == 3
+
+
+def test_the_bootstrap_tells_a_real_gain_from_none():
+    rng = np.random.default_rng(0)
+    truth = rng.beta(1, 20, size=20_000)
+    label = (rng.random(20_000) < truth).astype(float)
+    flat = np.full_like(truth, label.mean())
+    better = bootstrap_ne_gain(label, truth, flat, resamples=200)
+    assert better["significant"] and better["ci_low"] > 0 and better["ci_low"] <= better["gain"] <= better["ci_high"]
+    same = bootstrap_ne_gain(label, flat, flat, resamples=200)
+    assert same["gain"] == 0 and not same["significant"]
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+DOWN = ["--embedding-dim", "8", "--dense-arch", "32", "--over-arch", "32,16", "--batch-size", "256"]
+
+
+def _train(world, out, mode, snapshots=None, *extra, **kw):
+    snap = ["--snapshots", str(snapshots)] if snapshots else []
+    return derl("train-downstream", "--data", str(world), "--out", str(out), "--upstream", mode,
+                *snap, *DOWN, *extra, **kw)
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("mode", ["none", "snapshot", "coupled"])
+def test_each_mode_trains_and_scores_the_held_out_day(mode, nproc, tiny_world, learned_snapshot, tmp_path):
+    run = tmp_path / "run"
+    _train(tiny_world, run, mode, learned_snapshot, "--max-steps", "3", "--nproc", str(nproc))
+    m = _metrics(run)
+    assert m["upstream"] == mode and m["steps"] == 3 and m["world_size"] == nproc
+    eval_rows = SourceTables(tiny_world).read("ad_events", (m["eval_day"], m["eval_day"]))
+    preds = read_predictions(run / PREDICTIONS)
+    assert len(preds["request_id"]) == eval_rows.num_rows == m["eval"]["ctr"]["rows"]
+    assert set(preds["request_id"]) == set(eval_rows.column("request_id").to_pylist())
+    assert 0 < preds["p_ctr"].min() and preds["p_ctr"].max() < 1 and 0 < m["eval"]["ctr"]["ne"] < 2
+    assert (run / "checkpoints" / "step-000003").is_dir()
+    version = Snapshot(learned_snapshot).version
+    if mode == "snapshot":  # every training row joined with the one live version, and pinned
+        assert m["snapshot_versions"] == {version: 3 * 256 * nproc}
+        assert str(run.resolve()) in pinned(learned_snapshot)[version]
+        assert preds["missing"].shape[1] == 4
+    if mode == "coupled":
+        assert set(m["coupled_checkpoints"]) == {"engagement", "conversion"}
+
+
+def coupled_pin_worker(run: str, world: str) -> dict:
+    """Rebuild a coupled ranker as train-downstream does, load the upstream towers, and embed
+    the evaluation day's Pins with them."""
+    import argparse
+
+    from derl.launchers import train_downstream as td
+    from derl.models.downstream import Ranker
+    from derl.models.sharding import OptimConfig, shard_model
+
+    worker = derl_dist.init()
+    try:
+        parser = argparse.ArgumentParser()
+        td.add_arguments(parser)
+        args = parser.parse_args(["--data", world, "--out", run, "--upstream", "coupled",
+                                  "--snapshots", str(Path(run).parent / "snap"), *DOWN])
+        sources = SourceTables(Path(world))
+        days, eval_day = td._days(args, sources)
+        join = SnapshotJoin(args.snapshots, ("engagement/users", "engagement/pins",
+                                             "conversion/users", "conversion/pins"))
+        cfg, coupled = td.build(args, sources.vocab(), join, days, sources)
+        dmp, _, _ = shard_model(Ranker(cfg, torch.device("meta"), {d: c["config"] for d, c in coupled.items()}),
+                                worker.device, OptimConfig())
+        td._load_towers(dmp, coupled)
+        dmp.eval()
+        reader = ExampleReader(Path(world), "ad_events", (eval_day, eval_day),
+                               config=ReaderConfig(batch_size=512, shuffle_buffer=0, prefetch=0))
+        batch = next(iter(reader))
+        with torch.no_grad():
+            pins = dmp.module.towers.models["engagement"].embed_pins(batch.sparse, batch.dense["content_emb"])
+        return {"pin_id": batch.meta["pin_id"].numpy(), "vectors": pins.numpy()}
+    finally:
+        derl_dist.shutdown()
+
+
+def test_coupled_towers_start_from_the_checkpoint_that_made_the_snapshot(tiny_world, learned_snapshot, tmp_path):
+    shutil.copytree(learned_snapshot, tmp_path / "snap")
+    out = derl_dist.launch(coupled_pin_worker, 1, str(tmp_path / "run"), str(tiny_world))
+    exported, missing = Snapshot(tmp_path / "snap").table("engagement", "pins").lookup(out["pin_id"])
+    np.testing.assert_allclose(out["vectors"][~missing], exported[~missing], atol=1e-5)
+    assert (~missing).sum() > 100
+
+
+def test_bad_input_is_refused_or_repaired_and_reported(world_copy, learned_snapshot, tmp_path):
+    # Ad events whose campaign is outside the table, and conversions without a click.
+    day = world_copy / "ad_events" / "ds=2026-01-06"
+    part = sorted(day.glob("*.parquet"))[0]
+    t = pq.read_table(part).to_pandas()
+    unclicked = t.index[t["clicked"] == 0][:5]
+    t.loc[unclicked, "converted"] = 1
+    t.loc[t.index[:7], "campaign_id"] = 10**9
+    pq.write_table(pq.read_table(part).from_pandas(t, schema=pq.read_schema(part), preserve_index=False), part)
+    run = tmp_path / "run"
+    _train(world_copy, run, "none", None, "--epochs", "1")
+    repairs = _metrics(run)["data_repairs_train"][0]["repaired"]
+    assert repairs["converted_without_click"] == 5 and repairs["hashed_campaign_id"] == 7
+    # A label outside {0, 1}: an error naming the file and column.
+    t.loc[t.index[0], "clicked"] = 3
+    pq.write_table(pq.read_table(part).from_pandas(t, schema=pq.read_schema(part), preserve_index=False), part)
+    p = _train(world_copy, tmp_path / "bad", "none", None, "--max-steps", "1", check=False)
+    assert p.returncode != 0 and "column 'clicked' has 1 labels outside {0, 1}" in p.stderr
+    # A snapshot that fails verification.
+    snap = tmp_path / "snap"
+    shutil.copytree(learned_snapshot, snap)
+    v = snap / (snap / "LATEST").read_text().strip()
+    victim = sorted((v / "engagement" / "users").glob("part-*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:-4] + b"oops")
+    p = _train(world_copy, tmp_path / "tampered", "snapshot", snap, "--max-steps", "1", check=False)
+    assert p.returncode == 2 and "checksum mismatch" in p.stderr
