@@ -1,0 +1,196 @@
+"""TorchX components (launchers/components.py): what each one submits to kubernetes and slurm
+(dryruns through the torchx runner, parsed as `torchx run` parses them), and real 2-rank local
+runs of train-upstream and export under the `local_cwd` scheduler."""
+
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from torchx.runner import get_runner
+from torchx.specs import AppState, named_resources
+from torchx.specs.file_linter import validate
+
+from derl.launchers import components
+from helpers import SMALL
+
+COMPONENTS_FILE = Path(components.__file__).resolve()
+
+# Pass-through flags per stage (only parsed by the stage, never by torchx).
+STAGE_ARGS = {
+    "generate": ["--out", "/data/world", "--preset", "tiny", "--seed", "3"],
+    "train-upstream": ["--data", "/data/world", "--out", "/data/runs/up", "--domain", "conversion",
+                       "--max-steps", "5"],
+    "export": ["--data", "/data/world", "--upstream", "engagement=/data/runs/up", "--out",
+               "/data/snap", "--previous", "latest"],
+    "train-downstream": ["--data", "/data/world", "--snapshots", "/data/snap", "--out",
+                         "/data/runs/down", "--upstream", "snapshot"],
+    "evaluate": ["--data", "/data/world", "--runs", "base=/data/runs/base", "snap=/data/runs/down",
+                 "--baseline", "base", "--out", "/data/report"],
+    "bench": ["--suite", "quick", "--out", "/data/bench"],
+    "pipeline": ["--workdir", "/data/pipe", "--preset", "tiny"],
+}
+IMAGE = "registry.example.com/derl:test"
+ENV = {"DERL_TEST": "1", "FOO": "bar"}
+
+
+def _component(stage: str) -> str:
+    return f"{COMPONENTS_FILE}:{components.COMPONENTS[stage].__name__}"
+
+
+def _cli_args(stage: str) -> list:
+    """Component flags as given to `torchx run`, then `--` and the stage's own flags."""
+    args = ["--image", IMAGE, "--cpu", "8", "--memMB", "32768", "--env", "DERL_TEST=1,FOO=bar"]
+    if stage in components.DISTRIBUTED:
+        args += ["--nnodes", "2", "--nproc_per_node", "4", "--gpu", "4"]
+    return args + ["--", *STAGE_ARGS[stage]]
+
+
+def _check_entrypoint(stage: str, entrypoint: str, args: list) -> None:
+    """The job runs `derl <stage> <pass-through args>`: through torchrun on 2 hosts x 4 ranks
+    for the distributed stages, as one plain python process for the others."""
+    tail = ["-m", "derl.launchers.cli", stage, *STAGE_ARGS[stage]]
+    if stage in components.DISTRIBUTED:
+        assert entrypoint == "bash" and args[0] == "-c"
+        cmd = shlex.split(args[1])
+        assert cmd[0] == "torchrun" and cmd[-len(tail):] == tail
+        opts = dict(zip(cmd[1:-len(tail)], cmd[2:-len(tail)]))
+        assert opts["--nnodes"] == "2" and opts["--nproc_per_node"] == "4"
+        # rank 0's host comes from a shell variable; a hyphen in its name (from a role name like
+        # "train-upstream") would turn ${VAR:=localhost} into a different expansion
+        host = opts["--rdzv_endpoint"].rpartition(":")[0]
+        assert re.fullmatch(r"\$\{[A-Za-z0-9_]+:=localhost\}|localhost", host), host
+        assert "--nproc" not in cmd[-len(tail):]
+    else:
+        assert entrypoint == "python" and list(args) == tail
+
+
+def _check_env(env: dict) -> None:
+    assert {k: env[k] for k in ENV} == ENV
+
+
+@pytest.mark.parametrize("stage", list(components.COMPONENTS))
+def test_components_pass_the_torchx_linter(stage):
+    assert validate(str(COMPONENTS_FILE), components.COMPONENTS[stage].__name__) == []
+
+
+@pytest.mark.parametrize("stage", list(components.COMPONENTS))
+def test_kubernetes_dryrun_submits_image_resources_replicas_env_and_stage_args(stage):
+    from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
+
+    with get_runner("derl-test") as runner:
+        info = runner.dryrun_component(_component(stage), _cli_args(stage), "kubernetes",
+                                       cfg={"queue": "derl", "namespace": "ml"})
+    job = sanitize_for_serialization(info.request.resource)
+    assert job["kind"] == "Job" and job["spec"]["queue"] == "derl"
+    tasks = job["spec"]["tasks"]
+    distributed = stage in components.DISTRIBUTED
+    assert len(tasks) == (2 if distributed else 1)
+    assert all(t["replicas"] == 1 for t in tasks)  # one Volcano task per host
+    for task in tasks:
+        (container,) = task["template"]["spec"]["containers"]
+        assert container["image"] == IMAGE
+        limits = container["resources"]["limits"]
+        assert limits["cpu"] == "8000m" and limits["memory"] == "32768M"
+        assert limits.get("nvidia.com/gpu") == ("4" if distributed else None)
+        _check_env({e["name"]: e["value"] for e in container["env"]})
+        _check_entrypoint(stage, container["command"][0], container["command"][1:])
+
+
+@pytest.mark.parametrize("stage", list(components.COMPONENTS))
+def test_slurm_dryrun_submits_resources_replicas_env_and_stage_args(stage):
+    with get_runner("derl-test") as runner:
+        info = runner.dryrun_component(_component(stage), _cli_args(stage), "slurm",
+                                       cfg={"partition": "gpu", "time": "1:00:00"})
+    replicas = info.request.replicas
+    distributed = stage in components.DISTRIBUTED
+    assert len(replicas) == (2 if distributed else 1)  # one heterogeneous group per host
+    for replica in replicas.values():
+        opts = replica.sbatch_opts
+        assert opts["partition"] == "gpu" and opts["cpus-per-task"] == "8" and opts["mem"] == "32768"
+        assert opts.get("gpus-per-task") == ("4" if distributed else None)
+        _check_env(replica.env)
+        _check_entrypoint(stage, replica.entrypoint, replica.args)
+    script = info.request.materialize()
+    assert "--time=1:00:00" in script and f"derl.launchers.cli {stage}" in script
+
+
+def test_named_resource_and_experiment_name():
+    app = components.train_upstream("--data", "W", h="gpu.small", name="ads/")
+    (role,) = app.roles
+    assert role.resource == named_resources["gpu.small"]
+    assert app.name == "derl-train-upstream" and role.name == "train_upstream"
+    assert role.env["TORCHX_TRACKING_EXPERIMENT_NAME"] == "ads"
+    assert components.generate("--out", "W").roles[0].resource.memMB == 4096
+
+
+def test_nproc_is_refused_under_torchx():
+    with pytest.raises(ValueError, match="--nproc_per_node"):
+        components.export("--data", "W", "--nproc", "2")
+    with pytest.raises(ValueError, match="--nproc_per_node"):
+        components.train_upstream("--nproc=2")
+
+
+# ---------------------------------------------------------------- real local runs (2 ranks)
+
+
+def _run_local(runner, stage: str, nproc: int, stage_args: list, log_dir: Path,
+               timeout_s: float = 300) -> None:
+    """`torchx run -s local_cwd <component> --nproc_per_node N -- <stage_args>`, to the end."""
+    handle = runner.run_component(_component(stage), ["--nproc_per_node", str(nproc), "--", *stage_args],
+                                  "local_cwd", cfg={"log_dir": str(log_dir)})
+    deadline = time.monotonic() + timeout_s
+    status = runner.status(handle)
+    while status is None or not status.is_terminal():
+        if time.monotonic() > deadline:
+            runner.cancel(handle)
+            break
+        time.sleep(0.5)
+        status = runner.status(handle)
+    if status is None or status.state != AppState.SUCCEEDED:
+        logs = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-4000:]}"
+                         for p in sorted(log_dir.rglob("*.log")))
+        raise AssertionError(f"{stage} under local_cwd: {status}\n{logs}")
+
+
+@pytest.fixture(scope="module")
+def local_runner():
+    # local_cwd starts `torchrun` / `python` from PATH: this interpreter's, as an activated venv.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+        with get_runner("derl-test") as runner:
+            yield runner
+
+
+@pytest.fixture(scope="module")
+def upstream_run(local_runner, tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torchx") / "up"
+    _run_local(local_runner, "train-upstream", 2,
+               ["--data", str(tiny_world), "--out", str(out), "--max-steps", "2", *SMALL],
+               out.parent / "logs-up")
+    return out
+
+
+def test_local_train_upstream_on_two_ranks(upstream_run):
+    import json
+
+    assert (upstream_run / "checkpoints" / "step-000002").is_dir()
+    metrics = json.loads((upstream_run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+
+
+def test_local_export_on_two_ranks(local_runner, upstream_run, tiny_world, tmp_path):
+    from derl.datapipes.snapshots import Snapshot
+
+    snap = tmp_path / "snap"
+    _run_local(local_runner, "export", 2,
+               ["--data", str(tiny_world), "--upstream", f"engagement={upstream_run}", "--out", str(snap)],
+               tmp_path / "logs")
+    s = Snapshot(snap, check=True)  # LATEST, every file against its sha256
+    assert s.manifest["world_size"] == 2
+    for kind in ("users", "pins"):
+        parts = sorted(p.name for p in (s.path / "engagement" / kind).glob("part-*.parquet"))
+        assert parts == ["part-00000.parquet", "part-00001.parquet"]
