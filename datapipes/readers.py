@@ -7,7 +7,7 @@ in their event table:
 Each row is joined with its user's profile (`users`), its Pin's features (`pins`) and its user's
 sequence as of the start of the row's day (`user_sequences` of the same `ds`).
 
-Policies (each counted in `ReaderStats`, none silent):
+Policies (each counted in `ReaderStats` on the first pass over the data, none silent):
 - a NaN in a dense feature (`content_emb`) is replaced by 0 and counted;
 - an id beyond the model's vocabulary is hashed into it (id mod size) and counted;
 - a user or Pin missing from its table keeps its row, with empty features, and is counted;
@@ -30,7 +30,7 @@ import torch
 
 from derl.datapipes import schema as S
 from derl.datapipes.batch import AD_LABELS, NUM_POSITIONS, Batch
-from derl.datapipes.features import FeatureJoiner
+from derl.datapipes.features import FeatureJoiner, ReaderStats
 from derl.datapipes.sources import (
     DataError,
     DayRange,
@@ -146,6 +146,9 @@ class ExampleReader:
     def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
         """One epoch of batches, leaving out the first `skip` (already consumed) ones."""
         def make() -> Iterator[Batch]:
+            # The data is described once, on the first pass: later epochs (and the read-ahead
+            # into them) count into a scratch, so each repair is reported once per row.
+            self.joiner.stats = self.stats if epoch == 0 else ReaderStats()
             for i, rows in enumerate(self._row_batches(epoch)):
                 if i >= skip:
                     yield self._to_batch(rows)
@@ -167,10 +170,10 @@ class ExampleReader:
                     raise DataError(f"{unit.path}: column {c!r} has {int(bad.sum())} labels outside {{0, 1}}")
             orphan = (rows["converted"] == 1) & (rows["clicked"] == 0)
             if orphan.any():
-                self.stats.repair("converted_without_click", int(orphan.sum()))
+                self.joiner.stats.repair("converted_without_click", int(orphan.sum()))
                 rows["converted"] = np.where(orphan, 0, rows["converted"]).astype(np.int8)
         rows["day_start"] = np.full(table.num_rows, S.day_start_ts(S.parse_day(unit.day)))
-        self.stats.rows_read += table.num_rows
+        self.joiner.stats.rows_read += table.num_rows
         return rows
 
     def _row_batches(self, epoch: int) -> Iterator[Dict[str, np.ndarray]]:
@@ -205,7 +208,7 @@ class ExampleReader:
             yield from drain()
         if buffered:  # a final partial batch
             if cfg.drop_last:
-                self.stats.rows_dropped["drop_last"] += buffered
+                self.joiner.stats.rows_dropped["drop_last"] += buffered
             else:
                 yield buffer[0]
 
@@ -237,7 +240,7 @@ class ExampleReader:
         meta = {"user_id": rows["user_id"], "pin_id": rows["pin_id"], "ts": rows["ts"]}
         if self.table == "ad_events":
             meta["request_id"] = rows["request_id"]
-        self.stats.rows_emitted += n
+        self.joiner.stats.rows_emitted += n
         dense = {
             "content_emb": torch.from_numpy(content),
             "seq_content": torch.from_numpy(seq_content),

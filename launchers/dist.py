@@ -66,6 +66,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def run_as_worker(body: Callable[[Any, Worker], Any], args: Any) -> Any:
+    """A stage's per-rank entry: join the process group, run `body(args, worker)`, leave."""
+    worker = init()
+    try:
+        return body(args, worker)
+    finally:
+        shutdown()
+
+
 def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nproc", type=int, default=2, help="ranks of each distributed stage")
+    p.add_argument("--nproc", type=int, default=1, help="ranks of each distributed stage")
     p.add_argument("--launcher", choices=["local", "torchx"], default="local")
     p.add_argument("--refresh", action="store_true", help="then run one more day (see above)")
 
@@ -232,6 +233,8 @@ class Runner:
                 raise StageFailed(f"pipeline stage {stage.name} failed (exit {proc.returncode}); "
                                    f"re-run the same command to continue from it")
             return
+        # local_cwd starts `torchrun` / `python` from PATH: this interpreter's first.
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         from torchx.runner import get_runner
         from torchx.specs import AppState
 

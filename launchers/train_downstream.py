@@ -44,6 +44,7 @@ from derl.models.metrics import ranker_metrics
 from derl.models.sharding import OptimConfig, describe_plan, shard_model
 
 PREDICTIONS = "predictions"
+NE_EVERY = 5  # steps between training-NE points (a collective)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,12 +145,16 @@ def _load_towers(dmp, coupled: Dict[str, dict]) -> None:
 
 def _lockstep(reader: ExampleReader, device: torch.device):
     """(batch, is_real) so that every rank makes the same number of sharded forwards: ranks
-    with fewer batches repeat their last one, flagged not real."""
-    batches = list(reader.batches(0))
-    most = torch.tensor(len(batches), device=device)
+    with fewer batches repeat their last one, flagged not real. (The reader does not drop the
+    last partial batch, so a rank has ceil(rows / batch size) of them.)"""
+    mine = -(-reader.num_rows // reader.config.batch_size)
+    most = torch.tensor(mine, device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    for i in range(int(most)):
-        yield (batches[i], True) if i < len(batches) else (batches[-1], False)
+    last = None
+    for last in reader.batches(0):
+        yield last, True
+    for _ in range(int(most) - mine):
+        yield last, False
 
 
 @torch.no_grad()
@@ -196,11 +201,7 @@ def read_predictions(folder: Path) -> Dict[str, np.ndarray]:
 
 def train(args: argparse.Namespace) -> Dict[str, object]:
     """One worker's part of a training run (every rank runs this)."""
-    worker = derl_dist.init()
-    try:
-        return _train(args, worker)
-    finally:
-        derl_dist.shutdown()
+    return derl_dist.run_as_worker(_train, args)
 
 
 def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, object]:
@@ -213,6 +214,10 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
     join = (SnapshotJoin(args.snapshots, VECTOR_SETS[args.vectors], args.snapshot_version)
             if args.upstream != "none" else None)
     cfg, coupled = build(args, vocab, join, days, sources)
+    # The versions this ranker is trained with: stored with its checkpoints and config, and
+    # pinned before training starts, so that `snapshots gc` never takes them away.
+    live = sorted({join.version_on(d) for d in sources.days("ad_events") if days[0] <= d <= days[1]}) \
+        if join else []
     joins = [join] if args.upstream == "snapshot" else []
     config = ReaderConfig(batch_size=args.batch_size, seed=args.seed, drop_last=True)
     reader = ExampleReader(args.data, "ad_events", days, worker.rank, worker.world_size, config,
@@ -242,12 +247,16 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
             {"upstream": args.upstream, "vectors": args.vectors, "model": dataclasses.asdict(cfg),
              "days": days, "eval_day": eval_day, "data": str(args.data),
              "snapshots": str(args.snapshots) if args.snapshots else None,
+             "snapshot_versions": live,
              "coupled_checkpoints": {d: c["checkpoint"] for d, c in coupled.items()},
              "world_size": worker.world_size}, indent=2, default=list))
+        for v in live:
+            pin(args.snapshots, v, str(out.resolve()))
 
-    # Rank 0's windowed training NE (its own batches), for the NE-over-steps plot.
-    ne = NEMetric(world_size=1, my_rank=0, batch_size=args.batch_size,
-                  window_size=args.ne_window * args.batch_size,
+    # Windowed training NE over every rank's batches, for the NE-over-steps plot. Its compute()
+    # is collective (torchmetrics syncs over the process group): every rank calls it.
+    ne = NEMetric(world_size=worker.world_size, my_rank=worker.rank, batch_size=args.batch_size,
+                  window_size=args.ne_window * args.batch_size * worker.world_size,
                   tasks=[RecTaskInfo(name="ctr", label_name="clicked", prediction_name="ctr")])
     pipeline = TrainPipelineSparseDist(dmp, optimizer, worker.device)
     batches = (b for epoch in range(10**9) for b in reader.batches(epoch))
@@ -258,20 +267,22 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
     for step in range(1, steps + 1):
         output = pipeline.progress(batches)
         losses = {k: float(v) for k, v in output["losses"].items()}
-        if worker.is_main:
-            clicked = output["clicked"]
-            ne.update(predictions={"ctr": output["ctr"]}, labels={"ctr": clicked},
-                      weights={"ctr": torch.ones_like(clicked)})
-            window_ne = float(ne.compute()["ne-ctr|window_ne"])
-            bar.set_postfix(loss=f"{sum(losses.values()):.4f}", ne=f"{window_ne:.3f}")
-            bar.update(1)
-            history.append({"step": step, "ctr_window_ne": window_ne, **losses})
+        clicked = output["clicked"]
+        ne.update(predictions={"ctr": output["ctr"]}, labels={"ctr": clicked},
+                  weights={"ctr": torch.ones_like(clicked)})
+        if step % NE_EVERY == 0 or step == steps:
+            values = ne.compute()  # collective; the result lands on rank 0
+            if worker.is_main:
+                window_ne = float(values["ne-ctr|window_ne"])
+                history.append({"step": step, "ctr_window_ne": window_ne, **losses})
+                bar.set_postfix(loss=f"{sum(losses.values()):.4f}", ne=f"{window_ne:.3f}")
+        bar.update(1)
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps:
-            checkpoint.save(out / "checkpoints", step, dmp, optimizer, {"days": days})
+            checkpoint.save(out / "checkpoints", step, dmp, optimizer, {"days": days, "snapshot_versions": live})
     seconds = time.perf_counter() - t0
     bar.close()
     batches.close()
-    checkpoint.save(out / "checkpoints", steps, dmp, optimizer, {"days": days})
+    checkpoint.save(out / "checkpoints", steps, dmp, optimizer, {"days": days, "snapshot_versions": live})
 
     pipeline.detach()
     summary = {
@@ -290,10 +301,8 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
     train_stats = _gathered(reader.stats.as_dict())
     if worker.is_main:
         (out / "train_ne.json").write_text(json.dumps(history))
-        summary["snapshot_versions"] = train_versions
+        summary["snapshot_versions"] = train_versions  # rows joined with each (read-ahead included)
         summary["data_repairs_train"] = train_stats
-        for v in train_versions:  # gc keeps what a ranker was trained with
-            pin(args.snapshots, v, str(out.resolve()))
     make_join = (lambda: SnapshotJoin(args.snapshots, cfg.vectors, args.snapshot_version, cfg.upstream_dim)) \
         if args.upstream == "snapshot" else None
     return score_and_report(dmp, worker, args.data, eval_day, vocab, make_join, out, summary)
@@ -369,29 +378,29 @@ def rescore(args: argparse.Namespace) -> Dict[str, object]:
     """`derl score`: a trained ranker, reloaded (on any number of ranks: DCP reshards), scores
     a day with the snapshot version of your choice — e.g. a ranker trained on version N scored
     with N+1, raw or aligned. Writes what a training run writes: predictions and metrics."""
-    worker = derl_dist.init()
-    try:
-        meta = json.loads((args.run / "config.json").read_text())
-        cfg = RankerConfig.from_dict(meta["model"])
-        upstream = {d: load_model_config(Path(c).parent.parent) for d, c in meta["coupled_checkpoints"].items()}
-        dmp, optimizer, _ = shard_model(Ranker(cfg, torch.device("meta"), upstream), worker.device, OptimConfig())
-        checkpoint.load(checkpoint.latest(args.run / "checkpoints"), dmp, optimizer)
-        snapshots = args.snapshots or (Path(meta["snapshots"]) if meta["snapshots"] else None)
-        trained = json.loads((args.run / "metrics.json").read_text())
-        summary = {k: trained[k] for k in ("upstream", "vectors", "projection_dim", "steps", "train_days",
-                                            "train_examples_per_s", "snapshot_dim", "coupled_checkpoints",
-                                            "snapshot_versions")}
-        summary.update(world_size=worker.world_size, eval_day=args.eval_day or meta["eval_day"],
-                       rescored_from=str(args.run))
-        if worker.is_main:
-            args.out.mkdir(parents=True, exist_ok=True)
-        make_join = (lambda: SnapshotJoin(snapshots, cfg.vectors, args.snapshot_version, cfg.upstream_dim)) \
-            if cfg.upstream == "snapshot" else None
-        return score_and_report(dmp, worker, Path(args.data or meta["data"]), summary["eval_day"],
-                                SourceTables(Path(args.data or meta["data"])).vocab(), make_join,
-                                args.out, summary)
-    finally:
-        derl_dist.shutdown()
+    return derl_dist.run_as_worker(_rescore, args)
+
+
+def _rescore(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, object]:
+    meta = json.loads((args.run / "config.json").read_text())
+    cfg = RankerConfig.from_dict(meta["model"])
+    upstream = {d: load_model_config(Path(c).parent.parent) for d, c in meta["coupled_checkpoints"].items()}
+    dmp, optimizer, _ = shard_model(Ranker(cfg, torch.device("meta"), upstream), worker.device, OptimConfig())
+    checkpoint.load(checkpoint.latest(args.run / "checkpoints"), dmp, optimizer)
+    snapshots = args.snapshots or (Path(meta["snapshots"]) if meta["snapshots"] else None)
+    trained = json.loads((args.run / "metrics.json").read_text())
+    summary = {k: trained[k] for k in ("upstream", "vectors", "projection_dim", "steps", "train_days",
+                                        "train_examples_per_s", "snapshot_dim", "coupled_checkpoints",
+                                        "snapshot_versions")}
+    summary.update(world_size=worker.world_size, eval_day=args.eval_day or meta["eval_day"],
+                   rescored_from=str(args.run))
+    if worker.is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+    make_join = (lambda: SnapshotJoin(snapshots, cfg.vectors, args.snapshot_version, cfg.upstream_dim)) \
+        if cfg.upstream == "snapshot" else None
+    return score_and_report(dmp, worker, Path(args.data or meta["data"]), summary["eval_day"],
+                            SourceTables(Path(args.data or meta["data"])).vocab(), make_join,
+                            args.out, summary)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

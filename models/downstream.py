@@ -153,15 +153,11 @@ class CoupledTowers(nn.Module):
         self.models = nn.ModuleDict({d: DERM(configs[d], table_device) for d in domains})
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        out = []
-        for v in self.vectors:
-            domain, entity = v.split("/")
-            model = self.models[domain]
-            if entity == "users":
-                out.append(model.embed_users(batch.sparse, batch.dense["seq_content"]))
-            else:
-                out.append(model.embed_pins(batch.sparse, batch.dense["content_emb"]))
-        return torch.stack(out, dim=1)
+        vectors = {}
+        for domain, model in self.models.items():
+            user, pin = model.embed_both(batch.sparse, batch.dense["seq_content"], batch.dense["content_emb"])
+            vectors[f"{domain}/users"], vectors[f"{domain}/pins"] = user, pin
+        return torch.stack([vectors[v] for v in self.vectors], dim=1)
 
 
 class Ranker(nn.Module):

@@ -25,7 +25,8 @@ _EPS = 1e-12  # TorchRec's NE clamps probabilities the same way
 
 def binary_metrics(pred: np.ndarray, label: np.ndarray, task: str = "task") -> Dict[str, float]:
     """NE, ROC-AUC, PR-AUC and calibration of `pred` against 0/1 `label`, by torchrec.metrics
-    (one process, the whole array as one window); plus rows and positives."""
+    (the whole array as one window, computed locally even inside a process group); plus rows
+    and positives."""
     pred_t = torch.as_tensor(np.asarray(pred, dtype=np.float64))
     label_t = torch.as_tensor(np.asarray(label, dtype=np.float64))
     out: Dict[str, float] = {"rows": int(len(label_t)), "positives": int(label_t.sum())}
@@ -33,8 +34,9 @@ def binary_metrics(pred: np.ndarray, label: np.ndarray, task: str = "task") -> D
         return out
     info = [RecTaskInfo(name=task, label_name="label", prediction_name="pred", weight_name="w")]
     for name, cls in _METRICS.items():
+        # Local: the arrays are the whole data set, so never sync with other ranks.
         metric = cls(world_size=1, my_rank=0, batch_size=len(label_t), tasks=info,
-                     window_size=len(label_t) + 1)
+                     window_size=len(label_t) + 1, sync_on_compute=False)
         metric.update(predictions={task: pred_t}, labels={task: label_t},
                       weights={task: torch.ones_like(label_t)})
         values = metric.compute()
