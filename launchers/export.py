@@ -1,7 +1,7 @@
 """`derl export`: upstream checkpoints -> a versioned embedding snapshot (DESIGN.md stage 3).
 
     derl export --data WORLD --upstream engagement=RUN_E --upstream conversion=RUN_C \
-                --out SNAPSHOTS [--cut DAY] [--nproc N]
+                --out SNAPSHOTS [--cut DAY] [--nproc N] [--retention-days 90]
 
 Every rank embeds its own share of users (their sequences as of the cut) and Pins with each
 domain's model, without gradients, and streams its vectors into its own Parquet parts: no table
@@ -9,6 +9,14 @@ is ever gathered on one rank. Rank 0 then builds each domain's faiss index over 
 writes the manifest (sha256 of every file, rows, data window, checkpoints, throughput, the
 upstream runs' metrics) and renames the temporary folder into place; LATEST is written last.
 A run that dies half-way leaves only a hidden `.VERSION.tmp-*` folder and the old LATEST.
+
+Retention: an entity's last activity is the latest `ts` of its rows in `engagements` and
+`ad_events` before the cut day (user_id for users, pin_id for Pins). One with no activity in the
+logs counts from the later of its `signup_ds` / `created_ds` and the first day the logs hold
+(`activity_days`): what happened before the logs is unknown, not idleness. Entities whose last
+activity lies more than --retention-days before the cut's start are not exported (nor indexed,
+for ads); the manifest records `retention_days`, `idle_before`, the days of activity read and
+`dropped_idle` counts. Every rank computes the same lists.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +54,16 @@ from derl.models.upstream import DERM
 
 # Fault injection for the tests: the last rank dies after writing its parts.
 _FAULT = os.environ.get("DERL_EXPORT_FAULT") == "1"
-FLAT_INDEX_MAX = 200_000  # ad catalogues above this get an HNSW index instead of exact search
+# Ad catalogues above FLAT_INDEX_MAX get an HNSW index (M=32, efSearch HNSW_EF_SEARCH) instead
+# of exact search. Measured (benchmarks/ann_bench.py, results/cpu-2core/ann.md, one search
+# thread, batched queries): up to 1M ads exact search is about 2x slower than HNSW at
+# efSearch 128, which finds only 92.5 % of the exact top 10 at 1M (97.5 % at 200k) and takes
+# minutes to build with twice the memory; above 1M, efSearch 256 (95 % at 1M) rather than 128,
+# and never below the k a caller asks for (faiss 1.15 does not raise efSearch to k).
+FLAT_INDEX_MAX = 1_000_000
+HNSW_EF_SEARCH = 256
+DAY_S = 86_400
+ACTIVITY_TABLES = ("engagements", "ad_events")  # what counts as activity, for retention
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--previous", help="refresh: smooth with this version ('latest': LATEST)")
     p.add_argument("--weight", type=float, default=0.8, help="refresh: w in w*E(t-1) + (1-w)*E(t)")
     p.add_argument("--no-align", action="store_true", help="refresh: average without Procrustes")
+    p.add_argument("--retention-days", type=int, default=90,
+                   help="leave out users and Pins idle longer than this before the cut (no engagement "
+                        "or ad event; with none at all, counted from signup / creation)")
 
 
 def _runs(args: argparse.Namespace) -> Dict[str, Path]:
@@ -78,20 +98,82 @@ def _runs(args: argparse.Namespace) -> Dict[str, Path]:
 
 def validate(args: argparse.Namespace) -> None:
     _runs(args)
+    if args.retention_days < 1:
+        raise ValueError(f"--retention-days must be at least 1, got {args.retention_days}")
     version = args.version or args.cut
     if version and (args.out / version / MANIFEST).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out / version}: version exists; pass --overwrite to replace it")
 
 
-def _entities(sources: SourceTables, cut: str):
-    """Users signed up and Pins created before the cut, and which Pins are ads."""
+def _last_activity(sources: SourceTables, cut_s: int, day_before: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """{"user_id": (sorted ids, latest ts of each), "pin_id": (...)} over the rows of `engagements`
+    and `ad_events` strictly before the cut's start. Reads the two id columns and `ts` only, one
+    day partition at a time (memory bounded by a day); per-id maxima are Arrow group-bys."""
+    maxima: Dict[str, list] = {"user_id": [], "pin_id": []}
+    for table in ACTIVITY_TABLES:
+        for day in sources.days(table):
+            if day > day_before:
+                continue
+            t = sources.read(table, (day, day), columns=[*maxima, "ts"])
+            t = t.filter(pc.less(t.column("ts"), cut_s))
+            for column, parts in maxima.items():
+                parts.append(t.group_by(column).aggregate([("ts", "max")]))
+    out = {}
+    for column, parts in maxima.items():
+        if not parts:
+            out[column] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+            continue
+        t = pa.concat_tables(parts).group_by(column).aggregate([("ts_max", "max")]).sort_by(column)
+        out[column] = (t.column(column).to_numpy(), t.column("ts_max_max").to_numpy())
+    return out
+
+
+def _retained(ids: np.ndarray, since: np.ndarray, active_ids: np.ndarray, active_ts: np.ndarray,
+              horizon_s: int) -> np.ndarray:
+    """Mask of `ids` whose last activity (their latest ts in `active_*`, else `since`, in
+    seconds) is no more than the retention window before the cut."""
+    last = since.copy()
+    if len(active_ids):
+        pos = np.minimum(np.searchsorted(active_ids, ids), len(active_ids) - 1)
+        seen = active_ids[pos] == ids
+        last[seen] = active_ts[pos[seen]]
+    return last >= horizon_s
+
+
+def _entities(sources: SourceTables, cut: str, retention_days: int):
+    """Users signed up and Pins created before the cut whose last activity before it (their
+    latest engagement or ad event; with none, the later of their signup / creation day and the
+    logs' first day) lies within the retention window, the ad Pins among those, and what the
+    window dropped (for the manifest)."""
     day = pc.strptime(cut, "%Y-%m-%d", "s").cast("date32")
+    cut_s = int(np.datetime64(cut, "s").astype(np.int64))
+    horizon_s = cut_s - retention_days * DAY_S
+    day_before = str(np.datetime64(cut, "D") - 1)
+
+    active = _last_activity(sources, cut_s, day_before)
+    activity_days = sorted(d for t in ACTIVITY_TABLES for d in sources.days(t) if d <= day_before)
+    logs_from = int(np.datetime64(activity_days[0], "s").astype(np.int64)) if activity_days else cut_s
+
+    def seconds(dates: pa.ChunkedArray) -> np.ndarray:  # no activity: idle since signup or the logs' start
+        return np.maximum(dates.to_numpy().astype("datetime64[s]").astype(np.int64), logs_from)
+
     users = sources.read("users", columns=["user_id", "signup_ds"])
-    users = pc.filter(users.column("user_id"), pc.less(users.column("signup_ds"), day)).to_numpy()
+    users = users.filter(pc.less(users.column("signup_ds"), day))
+    user_ids = users.column("user_id").to_numpy()
+    keep_users = _retained(user_ids, seconds(users.column("signup_ds")), *active["user_id"], horizon_s)
     pins = sources.read("pins", columns=["pin_id", "created_ds", "is_ad"])
-    live = pc.less(pins.column("created_ds"), day)
-    return np.sort(users), pc.filter(pins.column("pin_id"), live).to_numpy(), \
-        pc.filter(pins.column("pin_id"), pc.and_(live, pins.column("is_ad"))).to_numpy()
+    pins = pins.filter(pc.less(pins.column("created_ds"), day))
+    pin_ids = pins.column("pin_id").to_numpy()
+    is_ad = pins.column("is_ad").to_numpy(zero_copy_only=False)
+    keep_pins = _retained(pin_ids, seconds(pins.column("created_ds")), *active["pin_id"], horizon_s)
+    retention = {
+        "retention_days": retention_days,
+        "idle_before": str(np.datetime64(horizon_s, "s")),
+        "activity_days": [activity_days[0], activity_days[-1]] if activity_days else None,
+        "dropped_idle": {"users": int((~keep_users).sum()), "pins": int((~keep_pins).sum()),
+                         "ads": int((~keep_pins & is_ad).sum())},
+    }
+    return (np.sort(user_ids[keep_users]), pin_ids[keep_pins], pin_ids[keep_pins & is_ad], retention)
 
 
 @torch.no_grad()
@@ -123,7 +205,7 @@ def _ads_index(folder: Path, ad_ids: np.ndarray, dim: int, version: str) -> Dict
         index, kind = faiss.IndexFlatIP(dim), "flat_ip"
     else:
         index, kind = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT), "hnsw32_ip"
-        index.hnsw.efSearch = 128
+        index.hnsw.efSearch = HNSW_EF_SEARCH  # stored in ads.faiss
     index.add(vectors)
     faiss.write_index(index, str(folder / "ads.faiss"))
     ids_table = pa.table({"pin_id": pa.array(ids)}).replace_schema_metadata({"snapshot_version": version})
@@ -132,11 +214,8 @@ def _ads_index(folder: Path, ad_ids: np.ndarray, dim: int, version: str) -> Dict
 
 
 def export(args: argparse.Namespace) -> Optional[dict]:
-    worker = derl_dist.init()
-    try:
-        return _export(args, worker)
-    finally:
-        derl_dist.shutdown()
+    """One worker's part of an export (every rank runs this); rank 0 returns the manifest."""
+    return derl_dist.run_as_worker(_export, args)
 
 
 def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict]:
@@ -151,7 +230,7 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
         tmp.mkdir(parents=True)
     dist.barrier()
 
-    users, pins, ads = _entities(sources, cut)
+    users, pins, ads, retention = _entities(sources, cut, args.retention_days)
     configs = {d: load_model_config(r) for d, r in runs.items()}
     dims = {c.embedding_dim for c in configs.values()}
     if len(dims) != 1:
@@ -193,7 +272,7 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
             "train_days": json.loads((run / "config.json").read_text())["days"],
             "rows": {"users": int(counts[0]), "pins": int(counts[1])},
             "entities_per_s": float(counts.sum()) / seconds,
-            "upstream_metrics": {k: v for k, v in metrics.items() if k.startswith(("recall@", "popularity_recall@"))},
+            "upstream_metrics": {k: v for k, v in metrics.items() if k.startswith(("recall@", "popularity_recall@", "dot_auc_"))},
         }
         if previous is not None:
             domains[domain]["refresh"] = refresh_domain(
@@ -215,6 +294,7 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
         "data": str(args.data),
         "dim": dim,
         "normalised": True,
+        **retention,
         "domains": domains,
         "world_size": worker.world_size,
         "wall_s": round(time.perf_counter() - t0, 2),
@@ -230,9 +310,12 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
     latest = args.out / f".{LATEST}.tmp"
     latest.write_text(version + "\n")
     latest.rename(args.out / LATEST)
+    idle = retention["dropped_idle"]
     print(f"snapshot {version}: " + ", ".join(
         f"{d} {i['rows']['users']:,} users, {i['rows']['pins']:,} pins, {i['rows']['ads']:,} ads "
-        f"({i['entities_per_s']:,.0f} entities/s)" for d, i in domains.items()) + f" -> {final}")
+        f"({i['entities_per_s']:,.0f} entities/s)" for d, i in domains.items())
+        + f"; idle over {retention['retention_days']} days, left out: {idle['users']:,} users, "
+        f"{idle['pins']:,} pins ({idle['ads']:,} ads) -> {final}")
     return manifest
 
 

@@ -7,13 +7,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
 from derl.datapipes.sequences import sequences_as_of
-from derl.datapipes.snapshots import EmbeddingTable, Snapshot, SnapshotError, pin, versions
+from derl.datapipes.snapshots import EmbeddingTable, Snapshot, SnapshotError, embedding_schema, pin, versions
 from derl.datapipes.sources import SourceTables
 from derl.launchers.refresh import procrustes
 from derl.datapipes.splits import default_split
@@ -36,6 +37,36 @@ def _export(world, runs, out, *extra, **kw):
     return derl("export", "--data", str(world), *ups, "--out", str(out), *extra, **kw)
 
 
+def _retained(world: Path, cut: str, days: int) -> dict:
+    """The retention rule computed directly with pandas from the source Parquet: per entity the
+    latest ts of its engagements and ad events before the cut, else the later of its signup /
+    creation day and the logs' first day; kept when that is at most `days` days before the
+    cut's start. Sorted ids kept and dropped."""
+    cut_s = int(pd.Timestamp(cut, tz="UTC").timestamp())
+    activity = pd.concat([
+        pads.dataset(world / t, format="parquet", partitioning="hive")
+        .to_table(columns=["user_id", "pin_id", "ts"]).to_pandas()
+        for t in ("engagements", "ad_events")])
+    activity = activity[activity["ts"] < cut_s]
+    logs_from = int(pd.Timestamp(min(p.name[3:] for p in (world / "engagements").glob("ds=*")), tz="UTC").timestamp())
+    out = {}
+    entities = (("users", "user_id", "signup_ds", ["user_id", "signup_ds"]),
+                ("pins", "pin_id", "created_ds", ["pin_id", "created_ds", "is_ad"]))
+    for name, col, born, columns in entities:
+        frame = pq.read_table(world / name, columns=columns).to_pandas()
+        since = pd.to_datetime(frame[born]).astype("datetime64[s]").astype("int64")
+        frame, since = frame[since < cut_s], since[since < cut_s]
+        last = frame[col].map(activity.groupby(col)["ts"].max())
+        keep = last.fillna(np.maximum(since, logs_from)) >= cut_s - days * 86_400
+        out[name] = np.sort(frame[col][keep].to_numpy())
+        out[f"{name}_dropped"] = np.sort(frame[col][~keep].to_numpy())
+        out[f"{name}_never_active"] = np.sort(frame[col][last.isna()].to_numpy())
+        if name == "pins":
+            out["ads"] = np.sort(frame[col][keep & frame["is_ad"]].to_numpy())
+            out["ads_dropped"] = np.sort(frame[col][~keep & frame["is_ad"]].to_numpy())
+    return out
+
+
 @pytest.fixture(scope="module")
 def snapshot_root(tiny_world, upstream_runs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("snapshots") / "s"
@@ -49,21 +80,33 @@ def test_two_rank_export_writes_a_verified_snapshot(snapshot_root, tiny_world):
     assert snap.version == cut and (snapshot_root / "LATEST").read_text().strip() == cut
     m = snap.manifest
     assert m["dim"] == 16 and m["normalised"] and m["world_size"] == 2
-    users = pq.read_table(tiny_world / "users")
-    pins = pq.read_table(tiny_world / "pins")
-    n_users = int(np.sum(users.column("signup_ds").to_numpy() < np.datetime64(cut)))
-    live = pins.column("created_ds").to_numpy() < np.datetime64(cut)
+    want = _retained(tiny_world, cut, 90)  # the default window
+    n_users = len(want["users"])
+    assert m["retention_days"] == 90
+    assert m["dropped_idle"] == {"users": len(want["users_dropped"]), "pins": len(want["pins_dropped"]),
+                                 "ads": len(want["ads_dropped"])}
     for domain in ("engagement", "conversion"):
         info = m["domains"][domain]
-        assert info["rows"] == {"users": n_users, "pins": int(live.sum()),
-                                "ads": int((live & pins.column("is_ad").to_numpy()).sum())}
+        assert info["rows"] == {"users": n_users, "pins": len(want["pins"]), "ads": len(want["ads"])}
         assert len(list((snap.path / domain / "users").glob("part-*.parquet"))) == 2  # one per rank
         table = snap.table(domain, "users")
         assert len(table) == n_users and len(np.unique(table.ids)) == n_users
+        np.testing.assert_array_equal(table.ids, want["users"])
         np.testing.assert_allclose(np.linalg.norm(table.vectors, axis=1), 1.0, rtol=1e-5)
         index, ids = snap.ads_index(domain)
         assert index.ntotal == len(ids) == info["rows"]["ads"]
         assert info["entities_per_s"] > 0 and info["upstream_metrics"]["recall@50"] >= 0
+
+
+def test_default_retention_keeps_every_entity_of_a_short_log(snapshot_root, tiny_world):
+    """The tiny world logs 5 days before the cut, far inside 90 days: every entity is kept,
+    never-active ones included (their idleness is only known since the logs' first day)."""
+    snap = Snapshot(snapshot_root)
+    want = _retained(tiny_world, snap.manifest["cut_day"], 90)
+    for entity in ("users", "pins"):
+        assert len(want[f"{entity}_dropped"]) == 0 and len(want[f"{entity}_never_active"]) > 0
+        np.testing.assert_array_equal(snap.table("engagement", entity).ids, want[entity])
+    assert snap.manifest["activity_days"] == ["2026-01-01", "2026-01-05"]
 
 
 def test_one_and_two_ranks_export_the_same_vectors(snapshot_root, tiny_world, upstream_runs, tmp_path):
@@ -213,3 +256,75 @@ def test_refresh_aligns_a_retrained_space_then_smooths(snapshot_root, tiny_world
     want = 0.8 * prev + 0.2 * new
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     np.testing.assert_allclose(second.table("engagement", "users").lookup(ids)[0], want, atol=1e-5)
+
+
+def test_retention_window_drops_exactly_the_idle_entities_and_refresh_still_smooths(
+        snapshot_root, tiny_world, upstream_runs, tmp_path):
+    root = tmp_path / "s"
+    shutil.copytree(snapshot_root, root)
+    first = Snapshot(root)
+    _export(tiny_world, upstream_runs, root, "--nproc", "2", "--version", "v-idle",
+            "--previous", "latest", "--retention-days", "2")
+    snap = Snapshot(root)
+    assert snap.version == "v-idle" and versions(root) == [first.version, "v-idle"]
+    want = _retained(tiny_world, snap.manifest["cut_day"], 2)
+    before = _retained(tiny_world, snap.manifest["cut_day"], 90)
+    m = snap.manifest
+    assert m["retention_days"] == 2 and m["idle_before"] == "2026-01-04T00:00:00"
+    dropped = {e: len(want[f"{e}_dropped"]) for e in ("users", "pins", "ads")}
+    assert m["dropped_idle"] == dropped and dropped["users"] > 0 and dropped["pins"] > 0 and dropped["ads"] > 0
+    # Never-active users (empty histories) count from the logs' first day: they drop too.
+    assert len(np.intersect1d(want["users_dropped"], want["users_never_active"])) > 0
+    for domain in ("engagement", "conversion"):
+        info = m["domains"][domain]
+        for entity in ("users", "pins"):
+            table = snap.table(domain, entity)
+            np.testing.assert_array_equal(table.ids, want[entity])
+            np.testing.assert_allclose(np.linalg.norm(table.vectors, axis=1), 1.0, rtol=1e-5)
+            # The previous version is untouched: it still holds its (90-day) entities.
+            np.testing.assert_array_equal(first.table(domain, entity).ids, before[entity])
+        assert info["rows"] == {"users": len(want["users"]), "pins": len(want["pins"]), "ads": len(want["ads"])}
+        index, ids = snap.ads_index(domain)
+        np.testing.assert_array_equal(np.sort(ids), want["ads"])
+        assert index.ntotal == len(want["ads"]) and not np.isin(want["ads_dropped"], ids).any()
+        # Refresh: every kept entity was in the previous (90-day) version and was smoothed with it.
+        refresh = info["refresh"]
+        assert refresh["previous_version"] == first.version
+        assert refresh["shared_entities"] == len(want["users"]) + len(want["pins"])
+    p = _export(tiny_world, upstream_runs, root, "--retention-days", "0", check=False)
+    assert p.returncode == 2 and "--retention-days must be at least 1" in p.stderr
+
+
+def test_ann_bench_measures_a_real_snapshot(snapshot_root, tmp_path):
+    from derl.benchmarks import ann_bench
+
+    snap = Snapshot(snapshot_root)
+    rows = ann_bench.run(["--out", str(tmp_path), "--ads", "0", "--snapshots", str(snapshot_root),
+                          "--queries", "50", "--min-time", "0", "--threads", "1", "--build-threads", "1"])["rows"]
+    assert {r["dataset"] for r in rows} == {f"snapshot-{snap.version}-engagement"}
+    assert all(r["ads"] == snap.manifest["domains"]["engagement"]["rows"]["ads"] for r in rows)
+    assert [r["recall@10_%"] for r in rows if r["index"] == "flat_ip"] == [100.0]
+    assert all(0 < r["recall@10_%"] <= 100 and r["qps_k10"] > 0 for r in rows)
+    assert (tmp_path / "ann.png").is_file()
+
+
+def test_ad_catalogues_above_the_flat_limit_get_an_hnsw_index(monkeypatch, tmp_path):
+    import faiss
+
+    from derl.launchers import export
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    (tmp_path / "pins").mkdir()
+    pq.write_table(pa.table({
+        "entity_id": pa.array(np.arange(300, dtype=np.int64)),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8),
+    }, schema=embedding_schema(8)), tmp_path / "pins" / "part-00000.parquet")
+    ads = np.arange(0, 300, 2)
+    assert export._ads_index(tmp_path, ads, 8, "v")["kind"] == "flat_ip"
+    monkeypatch.setattr(export, "FLAT_INDEX_MAX", 100)
+    assert export._ads_index(tmp_path, ads, 8, "v") == {"kind": "hnsw32_ip", "size": 150}
+    index = faiss.read_index(str(tmp_path / "ads.faiss"))
+    assert index.ntotal == 150 and index.hnsw.efSearch == export.HNSW_EF_SEARCH
+    np.testing.assert_array_equal(pq.read_table(tmp_path / "ads_ids.parquet").column("pin_id").to_numpy(), ads)
