@@ -29,7 +29,7 @@ from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers import dist as derl_dist
-from derl.launchers.upstream_eval import evaluate_recall
+from derl.launchers.upstream_eval import AUC_TASKS, evaluate_recall
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, describe_plan, shard_model
 from derl.models.upstream import DERM, UpstreamConfig
@@ -62,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tower-dims", default="256,128", help="hidden widths of the towers")
     p.add_argument("--no-contrastive", action="store_true", help="BCE heads only (ablation)")
     p.add_argument("--no-logq", action="store_true", help="no popularity correction (ablation)")
+    p.add_argument("--logq-strength", type=float, default=1.0,
+                   help="share of the logQ correction: 1 full (the dot carries popularity), 0 none")
+    p.add_argument("--center", action="store_true",
+                   help="centre the tower outputs over the batch before normalising (README: "
+                        "more affinity in the dot product, less recall after one epoch)")
     p.add_argument("--contrastive-weight", type=float, default=1.0)
     p.add_argument("--contrastive-positives",
                    help="comma-separated labels whose rows are positives (default: every task but hide)")
@@ -101,6 +106,8 @@ def model_config(args: argparse.Namespace, vocab: Dict[str, int]) -> UpstreamCon
         **({"contrastive_positives": tuple(args.contrastive_positives.split(","))}
            if args.contrastive_positives else {}),
         sampling_prob_key=None if args.no_logq else "pin_sampling_prob",
+        logq_strength=args.logq_strength,
+        center_entities=args.center,
         temperature=args.temperature,
     )
 
@@ -140,11 +147,7 @@ def _steps(args: argparse.Namespace, stream: MixedStream, device: torch.device) 
 
 def train(args: argparse.Namespace) -> Dict[str, object]:
     """One worker's part of a training run (every rank runs this)."""
-    worker = derl_dist.init()
-    try:
-        return _train(args, worker)
-    finally:
-        derl_dist.shutdown()
+    return derl_dist.run_as_worker(_train, args)
 
 
 def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, object]:
@@ -233,7 +236,7 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
         "train_examples": examples,
         "train_examples_per_s": examples / seconds if seconds else 0.0,
         "final_losses": losses,
-        **{k: v for k, v in final.items() if k.startswith(("recall@", "popularity_recall@"))},
+        **{k: v for k, v in final.items() if k.startswith(("recall@", "popularity_recall@", "dot_auc_"))},
         "eval": final,
         "eval_history": evals,
         "reader_stats": {r.table: r.stats.as_dict() for r in stream.readers},
@@ -244,7 +247,8 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
         (out / "loss_history.json").write_text(json.dumps(history))
         writer.close()
         print(f"recall@50 {metrics['recall@50']:.4f} vs popularity {metrics['popularity_recall@50']:.4f}"
-              f" on {eval_day}; metrics in {out / 'metrics.json'}")
+              f" on {eval_day}; dot AUC among impressions: " + ", ".join(
+                  f"{t} {metrics['dot_auc_' + t]:.3f}" for t in AUC_TASKS) + f"; metrics in {out / 'metrics.json'}")
     return metrics
 
 

@@ -4,6 +4,12 @@ On a day the model did not train on, for each task (save, click), every (user, P
 that label is a query: the user's vector, as of the day's start, searches the whole catalogue of
 Pins live that day, and recall@K is the share of pairs whose Pin is in the top K. The
 popularity baseline answers every user with the K Pins most engaged with in the training window.
+
+Recall rewards a space that finds what a user will engage with among all Pins, which popularity
+alone goes a long way towards. The snapshot's vectors are also features of pointwise rankers, so
+the evaluation also asks whether the user·Pin dot product ranks the day's impressions by what
+came of them: `dot_auc_<task>`, the ROC-AUC of the dot among that day's organic impressions
+(save, click) and ad impressions (ad_click). 0.5 means the dot knows nothing about affinity.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from derl.datapipes.features import FeatureJoiner
 from derl.datapipes.sources import DayRange, SourceTables
 from derl.launchers.dist import Worker
 from derl.launchers.embedding import all_gather_rows, embed_chunks, rank_chunks
+from derl.models.metrics import binary_metrics
 from derl.models.retrieval import hits_at_k, topk_rows
 
 EVAL_TASKS = {"save": (S.Action.SAVE,), "click": (S.Action.CLICK, S.Action.LONG_CLICK)}
 KS = (10, 50, 100)
+# The dot-product AUC's tasks: saves and clicks among organic impressions, clicks among ad ones.
+AUC_TASKS = ("save", "click", "ad_click")
 
 
 def _positive_pairs(sources: SourceTables, day: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
@@ -32,6 +41,24 @@ def _positive_pairs(sources: SourceTables, day: str) -> Dict[str, Tuple[np.ndarr
     users, pins = t.column("user_id").to_numpy(), t.column("pin_id").to_numpy()
     return {task: (users[np.isin(action, codes)], pins[np.isin(action, codes)])
             for task, codes in EVAL_TASKS.items()}
+
+
+def _impressions(sources: SourceTables, day: str) -> Tuple[np.ndarray, np.ndarray, Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+    """Every impression of the day, organic and ad: (user ids, Pin ids, task -> (row mask, label)).
+    An organic row is one impression with its strongest action; an ad row one ad impression."""
+    eng = sources.read("engagements", (day, day), columns=["user_id", "pin_id", "action"])
+    ads = sources.read("ad_events", (day, day), columns=["user_id", "pin_id", "clicked"])
+    n, m = eng.num_rows, ads.num_rows
+    users = np.concatenate([eng.column("user_id").to_numpy(), ads.column("user_id").to_numpy()])
+    pins = np.concatenate([eng.column("pin_id").to_numpy(), ads.column("pin_id").to_numpy()])
+    action = eng.column("action").to_numpy()
+    organic = np.arange(n + m) < n
+    label = np.zeros(n + m, dtype=bool)
+    tasks = {}
+    for task, codes in EVAL_TASKS.items():
+        tasks[task] = (organic, np.concatenate([np.isin(action, codes), label[n:]]))
+    tasks["ad_click"] = (~organic, np.concatenate([label[:n], ads.column("clicked").to_numpy() > 0]))
+    return users, pins, tasks
 
 
 def popular_pins(sources: SourceTables, days: DayRange, k: int) -> np.ndarray:
@@ -74,14 +101,20 @@ def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: Sour
 
     pairs = _positive_pairs(sources, day)
     users = np.unique(np.concatenate([u for u, _ in pairs.values()]))
-    chunks = rank_chunks(users, worker.rank, worker.world_size, batch_size)
-    my_users = np.concatenate([c[:n] for c, n in chunks])
-    user_vecs = embed_chunks(lambda b: model.embed_users(b.sparse, b.dense["seq_content"]),
-                             lambda u: joiner.user_batch(u, day), chunks, worker.device)
+    seen_users, seen_pins, auc_tasks = _impressions(sources, day)
+    everyone = np.union1d(users, seen_users)
+    chunks = rank_chunks(everyone, worker.rank, worker.world_size, batch_size)
+    my_all = np.concatenate([c[:n] for c, n in chunks])  # sorted: chunks are ordered slices
+    all_vecs = embed_chunks(lambda b: model.embed_users(b.sparse, b.dense["seq_content"]),
+                            lambda u: joiner.user_batch(u, day), chunks, worker.device)
+    queries = np.isin(my_all, users)  # recall's queries: users with a positive pair
+    my_users = my_all[queries]
+    user_vecs = all_vecs[torch.from_numpy(np.flatnonzero(queries)).to(all_vecs.device)]
     top = topk_rows(user_vecs, catalogue, max(ks)).cpu()
     popular = popular_pins(sources, train_days, max(ks))
 
     result: Dict[str, object] = {"day": day, "catalogue": len(all_ids), "users": len(users), "tasks": {}}
+    result["dot_auc"] = _dot_auc(all_vecs, my_all, catalogue, all_ids, seen_users, seen_pins, auc_tasks)
     for task, (u, p) in pairs.items():
         mine = np.isin(u, my_users)
         target = np.searchsorted(all_ids, p[mine])
@@ -101,4 +134,34 @@ def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: Sour
         }
     for key in [f"recall@{k}" for k in ks] + [f"popularity_recall@{k}" for k in ks]:
         result[key] = float(np.mean([t[key] for t in result["tasks"].values()]))
+    for task, auc in result["dot_auc"].items():
+        result[f"dot_auc_{task}"] = auc["auc"]
     return result
+
+
+def _dot_auc(user_vecs: torch.Tensor, user_ids: np.ndarray, catalogue: torch.Tensor,
+             pin_ids: np.ndarray, users: np.ndarray, pins: np.ndarray,
+             tasks: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> Dict[str, Dict[str, float]]:
+    """Collective. ROC-AUC of the user·Pin dot among impressions, per task: each rank scores the
+    impressions of its own users (`user_ids`, sorted, rows of `user_vecs`), the scores are
+    gathered, and every rank computes the same AUC (torchrec.metrics, one window)."""
+    u_row = np.minimum(np.searchsorted(user_ids, users), max(len(user_ids) - 1, 0))
+    p_row = np.minimum(np.searchsorted(pin_ids, pins), max(len(pin_ids) - 1, 0))
+    mine = np.zeros(len(users), dtype=bool)
+    if len(user_ids) and len(pin_ids):
+        mine = (user_ids[u_row] == users) & (pin_ids[p_row] == pins)
+    rows = np.flatnonzero(mine)
+    dot = (user_vecs[torch.from_numpy(u_row[rows]).to(user_vecs.device)]
+           * catalogue[torch.from_numpy(p_row[rows]).to(catalogue.device)]).sum(dim=1)
+    out = {}
+    for task, (use, label) in tasks.items():
+        keep = use[rows]
+        local = torch.stack([dot[torch.from_numpy(keep).to(dot.device)].double(),
+                             torch.from_numpy(label[rows][keep]).to(dot.device).double()], dim=1)
+        both = all_gather_rows(local).cpu().numpy()
+        if len(both) and 0 < both[:, 1].sum() < len(both):
+            m = binary_metrics(1.0 / (1.0 + np.exp(-both[:, 0])), both[:, 1], task)
+            out[task] = {"impressions": m["rows"], "positives": m["positives"], "auc": m["auc"]}
+        else:
+            out[task] = {"impressions": len(both), "positives": int(both[:, 1].sum()), "auc": float("nan")}
+    return out

@@ -34,13 +34,17 @@ def in_batch_softmax_loss(
     positive: torch.Tensor,
     temperature: Union[float, torch.Tensor],
     item_prob: Optional[torch.Tensor] = None,
+    logq_strength: float = 1.0,
 ) -> torch.Tensor:
     """In-batch sampled softmax: row i's positive is item i, the other in-batch items are negatives.
 
     logits[i, j] = <query_i, item_j> / temperature - log q_j, where q_j = `item_prob[j]` is the
     probability that item j is drawn into a batch (logQ correction, Yi et al. 2019): popular
     items show up as negatives more often than uniform sampling would, and without the
-    correction the model learns to push them down. Off-diagonal columns holding the same item
+    correction the model learns to push them down. `logq_strength` (beta) scales the
+    correction, logits - beta * log q_j: 1 makes the dot product estimate log P(item | query),
+    popularity included; 0 the pointwise mutual information, popularity removed; in between,
+    the dot carries beta times the log popularity. Off-diagonal columns holding the same item
     id as row i's positive are masked out: they are the positive, not a negative.
 
     Only rows with `positive[i]` true contribute; the loss is their mean cross entropy, and 0
@@ -48,7 +52,7 @@ def in_batch_softmax_loss(
     """
     logits = query @ item.T / temperature
     if item_prob is not None:
-        logits = logits - torch.log(item_prob.clamp(min=1e-12)).unsqueeze(0)
+        logits = logits - logq_strength * torch.log(item_prob.clamp(min=1e-12)).unsqueeze(0)
     diagonal = torch.eye(len(item_ids), dtype=torch.bool, device=logits.device)
     same_item = (item_ids.unsqueeze(0) == item_ids.unsqueeze(1)) & ~diagonal
     logits = logits.masked_fill(same_item, float("-inf"))

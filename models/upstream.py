@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
@@ -79,6 +80,12 @@ class UpstreamConfig:
     learn_temperature: bool = False
     # batch.dense key of each row's pin sampling probability (logQ correction); None: no correction.
     sampling_prob_key: Optional[str] = "pin_sampling_prob"
+    # How much of the logQ correction to apply (see `in_batch_softmax_loss`).
+    logq_strength: float = 1.0
+    # Centre each tower's output over the batch (BatchNorm without affine) before the L2
+    # normalisation; see `_Unit`. Off by default (`derl train-upstream --center`): it trades
+    # recall for pointwise affinity after one epoch (README "Upstream").
+    center_entities: bool = False
 
     def __post_init__(self) -> None:
         missing = [
@@ -160,6 +167,53 @@ def _pooled(embeddings: KeyedTensor, features: Sequence[str]) -> torch.Tensor:
     return torch.cat([embeddings[f] for f in features], dim=1)
 
 
+class _Centre(nn.Module):
+    """Batch normalisation without affine parameters whose running statistics stay the same on
+    every rank: each training step averages the ranks' batch statistics into them (DMP's data
+    parallel wrapper does not broadcast buffers, and evaluation and export use these)."""
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.size(0) > 1:
+            mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+            with torch.no_grad():
+                stats = torch.cat([mean, x.var(dim=0)]).detach()
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(stats)
+                    stats /= dist.get_world_size()
+                self.running_mean.lerp_(stats[: x.size(1)], self.momentum)
+                self.running_var.lerp_(stats[x.size(1):], self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) * torch.rsqrt(var + self.eps)
+
+
+class _Unit(nn.Module):
+    """Tower output -> unit vector, optionally centred first.
+
+    ReLU and LayerNorm layers give every entity's tower output a large shared component: at
+    initialisation the unit vectors of all Pins (and of all users) lie in a narrow cone (mean
+    vector of norm ~0.85 on the tiny world, where random directions would give ~0.03). There
+    the in-batch softmax settles on the popularity solution (every user nearly the same vector,
+    Pins spread along it by popularity), and affinity, a product of two small deviations from
+    the cone, hardly moves. Centring and scaling each dimension over the batch (`_Centre`,
+    running statistics at evaluation and export) removes the shared component, so the vectors
+    start spread over the sphere.
+    """
+
+    def __init__(self, dim: int, center: bool) -> None:
+        super().__init__()
+        self.center = _Centre(dim) if center else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.center(x), dim=-1)
+
+
 class UserTower(nn.Module):
     """Profile embeddings + the sequence encoder's summary -> DHEN tower -> unit vector.
 
@@ -175,6 +229,7 @@ class UserTower(nn.Module):
             d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout
         )
         self.mlp = Tower((len(USER_FEATURES) + 1) * d, cfg.tower_dims, d)
+        self.unit = _Unit(d, cfg.center_entities)
 
     def forward(
         self,
@@ -191,7 +246,7 @@ class UserTower(nn.Module):
         content = JaggedTensor(values=self.content(content), lengths=pins.lengths())
         tokens = _latest(pins, n) + _latest(content, n) + _latest(actions, n) + _latest(gaps, n)
         history = self.sequence(tokens, pins.lengths())
-        return F.normalize(self.mlp(torch.cat([profile, history], dim=1)), dim=-1)
+        return self.unit(self.mlp(torch.cat([profile, history], dim=1)))
 
 
 class PinTower(nn.Module):
@@ -202,6 +257,7 @@ class PinTower(nn.Module):
         d = cfg.embedding_dim
         self.content = nn.Sequential(nn.Linear(cfg.content_dim, d), nn.ReLU())
         self.mlp = Tower((len(PIN_FEATURES) + 1) * d, cfg.tower_dims, d)
+        self.unit = _Unit(d, cfg.center_entities)
 
     def forward(
         self, pin_id: JaggedTensor, attributes: torch.Tensor, content: torch.Tensor
@@ -209,7 +265,7 @@ class PinTower(nn.Module):
         """pin_id: one embedding per example; attributes: [B, 2d]; content: [B, content_dim]."""
         pin = pin_id.to_padded_dense(1).squeeze(1)
         x = torch.cat([pin, attributes, self.content(content)], dim=1)
-        return F.normalize(self.mlp(x), dim=-1)
+        return self.unit(self.mlp(x))
 
 
 class InteractionTower(nn.Module):
@@ -288,6 +344,7 @@ class UpstreamLoss(nn.Module):
                 self.positive_rows(labels, pin_ids),
                 self.temperature(),
                 dense[key] if key is not None else None,
+                cfg.logq_strength,
             )
         if not parts:
             raise ValueError(f"batch has none of the labels {cfg.tasks}, contrastive is off")
@@ -346,6 +403,14 @@ class DERM(nn.Module):
         """[B, d] unit user vectors, without labels. `sparse` still carries every key of
         `cfg.sparse_features`; pin and context features may be empty lists."""
         return self._user(sparse, self.sequence_ec(sparse), seq_content)
+
+    def embed_both(self, sparse: KeyedJaggedTensor, seq_content: torch.Tensor,
+                   content_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """([B, d] user, [B, d] pin) unit vectors of each row, without labels, reading each
+        table once: under TorchRec's train pipeline an embedding module may be called only once
+        per forward (the coupled ranker runs the towers this way)."""
+        ids = self.sequence_ec(sparse)
+        return self._user(sparse, ids, seq_content), self._pin(sparse, ids, content_emb)
 
     def embed_pins(self, sparse: KeyedJaggedTensor, content_emb: torch.Tensor) -> torch.Tensor:
         """[B, d] unit pin vectors, without labels. `sparse` still carries every key of

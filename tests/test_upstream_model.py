@@ -123,6 +123,25 @@ def test_outputs_are_unit_norm_and_match_embed_methods(model: DERM) -> None:
     )
 
 
+def test_centred_towers_give_unit_vectors_in_training_and_export() -> None:
+    """center_entities: a BatchNorm (batch statistics in training, running ones in eval and
+    export) before the L2 normalisation; embed_* then agree with the eval-mode forward."""
+    torch.manual_seed(0)
+    model = DERM(small_config(center_entities=True))
+    batch = make_batch(model.cfg)
+    loss, out = model(batch)
+    loss.backward()
+    for key in ("user_emb", "pin_emb"):
+        torch.testing.assert_close(out[key].norm(dim=1), torch.ones(B))
+        # centred over the batch: the mean direction is far from any single vector's
+        assert out[key].mean(dim=0).norm() < 0.9
+    assert model.user_tower.unit.center.running_mean.abs().sum() > 0  # statistics were tracked
+    model.eval()
+    _, out = model(batch)
+    torch.testing.assert_close(model.embed_users(batch.sparse, batch.dense["seq_content"]), out["user_emb"])
+    torch.testing.assert_close(model.embed_pins(batch.sparse, batch.dense["content_emb"]), out["pin_emb"])
+
+
 @pytest.mark.parametrize("seq_lengths", [(0, 2, 0, 5), (0, 0, 0, 0), (7, 1, 0, 2)])
 def test_empty_and_overlong_sequences(model: DERM, seq_lengths) -> None:
     loss, out = model(make_batch(model.cfg, seq_lengths=seq_lengths))
@@ -239,6 +258,19 @@ def test_logq_correction_matches_hand_computation() -> None:
     assert uniform.item() == pytest.approx(plain.item(), rel=1e-9)
 
 
+def test_logq_strength_scales_the_correction() -> None:
+    """beta * log q: beta 1 is the full correction, 0 none, 0.5 the correction with q**0.5."""
+    ids, positive = [0, 1, 2, 3], [True] * 4
+
+    def loss(beta: float) -> float:
+        return in_batch_softmax_loss(torch.tensor(Q), torch.tensor(P), torch.tensor(ids),
+                                     torch.tensor(positive), 0.5, torch.tensor(PROB), beta).item()
+
+    assert loss(1.0) == pytest.approx(_loss(ids, positive).item(), rel=1e-12)
+    assert loss(0.0) == pytest.approx(_loss(ids, positive, prob=None).item(), rel=1e-12)
+    assert loss(0.5) == pytest.approx(_reference(Q, P, ids, np.sqrt(PROB), positive, 0.5), rel=1e-9)
+
+
 def test_same_pin_in_batch_negatives_are_masked() -> None:
     ids, positive = [7, 7, 3, 7], [True] * 4
     masked = _loss(ids, positive)
@@ -274,7 +306,7 @@ def test_distributed_model_parallel_and_train_pipeline() -> None:
     )
     try:
         torch.manual_seed(0)
-        cfg = small_config()
+        cfg = small_config(center_entities=True)  # the _Centre buffers under DMP and the pipeline
         model = DERM(cfg, table_device=torch.device("meta"))
         tables = []
         for m in model.modules():

@@ -59,7 +59,10 @@ def test_world_size_1_and_2_give_the_same_loss_and_gradients(trained_once, tiny_
 def test_run_writes_plan_metrics_checkpoints_and_logs(trained_once):
     m = _metrics(trained_once)
     assert m["steps"] == 4 and m["world_size"] == 1
-    assert {"recall@50", "popularity_recall@50"} <= set(m)
+    assert {"recall@50", "popularity_recall@50", "dot_auc_save", "dot_auc_click", "dot_auc_ad_click"} <= set(m)
+    for task in ("save", "click", "ad_click"):
+        auc = m["eval"]["dot_auc"][task]
+        assert auc["impressions"] > auc["positives"] > 0 and 0.0 <= auc["auc"] <= 1.0
     assert set(m["eval"]["tasks"]) == {"save", "click"}
     assert any("t_pin_id" in line for line in m["plan"])
     assert checkpoint.latest(trained_once / "checkpoints").name == "step-000004"
