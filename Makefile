@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_DIR ?= work/demo
+NPROC ?= 1
 
 .PHONY: setup demo test bench clean
 
@@ -18,16 +19,20 @@ $(VENV)/.derl-installed: requirements/cpu.txt pyproject.toml
 	$(PY) -c "import torch, fbgemm_gpu, torchrec, torchx, faiss, pyarrow"
 	touch $@
 
+# The whole stack on the demo world (generate -> upstream -> export -> rankers -> evaluate);
+# a re-run skips what is done and continues what was interrupted.
 demo: setup
-	test -d $(DEMO_DIR)/world || $(VENV)/bin/derl generate --out $(DEMO_DIR)/world --preset demo --seed 0
-	$(VENV)/bin/derl inspect $(DEMO_DIR)/world
+	$(VENV)/bin/derl pipeline --workdir $(DEMO_DIR) --preset demo --nproc $(NPROC)
 
 test: setup
 	$(PY) -m pytest -q -x
 
+# The whole suite (`derl bench`): `make bench` (quick, minutes) or `make bench BENCH_SUITE=full`.
+# Results, world and runs in BENCH_DIR; the per-stage harnesses (benchmarks/*_bench.py) also run alone.
+BENCH_SUITE ?= quick
+BENCH_DIR ?= benchmarks/results/local/$(BENCH_SUITE)
 bench: setup
-	$(PY) -m derl.benchmarks.datapipe_bench --out benchmarks/results/local
-	$(PY) -m derl.benchmarks.upstream_bench --out benchmarks/results/local
+	$(VENV)/bin/derl bench --suite $(BENCH_SUITE) --out $(BENCH_DIR)
 
 clean:
 	rm -rf $(VENV) work

@@ -100,6 +100,12 @@ def _retrieve(args: argparse.Namespace) -> None:
         print(f"{rank:>4}  pin {pin:<10} score {score:.4f}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from derl.benchmarks import bench  # here, not at the top: `derl --help` stays fast
+
+    bench.main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="derl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="every stage in order into one work folder, resumable, one report")
     pipeline.add_arguments(p)
     p.set_defaults(run=pipeline.pipeline)
+
+    # The suite's own parser reads its flags (`derl bench --help`): every argument goes to it.
+    p = sub.add_parser("bench", help="the benchmark suite: every stage's throughput and memory "
+                       "(--suite quick|full --out DIR)", add_help=False, prefix_chars="+")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(run=_bench)
 
     p = sub.add_parser("snapshots", help="list, show, verify or gc embedding snapshots")
     p.add_argument("action", choices=["list", "show", "verify", "gc"])

@@ -266,6 +266,8 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         output = pipeline.progress(batches)
+        if step == 1 and steps > 1:  # the first step traces the model and fills the pipeline
+            t0 = time.perf_counter()
         losses = {k: float(v) for k, v in output["losses"].items()}
         clicked = output["clicked"]
         ne.update(predictions={"ctr": output["ctr"]}, labels={"ctr": clicked},
@@ -293,7 +295,8 @@ def _train(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, obje
         "world_size": worker.world_size,
         "train_days": days,
         "eval_day": eval_day,
-        "train_examples_per_s": steps * args.batch_size * worker.world_size / _slowest(seconds),
+        # Steady state: the steps after the first (all of them in a one-step run).
+        "train_examples_per_s": max(steps - 1, 1) * args.batch_size * worker.world_size / _slowest(seconds),
         "snapshot_dim": cfg.upstream_dim or None,
         "coupled_checkpoints": {d: c["checkpoint"] for d, c in coupled.items()},
     }
@@ -359,7 +362,9 @@ def score_and_report(dmp, worker: derl_dist.Worker, data: Path, eval_day: str, v
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", type=Path, required=True, help="a ranker run (derl train-downstream --out)")
+    # dest "ranker": `args.run` is the CLI's handler
+    p.add_argument("--run", dest="ranker", type=Path, required=True,
+                   help="a ranker run (derl train-downstream --out)")
     p.add_argument("--out", type=Path, required=True, help="folder for its predictions and metrics")
     p.add_argument("--snapshots", type=Path, help="snapshot root (default: the run's)")
     p.add_argument("--snapshot-version",
@@ -370,8 +375,8 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def validate_score(args: argparse.Namespace) -> None:
-    if not (args.run / "config.json").is_file() or checkpoint.latest(args.run / "checkpoints") is None:
-        raise FileNotFoundError(f"--run {args.run}: not a finished ranker run (config.json, checkpoints)")
+    if not (args.ranker / "config.json").is_file() or checkpoint.latest(args.ranker / "checkpoints") is None:
+        raise FileNotFoundError(f"--run {args.ranker}: not a finished ranker run (config.json, checkpoints)")
 
 
 def rescore(args: argparse.Namespace) -> Dict[str, object]:
@@ -382,18 +387,18 @@ def rescore(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def _rescore(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, object]:
-    meta = json.loads((args.run / "config.json").read_text())
+    meta = json.loads((args.ranker / "config.json").read_text())
     cfg = RankerConfig.from_dict(meta["model"])
     upstream = {d: load_model_config(Path(c).parent.parent) for d, c in meta["coupled_checkpoints"].items()}
     dmp, optimizer, _ = shard_model(Ranker(cfg, torch.device("meta"), upstream), worker.device, OptimConfig())
-    checkpoint.load(checkpoint.latest(args.run / "checkpoints"), dmp, optimizer)
+    checkpoint.load(checkpoint.latest(args.ranker / "checkpoints"), dmp, optimizer)
     snapshots = args.snapshots or (Path(meta["snapshots"]) if meta["snapshots"] else None)
-    trained = json.loads((args.run / "metrics.json").read_text())
+    trained = json.loads((args.ranker / "metrics.json").read_text())
     summary = {k: trained[k] for k in ("upstream", "vectors", "projection_dim", "steps", "train_days",
                                         "train_examples_per_s", "snapshot_dim", "coupled_checkpoints",
                                         "snapshot_versions")}
     summary.update(world_size=worker.world_size, eval_day=args.eval_day or meta["eval_day"],
-                   rescored_from=str(args.run))
+                   rescored_from=str(args.ranker))
     if worker.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
     make_join = (lambda: SnapshotJoin(snapshots, cfg.vectors, args.snapshot_version, cfg.upstream_dim)) \

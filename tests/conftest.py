@@ -23,31 +23,25 @@ def world_copy(tiny_world, tmp_path) -> Path:
     return dst
 
 
-# What the learning tests train with: the tiny world, small towers, brisk learning rates.
-LEARN_UPSTREAM = {"engagement": ["--epochs", "2"], "conversion": ["--epochs", "1"]}
-
-
 @pytest.fixture(scope="session")
-def learned_upstream(tiny_world, tmp_path_factory) -> dict:
-    """Both upstream domains trained far enough to learn (one run each per test session)."""
-    from helpers import SMALL, derl
-
-    root = tmp_path_factory.mktemp("learned")
-    runs = {}
-    for domain, extra in LEARN_UPSTREAM.items():
-        runs[domain] = root / domain
-        derl("train-upstream", "--data", str(tiny_world), "--out", str(runs[domain]), "--domain", domain,
-             "--dense-lr", "3e-3", "--embedding-lr", "0.1", "--checkpoint-every", "100000",
-             *extra, *SMALL)
-    return runs
-
-
-@pytest.fixture(scope="session")
-def learned_snapshot(tiny_world, learned_upstream, tmp_path_factory) -> Path:
-    """The snapshot of `learned_upstream`, cut at the tiny world's default split."""
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """`derl pipeline --preset tiny`, once per test session: its world is `tiny_world`'s twin
+    (same preset and seed), and its trained upstream runs, snapshot and rankers serve every test
+    that needs trained models (the pipeline's own tests read its report)."""
     from helpers import derl
 
-    out = tmp_path_factory.mktemp("learned_snapshot") / "snap"
-    derl("export", "--data", str(tiny_world), "--out", str(out),
-         *[a for d, r in learned_upstream.items() for a in ("--upstream", f"{d}={r}")])
-    return out
+    workdir = tmp_path_factory.mktemp("pipeline") / "tiny"
+    derl("pipeline", "--workdir", str(workdir), "--preset", "tiny")
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def learned_upstream(tiny_pipeline) -> dict:
+    """Both upstream domains, trained by the tiny pipeline."""
+    return {d: tiny_pipeline / "upstream" / d for d in ("engagement", "conversion")}
+
+
+@pytest.fixture(scope="session")
+def learned_snapshot(tiny_pipeline) -> Path:
+    """The tiny pipeline's snapshot root (one version, cut at the default split)."""
+    return tiny_pipeline / "snapshots"

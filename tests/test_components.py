@@ -194,3 +194,20 @@ def test_local_export_on_two_ranks(local_runner, upstream_run, tiny_world, tmp_p
     for kind in ("users", "pins"):
         parts = sorted(p.name for p in (s.path / "engagement" / kind).glob("part-*.parquet"))
         assert parts == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_local_train_downstream_on_two_ranks_then_evaluate(local_runner, learned_snapshot, tiny_world, tmp_path):
+    import json
+
+    run = tmp_path / "ranker"
+    _run_local(local_runner, "train-downstream", 2,
+               ["--data", str(tiny_world), "--snapshots", str(learned_snapshot), "--out", str(run),
+                "--upstream", "snapshot", "--max-steps", "2", "--embedding-dim", "8", "--batch-size", "256"],
+               tmp_path / "logs")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2 and metrics["eval"]["ctr"]["rows"] > 0
+    handle = local_runner.run_component(_component("evaluate"), ["--", "--runs", f"snapshot={run}",
+                                                                 "--out", str(tmp_path / "report")],
+                                        "local_cwd", cfg={"log_dir": str(tmp_path / "logs2")})
+    assert local_runner.wait(handle, wait_interval=0.5).state == AppState.SUCCEEDED
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["runs"]["snapshot"]["world_size"] == 2

@@ -1,0 +1,50 @@
+"""derl pipeline on the tiny preset: the report, and re-runs that skip or continue."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from helpers import derl
+
+RANKERS = {"none", "snapshot", "snapshot-user", "snapshot-user_pin", "snapshot-projected", "coupled"}
+
+
+def test_the_pipeline_writes_one_report_of_every_stage(tiny_pipeline):
+    report = json.loads((tiny_pipeline / "report.json").read_text())
+    assert set(report["runs"]) == RANKERS and report["preset"] == "tiny"
+    for name, run in report["runs"].items():
+        assert 0 < run["ctr"]["ne"] < 2 and 0 < run["ctr"]["auc"] < 1 and run["train_examples_per_s"] > 0
+    assert report["runs"]["snapshot-projected"]["projection_dim"] == 16
+    assert report["runs"]["snapshot-user"]["vectors"] == "user"
+    gains = report["ne_gain_over_baseline"]
+    assert gains["baseline"] == "none" and set(gains) == (RANKERS - {"none"}) | {"baseline"}
+    for g in (v for k, v in gains.items() if k != "baseline"):
+        assert g["ctr"]["ci_low"] <= g["ctr"]["gain"] <= g["ctr"]["ci_high"]
+    assert report["coupled_vs_snapshot"]["train_throughput_ratio"] > 0
+    assert {"new_user", "new_ad", "warm"} == set(report["cold_start"])
+    assert report["cold_start"]["new_user"]["rows"] > 0  # the world's cold users arrive late
+    assert 0 <= report["ad_retrieval"]["engagement"]["recall@100"] <= 1
+    assert set(report["upstream"]) == {"engagement", "conversion"}
+    assert report["snapshot"]["version"] == report["snapshot"]["cut_day"]
+    assert all(not s["skipped"] for s in report["stages"].values())
+    md = (tiny_pipeline / "report.md").read_text()
+    assert "## Upstream" in md and "## Downstream evaluation" in md and "| snapshot-user |" in md
+    assert "Relative NE gain" in md
+    assert (tiny_pipeline / "evaluate" / "ne_over_steps.png").stat().st_size > 10_000
+
+
+def test_a_rerun_skips_finished_stages_and_redoes_an_unfinished_one(tiny_pipeline, tmp_path):
+    # A stage that did not finish (as after a crash): its stamp says so and its output is gone.
+    stamp = tiny_pipeline / "stamps" / "evaluate.json"
+    s = json.loads(stamp.read_text())
+    stamp.write_text(json.dumps({**s, "finished": False}))
+    (tiny_pipeline / "evaluate" / "report.json").unlink()
+    t0 = time.perf_counter()
+    p = derl("pipeline", "--workdir", str(tiny_pipeline), "--preset", "tiny")
+    assert p.stdout.count("up to date, skipped") == 10  # generate, 2 upstream, export, 6 rankers
+    assert "[pipeline] evaluate: derl evaluate" in p.stdout
+    assert json.loads(stamp.read_text())["finished"]
+    report = json.loads((tiny_pipeline / "report.json").read_text())
+    assert not report["stages"]["evaluate"]["skipped"] and report["stages"]["downstream-coupled"]["skipped"]
+    assert time.perf_counter() - t0 < 120
