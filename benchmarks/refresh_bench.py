@@ -177,9 +177,11 @@ def main() -> None:
     for stage in skew_plan(args, cuts[0], cuts[1]):
         runner.run(stage)
     result = summarise(args.out, cuts)
-    rows = [{"strategy": n, **{k: round(v, 4) for k, v in r.items() if isinstance(v, float)}}
-            for n, r in result["smoothing"].items()]
-    rows += [{"strategy": k, **{m: round(v, 4) for m, v in r.items()}}
+    def cells(r: Dict[str, object]) -> Dict[str, str]:  # 4 decimals: the differences are small
+        return {k: f"{r[k]:.4f}" for k in ("ne", "auc", "pr_auc")}
+
+    rows = [{"experiment": f"smoothing {n}", **cells(r)} for n, r in result["smoothing"].items()]
+    rows += [{"experiment": k.replace("_", " "), **cells(r)}
              for k, r in result["version_skew"].items() if k != "drift"]
     meta = {**report.machine(), "preset": args.preset,
             "command": f"python -m derl.benchmarks.refresh_bench --out {args.out} --preset {args.preset}",
