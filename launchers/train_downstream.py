@@ -33,7 +33,7 @@ from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.ne import NEMetric
 
 from derl.datapipes.readers import ExampleReader, ReaderConfig
-from derl.datapipes.snapshots import VECTOR_SETS, SnapshotError, SnapshotJoin, pin
+from derl.datapipes.snapshots import VECTOR_SETS, SnapshotJoin, pin
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers import dist as derl_dist
@@ -98,7 +98,8 @@ def _days(args: argparse.Namespace, sources: SourceTables) -> Tuple[Tuple[str, s
     return days, eval_day
 
 
-def _dims(args: argparse.Namespace) -> Tuple[int, ...]:
+def _dims(args: argparse.Namespace) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(dense arch, over arch) hidden widths from their comma-separated flags."""
     return tuple(int(x) for x in args.dense_arch.split(",") if x), \
         tuple(int(x) for x in args.over_arch.split(",") if x)
 
@@ -388,7 +389,7 @@ def rescore(args: argparse.Namespace) -> Dict[str, object]:
 
 def _rescore(args: argparse.Namespace, worker: derl_dist.Worker) -> Dict[str, object]:
     meta = json.loads((args.ranker / "config.json").read_text())
-    cfg = RankerConfig.from_dict(meta["model"])
+    cfg = checkpoint.config_from_json(RankerConfig, meta["model"])
     upstream = {d: load_model_config(Path(c).parent.parent) for d, c in meta["coupled_checkpoints"].items()}
     dmp, optimizer, _ = shard_model(Ranker(cfg, torch.device("meta"), upstream), worker.device, OptimConfig())
     checkpoint.load(checkpoint.latest(args.ranker / "checkpoints"), dmp, optimizer)

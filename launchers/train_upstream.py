@@ -117,9 +117,7 @@ def load_model_config(run: Path) -> UpstreamConfig:
     path = Path(run) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not an upstream run folder (no config.json)")
-    model = json.loads(path.read_text())["model"]
-    tuples = {f.name for f in dataclasses.fields(UpstreamConfig) if "Tuple" in str(f.type)}
-    return UpstreamConfig(**{k: tuple(v) if k in tuples else v for k, v in model.items()})
+    return checkpoint.config_from_json(UpstreamConfig, json.loads(path.read_text())["model"])
 
 
 def example_stream(args: argparse.Namespace, days, worker: derl_dist.Worker, vocab) -> MixedStream:

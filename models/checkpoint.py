@@ -9,12 +9,13 @@ every rank is done: `latest()` never returns a half-written one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Type, TypeVar
 
 import numpy as np
 import torch
@@ -23,7 +24,15 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.optim import Optimizer
 
+T = TypeVar("T")
 _NAME = re.compile(r"^step-(\d+)$")
+
+
+def config_from_json(cls: Type[T], saved: Mapping[str, Any]) -> T:
+    """A model config dataclass back from `dataclasses.asdict` via JSON (a run's config.json):
+    the lists JSON made of its tuple fields become tuples again."""
+    tuples = {f.name for f in dataclasses.fields(cls) if "Tuple" in str(f.type)}
+    return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in saved.items()})
 
 
 def latest(root: Path) -> Optional[Path]:

@@ -23,7 +23,6 @@ unclicked one (sample selection bias). pCVR itself is evaluated on clicked impre
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -86,12 +85,6 @@ class RankerConfig:
         missing = [f for f in self.sparse_features if f not in self.num_embeddings]
         if missing:
             raise ValueError(f"num_embeddings lacks {missing}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RankerConfig":
-        """Back from `dataclasses.asdict` via JSON (lists become the tuples they were)."""
-        tuples = {f.name for f in dataclasses.fields(cls) if "Tuple" in str(f.type)}
-        return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items()})
 
     @property
     def dot_pairs(self) -> Tuple[Tuple[int, int], ...]:

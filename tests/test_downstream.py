@@ -255,3 +255,15 @@ def test_bad_input_is_refused_or_repaired_and_reported(world_copy, learned_snaps
     victim.write_bytes(victim.read_bytes()[:-4] + b"oops")
     p = _train(world_copy, tmp_path / "tampered", "snapshot", snap, "--max-steps", "1", check=False)
     assert p.returncode == 2 and "checksum mismatch" in p.stderr
+
+
+def test_bad_flags_fail_before_training_with_the_flag_named(tiny_world, tmp_path):
+    base = ["train-downstream", "--data", str(tiny_world), "--out", str(tmp_path / "r")]
+    p = derl(*base, "--upstream", "snapshot", check=False)
+    assert p.returncode == 2 and "--upstream snapshot needs --snapshots" in p.stderr
+    p = derl(*base, "--upstream", "none", "--projection-dim", "0", check=False)
+    assert p.returncode == 2 and "--projection-dim must be positive" in p.stderr
+    p = derl(*base, "--upstream", "none", "--eval-day", "2026-01-07", check=False)
+    assert p.returncode == 2 and "--eval-day 2026-01-07 is not after the training days" in p.stderr
+    p = derl("score", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "s"), check=False)
+    assert p.returncode == 2 and "not a finished ranker run" in p.stderr

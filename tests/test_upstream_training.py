@@ -108,3 +108,18 @@ def test_the_model_learns_on_the_tiny_world(learned_upstream):
     m = _metrics(learned_upstream["engagement"])
     assert m["recall@50"] > m["popularity_recall@50"] + 0.03
     assert m["recall@100"] > m["recall@50"] > m["recall@10"] > 0
+
+
+def test_an_incremental_run_on_a_new_day_continues_from_the_checkpoint(learned_upstream, tiny_world, tmp_path):
+    """The daily refresh's upstream step: `--resume --until DAY` on days after the run's window
+    starts from its last checkpoint and keeps counting, so its checkpoint is the newest."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(learned_upstream["engagement"], run)
+    before = checkpoint.latest(run / "checkpoints")
+    derl("train-upstream", "--data", str(tiny_world), "--out", str(run), "--resume",
+         "--from-day", "2026-01-06", "--until", "2026-01-06", "--max-steps", "3", *SMALL)
+    m = _metrics(run)
+    assert m["steps"] == int(before.name[5:]) + 3 and m["eval"]["day"] == "2026-01-07"
+    assert checkpoint.latest(run / "checkpoints").name == f"step-{m['steps']:06d}"
