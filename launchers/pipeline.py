@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -93,7 +93,6 @@ class Stage:
     distributed: bool = False
     resumable: bool = False  # train-upstream: --resume from its own checkpoints
     output: Optional[Path] = None  # removed before a run from scratch
-    stamp: Dict[str, object] = field(default_factory=dict)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,9 @@ from torchrec.metrics.calibration import CalibrationMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.ne import NEMetric
 
-_METRICS = {"ne": NEMetric, "auc": AUCMetric, "pr_auc": AUPRCMetric, "calibration": CalibrationMetric}
+# Our name -> (torchrec metric, the name its results carry).
+_METRICS = {"ne": (NEMetric, "ne"), "auc": (AUCMetric, "auc"), "pr_auc": (AUPRCMetric, "auprc"),
+            "calibration": (CalibrationMetric, "calibration")}
 _EPS = 1e-12  # TorchRec's NE clamps probabilities the same way
 
 
@@ -33,20 +35,16 @@ def binary_metrics(pred: np.ndarray, label: np.ndarray, task: str = "task") -> D
     if not len(label_t):
         return out
     info = [RecTaskInfo(name=task, label_name="label", prediction_name="pred", weight_name="w")]
-    for name, cls in _METRICS.items():
+    for name, (cls, key_name) in _METRICS.items():
         # Local: the arrays are the whole data set, so never sync with other ranks.
         metric = cls(world_size=1, my_rank=0, batch_size=len(label_t), tasks=info,
                      window_size=len(label_t) + 1, sync_on_compute=False)
         metric.update(predictions={task: pred_t}, labels={task: label_t},
                       weights={task: torch.ones_like(label_t)})
         values = metric.compute()
-        key = next(k for k in values if k.endswith(("lifetime_" + _suffix(name), "window_" + _suffix(name))))
+        key = next(k for k in values if k.endswith(("lifetime_" + key_name, "window_" + key_name)))
         out[name] = float(values[key])
     return out
-
-
-def _suffix(name: str) -> str:
-    return {"pr_auc": "auprc"}.get(name, name)
 
 
 def normalized_entropy(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
