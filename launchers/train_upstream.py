@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -62,12 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tower-dims", default="256,128", help="hidden widths of the towers")
     p.add_argument("--no-contrastive", action="store_true", help="BCE heads only (ablation)")
     p.add_argument("--no-logq", action="store_true", help="no popularity correction (ablation)")
-    p.add_argument("--logq-strength", type=float, default=1.0,
-                   help="share of the logQ correction: 1 full (the dot carries popularity), 0 none")
-    p.add_argument("--center", action="store_true",
-                   help="centre the tower outputs over the batch before normalising (README: "
-                        "more affinity in the dot product, less recall after one epoch)")
-    p.add_argument("--contrastive-weight", type=float, default=1.0)
+    p.add_argument("--logq-strength", type=float, default=0.0,
+                   help="share of the logQ correction in training: 0 (default) leaves popularity "
+                        "out of the dot (retrieval adds it back), 1 puts it in")
+    p.add_argument("--no-center", action="store_true",
+                   help="do not centre the tower outputs over the batch before normalising (ablation)")
+    p.add_argument("--contrastive-weight", type=float, default=3.0)
     p.add_argument("--contrastive-positives",
                    help="comma-separated labels whose rows are positives (default: every task but hide)")
     p.add_argument("--temperature", type=float, default=0.05)
@@ -107,7 +108,7 @@ def model_config(args: argparse.Namespace, vocab: Dict[str, int]) -> UpstreamCon
            if args.contrastive_positives else {}),
         sampling_prob_key=None if args.no_logq else "pin_sampling_prob",
         logq_strength=args.logq_strength,
-        center_entities=args.center,
+        center_entities=not args.no_center,
         temperature=args.temperature,
     )
 
@@ -257,11 +258,24 @@ def _next_day(sources: SourceTables, day: str) -> str:
     return later[0]
 
 
+def _pin_log_prior(cfg: UpstreamConfig, stream: MixedStream) -> Optional[np.ndarray]:
+    """The retrieval prior (`UpstreamConfig.retrieval_prior_weight` x log q) per Pin row, with
+    q the organic impression share the logQ correction uses; a Pin never shown in the window
+    counts as half an impression of the rarest one."""
+    weight = cfg.retrieval_prior_weight
+    if not weight:
+        return None
+    q = next(r for r in stream.readers if r.table == "engagements").pin_prob
+    return weight * np.log(np.maximum(q, q[q > 0].min() / 2))
+
+
 def _evaluate(pipeline, dmp, stream, sources, day, days, worker, args, step, writer):
     pipeline.detach()  # the sharded modules answer plain calls again; progress() re-attaches
     dmp.eval()
+    cfg = dmp.module.cfg
     result = evaluate_recall(dmp.module, stream.readers[0].joiner, sources, day, days, worker,
-                             batch_size=args.eval_batch_size)
+                             batch_size=args.eval_batch_size, temperature=cfg.temperature,
+                             pin_log_prior=_pin_log_prior(cfg, stream))
     if writer is not None:
         for task, r in result["tasks"].items():
             writer.add_scalar(f"recall@50/{task}", r["recall@50"], step)

@@ -14,7 +14,7 @@ came of them: `dot_auc_<task>`, the ROC-AUC of the dot among that day's organic 
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.compute as pc
@@ -87,8 +87,14 @@ def _positions(ranked: np.ndarray, ids: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: SourceTables,
                     day: str, train_days: DayRange, worker: Worker, batch_size: int = 2048,
-                    ks: Sequence[int] = KS) -> Dict[str, object]:
-    """Collective. recall@K per task for `model` (a DERM, sharded or not) and for popularity."""
+                    ks: Sequence[int] = KS, temperature: float = 1.0,
+                    pin_log_prior: Optional[np.ndarray] = None) -> Dict[str, object]:
+    """Collective. recall@K per task for `model` (a DERM, sharded or not) and for popularity.
+
+    Retrieval ranks the catalogue by user·Pin / `temperature` + `pin_log_prior` (per row of
+    `joiner`'s pins; None: by the dot alone): a model trained without the full logQ
+    correction leaves (part of) each Pin's log popularity out of the dot, and the prior puts
+    it back (`UpstreamConfig.retrieval_prior_weight`). The dot-product AUC uses the dot alone."""
     catalogue_ids = _live_pins(joiner, sources, day)
     chunks = rank_chunks(catalogue_ids, worker.rank, worker.world_size, batch_size)
     local = embed_chunks(lambda b: model.embed_pins(b.sparse, b.dense["content_emb"]),
@@ -98,6 +104,11 @@ def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: Sour
     catalogue = all_gather_rows(local)
     order = np.argsort(all_ids)
     catalogue, all_ids = catalogue[torch.from_numpy(order).to(catalogue.device)], all_ids[order]
+    scored = catalogue
+    if pin_log_prior is not None:  # [v, 1]·[p/t, prior] = v·p/t + prior: one inner product
+        prior = pin_log_prior[joiner.entities.pins.rows(all_ids)[0]]
+        scored = torch.cat([catalogue / temperature,
+                            torch.from_numpy(prior).to(catalogue).unsqueeze(1)], dim=1)
 
     pairs = _positive_pairs(sources, day)
     users = np.unique(np.concatenate([u for u, _ in pairs.values()]))
@@ -110,7 +121,9 @@ def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: Sour
     queries = np.isin(my_all, users)  # recall's queries: users with a positive pair
     my_users = my_all[queries]
     user_vecs = all_vecs[torch.from_numpy(np.flatnonzero(queries)).to(all_vecs.device)]
-    top = topk_rows(user_vecs, catalogue, max(ks)).cpu()
+    if pin_log_prior is not None:
+        user_vecs = torch.cat([user_vecs, user_vecs.new_ones(len(user_vecs), 1)], dim=1)
+    top = topk_rows(user_vecs, scored, max(ks)).cpu()
     popular = popular_pins(sources, train_days, max(ks))
 
     result: Dict[str, object] = {"day": day, "catalogue": len(all_ids), "users": len(users), "tasks": {}}

@@ -73,19 +73,21 @@ class UpstreamConfig:
     tasks: Tuple[str, ...] = DOMAIN_TASKS["engagement"]
     task_weights: Mapping[str, float] = field(default_factory=dict)  # missing tasks weigh 1
     contrastive: bool = True
-    contrastive_weight: float = 1.0
+    # 3: measured on the tiny world (README "Upstream"); the term is averaged over all rows.
+    contrastive_weight: float = 3.0
     # A row is a contrastive positive if any of these labels is > 0 and no NEGATIVE_LABELS is.
     contrastive_positives: Tuple[str, ...] = _positives(DOMAIN_TASKS["engagement"])
     temperature: float = 0.05
     learn_temperature: bool = False
     # batch.dense key of each row's pin sampling probability (logQ correction); None: no correction.
     sampling_prob_key: Optional[str] = "pin_sampling_prob"
-    # How much of the logQ correction to apply (see `in_batch_softmax_loss`).
-    logq_strength: float = 1.0
+    # How much of the logQ correction to apply (see `in_batch_softmax_loss`). 0 by default: the
+    # dot then estimates log P(pin | user) / q, affinity without popularity, which is what the
+    # rankers downstream need; retrieval adds log q back (`retrieval_prior_weight`).
+    logq_strength: float = 0.0
     # Centre each tower's output over the batch (BatchNorm without affine) before the L2
-    # normalisation; see `_Unit`. Off by default (`derl train-upstream --center`): it trades
-    # recall for pointwise affinity after one epoch (README "Upstream").
-    center_entities: bool = False
+    # normalisation; see `_Unit`. Without it the dot hardly ranks impressions by what came of them.
+    center_entities: bool = True
 
     def __post_init__(self) -> None:
         missing = [
@@ -98,6 +100,17 @@ class UpstreamConfig:
             raise ValueError(f"task_weights names tasks not in {self.tasks}: {sorted(unknown)}")
         if self.embedding_dim % self.seq_heads:
             raise ValueError("embedding_dim must be divisible by seq_heads")
+
+    @property
+    def retrieval_prior_weight(self) -> float:
+        """Weight of log q_p (the Pin's share of training rows) in a retrieval score
+        v·p / temperature + weight · log q_p. The in-batch softmax trains logit − β log q
+        (β = `logq_strength`) towards log P(p | user) − log q; so the dot holds log P(p | user)
+        − (1 − β) log q_p, and adding (1 − β) log q_p back ranks by P(p | user). No logQ
+        correction at all is β = 0; without the contrastive term the dot is no such estimate."""
+        if not self.contrastive:
+            return 0.0
+        return 1.0 if self.sampling_prob_key is None else 1.0 - self.logq_strength
 
     @property
     def sparse_features(self) -> Tuple[str, ...]:

@@ -222,7 +222,7 @@ def test_learned_temperature_gets_gradient() -> None:
 
 def _reference(q, p, ids, prob, positive, t) -> float:
     """Sampled softmax written out row by row: allowed columns are the diagonal and every
-    column holding another item; logits carry -log q."""
+    column holding another item; logits carry -log q; positive rows' losses summed over all rows."""
     losses = []
     for i in range(len(ids)):
         if not positive[i]:
@@ -231,7 +231,7 @@ def _reference(q, p, ids, prob, positive, t) -> float:
         log_q = np.zeros(len(ids)) if prob is None else np.log(prob)
         z = np.array([q[i] @ p[j] / t - log_q[j] for j in cols])
         losses.append(-(z[cols.index(i)] - np.log(np.exp(z).sum())))
-    return float(np.mean(losses)) if losses else 0.0
+    return float(np.sum(losses)) / len(ids)
 
 
 Q = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, -0.6]])
@@ -269,6 +269,25 @@ def test_logq_strength_scales_the_correction() -> None:
     assert loss(1.0) == pytest.approx(_loss(ids, positive).item(), rel=1e-12)
     assert loss(0.0) == pytest.approx(_loss(ids, positive, prob=None).item(), rel=1e-12)
     assert loss(0.5) == pytest.approx(_reference(Q, P, ids, np.sqrt(PROB), positive, 0.5), rel=1e-9)
+
+
+def test_retrieval_prior_puts_back_the_popularity_the_correction_left_out() -> None:
+    """Training at logQ strength beta leaves (1 - beta) log q out of the dot; retrieval adds it."""
+    assert small_config(logq_strength=0.0).retrieval_prior_weight == 1.0
+    assert small_config(logq_strength=0.25).retrieval_prior_weight == 0.75
+    assert small_config(logq_strength=1.0).retrieval_prior_weight == 0.0
+    assert small_config(logq_strength=1.0, sampling_prob_key=None).retrieval_prior_weight == 1.0
+    assert small_config(contrastive=False).retrieval_prior_weight == 0.0
+
+
+def test_each_positive_weighs_the_same_in_any_batch() -> None:
+    """The loss is summed over positives and divided by the rows: a batch with one positive
+    (an ad batch) adds that pair's loss / B, not the weight of a whole batch of positives."""
+    ids = [0, 1, 2, 3]
+    one = _loss(ids, [True, False, False, False]).item()
+    both = _loss(ids, [True, False, True, False]).item()
+    third = _loss(ids, [False, False, True, False]).item()
+    assert both == pytest.approx(one + third, rel=1e-9)
 
 
 def test_same_pin_in_batch_negatives_are_masked() -> None:
