@@ -187,6 +187,15 @@ class Snapshot:
             self._tables[key] = EmbeddingTable.read(self.path / domain / entity, self.dim)
         return self._tables[key]
 
+    def dot_temperature(self, domain: str) -> float:
+        """The temperature of the upstream model whose vectors the domain holds: dot / it is that
+        model's logit, the scale a ranker takes the user·Pin dot on (`Ranker`'s wide path)."""
+        dot = self.manifest["domains"].get(domain, {}).get("dot", {})
+        if "temperature" not in dot:
+            raise SnapshotError(f"{self.path / MANIFEST}: domain {domain!r} has no dot.temperature; "
+                                f"re-export it with this derl")
+        return float(dot["temperature"])
+
     def ads_index(self, domain: str):
         """(faiss index over the domain's ad Pins, their Pin ids in index order). The id map
         names the version it was built for: an index from another version (another space) is
@@ -205,9 +214,13 @@ class Snapshot:
 
     def retrieve_ads(self, domain: str, user_ids: np.ndarray, k: int):
         """Top-k ad Pins per user by inner product: ([n, k] Pin ids, [n, k] scores, missing
-        users). Unknown users are refused by the caller's choice: they come back flagged."""
+        users). Unknown users are refused by the caller's choice: they come back flagged.
+        An index one wider than the vectors holds each ad's popularity prior in its last
+        column (`derl export`); the queries then carry a 1 there."""
         vectors, missing = self.table(domain, "users").lookup(np.asarray(user_ids))
         index, ids = self.ads_index(domain)
+        if index.d == self.dim + 1:
+            vectors = np.column_stack([vectors, np.ones(len(vectors))])
         scores, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         return np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), scores, missing
 

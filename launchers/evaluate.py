@@ -132,7 +132,24 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
             **{name: {task: bootstrap_ne_gain(*_task_rows(p, base, task), resamples=args.resamples)
                       for task in ("ctr", "cvr")}
                for name, p in preds.items() if name != args.baseline}}
-    by_mode = {m["upstream"]: n for n, m in metrics.items()}
+    # Each mode's representative run: the one named after it, else its first (the pipeline also
+    # runs the vector ablation in snapshot mode, under other names).
+    by_mode: Dict[str, str] = {}
+    for name, m in metrics.items():
+        if name == m["upstream"] or m["upstream"] not in by_mode:
+            by_mode[m["upstream"]] = name
+    report["modes"] = {
+        mode: {"run": name, "ctr_ne": report["runs"][name]["ctr"]["ne"],
+               "ctr_auc": report["runs"][name]["ctr"]["auc"],
+               "cvr_ne": report["runs"][name]["cvr"]["ne"], "cvr_auc": report["runs"][name]["cvr"]["auc"],
+               "train_examples_per_s": report["runs"][name]["train_examples_per_s"]}
+        for mode, name in by_mode.items()}
+    gains = report.get("ne_gain_over_baseline", {}).get(by_mode.get("snapshot", ""), {})
+    if by_mode.get("none") == args.baseline and gains:  # the headline: snapshot over none
+        for task in ("ctr", "cvr"):
+            report[f"{task}_ne_gain"] = gains[task]["gain"]
+            report[f"{task}_ne_gain_ci_low"] = gains[task]["ci_low"]
+            report[f"{task}_ne_gain_ci_high"] = gains[task]["ci_high"]
     if "coupled" in by_mode and "snapshot" in by_mode:
         s, c = report["runs"][by_mode["snapshot"]], report["runs"][by_mode["coupled"]]
         report["coupled_vs_snapshot"] = {

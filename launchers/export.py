@@ -192,25 +192,43 @@ def _write_part(path: Path, chunks, embed, make_batch, device, dim: int) -> int:
     return rows
 
 
-def _ads_index(folder: Path, ad_ids: np.ndarray, dim: int, version: str) -> Dict[str, object]:
-    """faiss inner-product index over the ad Pins' vectors (exact while small, HNSW above)."""
+def ad_prior(sources: SourceTables, days: Tuple[str, str], ad_ids: np.ndarray,
+             temperature: float, weight: float) -> np.ndarray:
+    """Per ad, temperature x weight x log(its share of the ad impressions in `days`): added to
+    the dot, it ranks ads by dot / temperature + weight x log q (`UpstreamConfig.
+    retrieval_prior_weight`). An ad never shown counts as half an impression."""
+    shown = sources.read("ad_events", days, columns=["pin_id"]).column("pin_id").to_numpy()
+    counts = np.bincount(np.searchsorted(ad_ids, shown[np.isin(shown, ad_ids)]), minlength=len(ad_ids))
+    share = np.maximum(counts, 0.5) / max(counts.sum(), 1)
+    return (temperature * weight * np.log(share)).astype(np.float32)
+
+
+def _ads_index(folder: Path, ad_ids: np.ndarray, dim: int, version: str,
+               prior: Optional[np.ndarray] = None) -> Dict[str, object]:
+    """faiss inner-product index over the ad Pins' vectors (exact while small, HNSW above).
+    With `prior` (per ad of the sorted `ad_ids`) each ad is stored as [vector, prior] and
+    queried as [user, 1], so the index ranks by dot + prior; its dimension is then dim + 1."""
     import faiss
 
     t = pa.concat_tables([pq.read_table(p) for p in sorted((folder / "pins").glob("part-*.parquet"))])
     ids = t.column("entity_id").to_numpy()
     keep = np.isin(ids, ad_ids)
     emb = t.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-    vectors, ids = np.ascontiguousarray(emb[keep], dtype=np.float32), ids[keep]
+    vectors, ids = emb[keep], ids[keep]
+    if prior is not None:
+        vectors = np.column_stack([vectors, prior[np.searchsorted(ad_ids, ids)]])
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    width = vectors.shape[1]
     if len(ids) <= FLAT_INDEX_MAX:
-        index, kind = faiss.IndexFlatIP(dim), "flat_ip"
+        index, kind = faiss.IndexFlatIP(width), "flat_ip"
     else:
-        index, kind = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT), "hnsw32_ip"
+        index, kind = faiss.IndexHNSWFlat(width, 32, faiss.METRIC_INNER_PRODUCT), "hnsw32_ip"
         index.hnsw.efSearch = HNSW_EF_SEARCH  # stored in ads.faiss
     index.add(vectors)
     faiss.write_index(index, str(folder / "ads.faiss"))
     ids_table = pa.table({"pin_id": pa.array(ids)}).replace_schema_metadata({"snapshot_version": version})
     pq.write_table(ids_table, folder / "ads_ids.parquet")
-    return {"kind": kind, "size": len(ids)}
+    return {"kind": kind, "size": len(ids), "popularity_prior": prior is not None}
 
 
 def export(args: argparse.Namespace) -> Optional[dict]:
@@ -290,7 +308,11 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
         return None
 
     for domain, info in domains.items():
-        info["ads_index"] = _ads_index(tmp / domain, ads, dim, version)
+        cfg, prior = configs[domain], None
+        if cfg.retrieval_prior_weight:
+            prior = ad_prior(sources, tuple(info["train_days"]), np.sort(ads), cfg.temperature,
+                             cfg.retrieval_prior_weight)
+        info["ads_index"] = _ads_index(tmp / domain, np.sort(ads), dim, version, prior)
         info["rows"]["ads"] = info["ads_index"]["size"]
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {

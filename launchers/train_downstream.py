@@ -39,7 +39,7 @@ from derl.datapipes.splits import default_split
 from derl.launchers import dist as derl_dist
 from derl.launchers.train_upstream import load_model_config
 from derl.models import checkpoint
-from derl.models.downstream import UPSTREAM_MODES, Ranker, RankerConfig
+from derl.models.downstream import UPSTREAM_MODES, Ranker, RankerConfig, dot_pairs
 from derl.models.metrics import ranker_metrics
 from derl.models.sharding import OptimConfig, describe_plan, shard_model
 
@@ -131,7 +131,9 @@ def build(args: argparse.Namespace, vocab: Dict[str, int], join: Optional[Snapsh
             info = snap.manifest["domains"][domain]
             coupled[domain] = {"config": load_model_config(Path(info["run"])),
                                "checkpoint": info["checkpoint"], "version": snap.version}
-    return RankerConfig(upstream=args.upstream, vectors=vectors, upstream_dim=snap.dim, **common), coupled
+    temperatures = tuple(snap.dot_temperature(vectors[u].split("/")[0]) for u, _ in dot_pairs(vectors))
+    return RankerConfig(upstream=args.upstream, vectors=vectors, upstream_dim=snap.dim,
+                        dot_temperatures=temperatures, **common), coupled
 
 
 def _load_towers(dmp, coupled: Dict[str, dict]) -> None:

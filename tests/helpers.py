@@ -43,7 +43,8 @@ def plant_snapshot(root, version: str, cut_day: str, tables: dict, dim: int) -> 
             "entity_id": pa.array(np.asarray(ids, dtype=np.int64)),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
         }, schema=embedding_schema(dim)), folder / domain / entity / "part-00000.parquet")
-        domains.setdefault(domain, {"rows": {"users": 0, "pins": 0, "ads": 0}})["rows"][entity] = len(ids)
+        domains.setdefault(domain, {"rows": {"users": 0, "pins": 0, "ads": 0},
+                                    "dot": {"temperature": 0.05}})["rows"][entity] = len(ids)
     for domain in domains:
         faiss.write_index(faiss.IndexFlatIP(dim), str(folder / domain / "ads.faiss"))
         ids = pa.table({"pin_id": pa.array([], pa.int64())}).replace_schema_metadata({"snapshot_version": version})

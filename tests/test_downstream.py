@@ -17,7 +17,8 @@ from derl.datapipes.snapshots import Snapshot, SnapshotError, SnapshotJoin, pinn
 from derl.datapipes.sources import SourceTables
 from derl.launchers import dist as derl_dist
 from derl.launchers.train_downstream import PREDICTIONS, read_predictions
-from derl.models.downstream import RankerConfig, UpstreamFeatures
+from derl.datapipes.schema import CONTENT_DIM
+from derl.models.downstream import Ranker, RankerConfig, UpstreamFeatures
 from derl.models.metrics import binary_metrics, bootstrap_ne_gain, normalized_entropy
 from helpers import derl, plant_snapshot
 
@@ -101,16 +102,46 @@ def test_the_reader_joins_each_row_with_its_own_users_and_pins_vectors(tiny_worl
 def test_missing_vectors_get_the_learned_default_and_each_domain_its_dot_product():
     cfg = RankerConfig({f: 10 for f in RankerConfig.__dataclass_fields__["sparse_features"].default},
                        upstream="snapshot", vectors=("engagement/users", "engagement/pins"),
-                       upstream_dim=2)
+                       upstream_dim=2, dot_temperatures=(0.05,))
     features = UpstreamFeatures(cfg)
     with torch.no_grad():
         features.default.copy_(torch.tensor([[5.0, 5.0], [7.0, 7.0]]))
     vectors = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[1.0, 2.0], [3.0, 4.0]]])
     missing = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    out = features(vectors, missing)
+    out, dots = features(vectors, missing)
     assert out.shape == (2, cfg.upstream_features) == (2, 4 + 1 + 2)
     torch.testing.assert_close(out[0], torch.tensor([1.0, 2, 3, 4, 11, 0, 0]))
     torch.testing.assert_close(out[1], torch.tensor([5.0, 5, 3, 4, 35, 1, 0]))
+    torch.testing.assert_close(dots, torch.tensor([[11.0], [35.0]]))
+
+
+def test_the_wide_path_adds_each_dot_over_its_temperature_to_the_logits():
+    """The ranker's wide path: logit += w · dot / temperature per task; it starts at zero."""
+    from derl.datapipes.batch import Batch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    features = RankerConfig.__dataclass_fields__["sparse_features"].default
+    cfg = RankerConfig({f: 10 for f in features}, upstream="snapshot", upstream_dim=2,
+                       vectors=("engagement/users", "engagement/pins"), dot_temperatures=(0.5,))
+    with pytest.raises(ValueError, match="one dot temperature per user·Pin pair"):
+        RankerConfig(cfg.num_embeddings, upstream="snapshot", upstream_dim=2, vectors=cfg.vectors)
+    torch.manual_seed(0)
+    ranker = Ranker(cfg).eval()
+    batch = Batch(
+        sparse=KeyedJaggedTensor.from_lengths_sync(list(features), torch.zeros(2 * len(features), dtype=torch.long),
+                                                   torch.ones(2 * len(features), dtype=torch.int32)),
+        dense={"content_emb": torch.zeros(2, CONTENT_DIM),
+               "upstream": torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]]),
+               "upstream_missing": torch.zeros(2, 2)},
+        labels={}, meta={})
+    before = ranker(batch)[1]
+    with torch.no_grad():
+        ranker.wide.weight.copy_(torch.tensor([[0.3], [-0.2]]))
+    after = ranker(batch)[1]
+    logit = lambda p: torch.log(p / (1 - p))  # noqa: E731
+    # dots 1 and 0 over temperature 0.5: the first row's logits move by 2w, the second's not at all
+    torch.testing.assert_close(logit(after["ctr"]) - logit(before["ctr"]), torch.tensor([0.6, 0.0]))
+    torch.testing.assert_close(logit(after["cvr"]) - logit(before["cvr"]), torch.tensor([-0.4, 0.0]))
 
 
 def test_metrics_agree_with_a_direct_computation():

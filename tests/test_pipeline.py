@@ -22,6 +22,14 @@ def test_the_pipeline_writes_one_report_of_every_stage(tiny_pipeline):
     for g in (v for k, v in gains.items() if k != "baseline"):
         assert g["ctr"]["ci_low"] <= g["ctr"]["gain"] <= g["ctr"]["ci_high"]
     assert report["coupled_vs_snapshot"]["train_throughput_ratio"] > 0
+    # The interface later checks read: each mode's numbers, the headline gains with bounds.
+    assert set(report["modes"]) == {"none", "snapshot", "coupled"}
+    assert report["modes"]["snapshot"]["run"] == "snapshot"
+    for mode in report["modes"].values():
+        assert {"ctr_ne", "ctr_auc", "cvr_ne", "cvr_auc", "train_examples_per_s"} <= set(mode)
+    for task in ("ctr", "cvr"):
+        assert report[f"{task}_ne_gain"] == gains["snapshot"][task]["gain"]
+        assert report[f"{task}_ne_gain_ci_low"] <= report[f"{task}_ne_gain"] <= report[f"{task}_ne_gain_ci_high"]
     assert {"new_user", "new_ad", "warm"} == set(report["cold_start"])
     assert report["cold_start"]["new_user"]["rows"] > 0  # the world's cold users arrive late
     assert 0 <= report["ad_retrieval"]["engagement"]["recall@100"] <= 1

@@ -179,7 +179,7 @@ def test_sequences_as_of_a_day_match_that_days_partition(tiny_world):
     assert rebuilt.num_rows == stored.num_rows and isinstance(rebuilt, pa.Table)
 
 
-def test_retrieve_answers_top_k_ads_from_the_same_version(snapshot_root, tmp_path):
+def test_retrieve_answers_top_k_ads_from_the_same_version(snapshot_root, tiny_world, tmp_path):
     snap = Snapshot(snapshot_root)
     uid = int(snap.table("engagement", "users").ids[3])
     p = derl("retrieve", "--snapshots", str(snapshot_root), "--user", str(uid), "-k", "5")
@@ -189,10 +189,21 @@ def test_retrieve_answers_top_k_ads_from_the_same_version(snapshot_root, tmp_pat
     assert not missing[0] and (np.diff(scores[0]) <= 1e-6).all()
     ads = set(pq.read_table(snap.path / "engagement" / "ads_ids.parquet").column("pin_id").to_pylist())
     assert set(pins[0]) <= ads
-    # Exact search: the index agrees with brute force over the ad vectors.
+    # Exact search: the index agrees with brute force over the ad vectors plus each ad's
+    # popularity prior (temperature x log of its impression share; the model trained without logQ).
+    info = snap.manifest["domains"]["engagement"]
+    assert info["dot"]["retrieval_prior_weight"] == 1.0 and info["ads_index"]["popularity_prior"]
+    index, ids = snap.ads_index("engagement")
+    stored = index.reconstruct_n(0, index.ntotal)
+    ad_vecs, _ = snap.table("engagement", "pins").lookup(ids)
+    np.testing.assert_allclose(stored[:, :-1], ad_vecs, rtol=1e-6)
+    shown = SourceTables(tiny_world).read("ad_events", tuple(info["train_days"]), columns=["pin_id"])
+    counts = shown.to_pandas()["pin_id"].value_counts().reindex(ids, fill_value=0).to_numpy()
+    want = info["dot"]["temperature"] * np.log(np.maximum(counts, 0.5) / counts.sum())
+    prior = stored[:, -1]
+    np.testing.assert_allclose(prior, want, rtol=1e-5)
     user = snap.table("engagement", "users").lookup(np.array([uid]))[0][0]
-    ad_vecs, _ = snap.table("engagement", "pins").lookup(np.array(sorted(ads)))
-    best = np.array(sorted(ads))[np.argsort(-(ad_vecs @ user))[:5]]
+    best = ids[np.argsort(-(ad_vecs @ user + prior))[:5]]
     assert list(pins[0]) == list(best)
 
 
@@ -324,7 +335,7 @@ def test_ad_catalogues_above_the_flat_limit_get_an_hnsw_index(monkeypatch, tmp_p
     ads = np.arange(0, 300, 2)
     assert export._ads_index(tmp_path, ads, 8, "v")["kind"] == "flat_ip"
     monkeypatch.setattr(export, "FLAT_INDEX_MAX", 100)
-    assert export._ads_index(tmp_path, ads, 8, "v") == {"kind": "hnsw32_ip", "size": 150}
+    assert export._ads_index(tmp_path, ads, 8, "v") == {"kind": "hnsw32_ip", "size": 150, "popularity_prior": False}
     index = faiss.read_index(str(tmp_path / "ads.faiss"))
     assert index.ntotal == 150 and index.hnsw.efSearch == export.HNSW_EF_SEARCH
     np.testing.assert_array_equal(pq.read_table(tmp_path / "ads_ids.parquet").column("pin_id").to_numpy(), ads)

@@ -102,12 +102,14 @@ def test_more_ranks_than_row_groups_is_refused(tiny_world):
 
 
 def test_the_model_learns_on_the_tiny_world(learned_upstream):
-    """Measured: two epochs give recall@50 0.528 against popularity's 0.468 (+0.06); one epoch
-    about +0.03. The assertion keeps half the two-epoch margin. (The session's engagement run,
-    conftest.py, is the one the downstream tests build on.)"""
+    """Measured: two epochs give recall@50 0.573 against popularity's 0.468 (+0.105), and a dot
+    AUC of 0.68 among the held-out day's organic impressions for saves (0.5: no affinity). The
+    assertions keep about half of each margin. (The session's engagement run, conftest.py, is
+    the one the downstream tests build on.)"""
     m = _metrics(learned_upstream["engagement"])
-    assert m["recall@50"] > m["popularity_recall@50"] + 0.03
+    assert m["recall@50"] > m["popularity_recall@50"] + 0.05
     assert m["recall@100"] > m["recall@50"] > m["recall@10"] > 0
+    assert m["dot_auc_save"] > 0.6
 
 
 def test_an_incremental_run_on_a_new_day_continues_from_the_checkpoint(learned_upstream, tiny_world, tmp_path):
