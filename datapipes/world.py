@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -300,11 +300,28 @@ def _timestamps(rng: np.random.Generator, peak_hour: np.ndarray, day0: int) -> n
     return day0 + hour * 3600 + rng.integers(0, 3600, len(peak_hour))
 
 
+def _drift(cfg: WorldConfig, e: _Entities, rng: np.random.Generator) -> None:
+    """A day's random walk of the user interests: the first draw of the day's generator."""
+    e.user_latent += (cfg.daily_drift * rng.standard_normal(e.user_latent.shape)).astype(np.float32)
+    e.user_latent /= np.linalg.norm(e.user_latent, axis=1, keepdims=True)
+
+
+def latent_state(root: Path, day: str) -> Tuple[np.ndarray, np.ndarray]:
+    """([users, K], [Pins, K]) unit latents of a generated world as they were on `day`, rows in
+    id order: the ground truth no model sees (a user·Pin dot is the affinity that drives every
+    outcome), rebuilt from the world's seed for tests and benchmarks to measure against."""
+    meta = json.loads((Path(root) / WORLD_META).read_text())
+    cfg, seed = WorldConfig(**meta["config"]), meta["seed"]
+    e = _make_entities(cfg, np.random.default_rng([seed, 0]))
+    for d in range(meta["days"].index(day) + 1):
+        _drift(cfg, e, np.random.default_rng([seed, 1, d]))
+    return e.user_latent, e.pin_latent
+
+
 def _simulate_day(cfg: WorldConfig, e: _Entities, campaign: np.ndarray, day_index: int,
                   day0: int, rng: np.random.Generator, request_id_base: int):
     """One day's organic engagements and ad events, as Arrow tables, plus the active users."""
-    e.user_latent += (cfg.daily_drift * rng.standard_normal(e.user_latent.shape)).astype(np.float32)
-    e.user_latent /= np.linalg.norm(e.user_latent, axis=1, keepdims=True)
+    _drift(cfg, e, rng)
 
     live_pin = e.pin_created_day <= day_index
     organic = _TopicSampler(e.pin_topic, e.pin_popularity * live_pin, cfg.num_topics)

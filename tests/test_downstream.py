@@ -298,3 +298,30 @@ def test_bad_flags_fail_before_training_with_the_flag_named(tiny_world, tmp_path
     assert p.returncode == 2 and "--eval-day 2026-01-07 is not after the training days" in p.stderr
     p = derl("score", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "s"), check=False)
     assert p.returncode == 2 and "not a finished ranker run" in p.stderr
+
+
+def test_vectors_that_carry_affinity_make_snapshot_beat_none(tiny_pipeline, tmp_path):
+    """The downstream half of the paper's claim, on the tiny world: a snapshot whose vectors
+    carry the users' and ads' affinity (here the world's own latents, planted for the ids the
+    learned snapshot holds) makes the same ranker beat `none` in CTR NE. Measured: +2.18 %
+    [+1.41 %, +2.89 %] (CTR AUC 0.725 against 0.608); the assertion keeps about half. The
+    learned upstream's vectors give +0.05 % [-0.12 %, +0.22 %] here, within the noise of the
+    92 clicks of the evaluation day (README "Downstream": the demo world resolves it)."""
+    from derl.datapipes.world import latent_state
+    from derl.launchers.pipeline import PRESETS
+
+    learned = Snapshot(tiny_pipeline / "snapshots")
+    users, pins = latent_state(tiny_pipeline / "world", learned.version)
+    user_ids = learned.table("engagement", "users").ids
+    pin_ids = learned.table("engagement", "pins").ids
+    plant_snapshot(tmp_path / "truth", learned.version, learned.version,
+                   {"engagement/users": (user_ids, users[user_ids]),
+                    "engagement/pins": (pin_ids, pins[pin_ids])}, dim=users.shape[1])
+    derl("train-downstream", "--data", str(tiny_pipeline / "world"), "--snapshots", str(tmp_path / "truth"),
+         "--out", str(tmp_path / "ranker"), "--upstream", "snapshot", "--vectors", "user_pin",
+         *PRESETS["tiny"]["downstream"])
+    derl("evaluate", "--runs", f"none={tiny_pipeline / 'downstream' / 'none'}",
+         f"snapshot={tmp_path / 'ranker'}", "--out", str(tmp_path / "eval"))
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["ctr_ne_gain_ci_low"] > 0 and report["ctr_ne_gain"] > 0.01
+    assert report["modes"]["snapshot"]["ctr_auc"] > report["modes"]["none"]["ctr_auc"] + 0.05
