@@ -292,8 +292,8 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
             "entities_per_s": float(counts.sum()) / seconds,
             "upstream_metrics": {k: v for k, v in metrics.items() if k.startswith(("recall@", "popularity_recall@", "dot_auc_"))},
             # What the dot means: retrieval by P(Pin | user) scores dot / temperature +
-            # retrieval_prior_weight x log(the Pin's share of impressions); the faiss index
-            # ranks by the dot alone (affinity, popularity left out when the weight is 1).
+            # retrieval_prior_weight x log(the Pin's share of impressions), as the ads index
+            # does (`ad_prior`); the dot alone is affinity, popularity left out at weight 1.
             "dot": {"temperature": configs[domain].temperature,
                     "logq_strength": configs[domain].logq_strength,
                     "retrieval_prior_weight": configs[domain].retrieval_prior_weight},

@@ -325,3 +325,17 @@ def test_vectors_that_carry_affinity_make_snapshot_beat_none(tiny_pipeline, tmp_
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["ctr_ne_gain_ci_low"] > 0 and report["ctr_ne_gain"] > 0.01
     assert report["modes"]["snapshot"]["ctr_auc"] > report["modes"]["none"]["ctr_auc"] + 0.05
+
+
+def test_a_snapshot_without_the_dot_temperature_is_refused_by_name(tmp_path):
+    """The wide path needs each domain's upstream temperature from the manifest; a snapshot
+    exported before it was recorded is refused with the manifest and domain named."""
+    ids, vec = np.arange(3), np.eye(3, 4)
+    plant_snapshot(tmp_path, "v1", "2026-01-06", {"engagement/users": (ids, vec)}, dim=4)
+    snap = Snapshot(tmp_path)
+    assert snap.dot_temperature("engagement") == 0.05
+    manifest = json.loads((snap.path / "manifest.json").read_text())
+    del manifest["domains"]["engagement"]["dot"]
+    (snap.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match=r"manifest.json: domain 'engagement' has no dot.temperature"):
+        Snapshot(tmp_path).dot_temperature("engagement")
