@@ -56,7 +56,9 @@ PRESETS: Dict[str, Dict[str, object]] = {
         "upstream": ["--embedding-dim", "32", "--seq-layers", "1", "--tower-dims", "128,64",
                      "--batch-size", "1024", "--dense-lr", "3e-3", "--embedding-lr", "0.1",
                      "--from-day", "2026-01-08"],
-        "upstream_epochs": {"engagement": "1", "conversion": "1"},
+        # The conversion domain's main table is the ad impressions; half a pass over them keeps
+        # its cost that of the engagement domain's.
+        "upstream_epochs": {"engagement": "1", "conversion": "0.5"},
         "downstream": ["--embedding-dim", "16", "--batch-size", "1024", "--epochs", "1"],
         "projection_dim": "32",
     },
