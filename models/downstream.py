@@ -11,9 +11,9 @@ the upstream entity vectors as dense features, and two heads (CTR and CVR).
 
 The wide path is what lets a ranker use the upstream affinity at all on sparse ad data.
 dot / temperature is the upstream model's own logit (an estimate of log P(Pin | user) / q, a
-log-lift), the natural scale of a log-odds feature. Through the deep arch alone the demo
-world's ranker, which sees ~1.4k clicks in one pass (a second pass overfits its id tables),
-gained nothing from the vectors (CTR NE −0.01 %); the same ranker with the wide path gains
+log-lift), the natural scale of a log-odds feature. Through the deep arch alone a ranker that
+sees ~1.4k clicks in one pass (the earlier demo world's; a second pass overfits its id tables)
+gained nothing from the vectors (CTR NE −0.01 %); the same ranker with the wide path gained
 0.30 % [0.09 %, 0.51 %] (README "Downstream").
 
 Where the upstream vectors come from is the one switch (`upstream`):
