@@ -311,16 +311,48 @@ def _drift(cfg: WorldConfig, e: _Entities, rng: np.random.Generator) -> None:
     e.user_latent /= np.linalg.norm(e.user_latent, axis=1, keepdims=True)
 
 
-def latent_state(root: Path, day: str) -> Tuple[np.ndarray, np.ndarray]:
-    """([users, K], [Pins, K]) unit latents of a generated world as they were on `day`, rows in
-    id order: the ground truth no model sees (a user·Pin dot is the affinity that drives every
-    outcome), rebuilt from the world's seed for tests and benchmarks to measure against."""
+def _ad_logits(cfg: WorldConfig, e: _Entities, user: np.ndarray, pin: np.ndarray,
+               surface: np.ndarray, position: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user·ad affinity, click logit before its noise, conversion-given-click logit) of ad
+    impressions."""
+    affinity = np.einsum("ij,ij->i", e.user_latent[user], e.pin_latent[pin])
+    advertiser = e.advertiser_quality[e.pin_advertiser[pin]]
+    click = (cfg.click_affinity * affinity + advertiser + SURFACE_CLICK_BIAS[surface]
+             - 0.08 * position + cfg.click_bias)
+    conversion = cfg.conversion_affinity * affinity + e.user_intent[user] + advertiser + cfg.conversion_bias
+    return affinity, click, conversion
+
+
+def _state_on(root: Path, day: str) -> Tuple[WorldConfig, _Entities]:
+    """A generated world's config and hidden state as they were on `day`, rebuilt from its seed."""
     meta = json.loads((Path(root) / WORLD_META).read_text())
     cfg, seed = WorldConfig(**meta["config"]), meta["seed"]
     e = _make_entities(cfg, np.random.default_rng([seed, 0]))
     for d in range(meta["days"].index(day) + 1):
         _drift(cfg, e, np.random.default_rng([seed, 1, d]))
+    return cfg, e
+
+
+def latent_state(root: Path, day: str) -> Tuple[np.ndarray, np.ndarray]:
+    """([users, K], [Pins, K]) unit latents of a generated world as they were on `day`, rows in
+    id order: the ground truth no model sees (a user·Pin dot is the affinity that drives every
+    outcome), rebuilt from the world's seed for tests and benchmarks to measure against."""
+    _, e = _state_on(root, day)
     return e.user_latent, e.pin_latent
+
+
+def ad_truth(root: Path, day: str, ads: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The world's own answer for ad impressions of `day` (arrays user_id, pin_id, surface,
+    position, as in ad_events): the user·ad "affinity", P("click") with the click noise
+    integrated out, and P("conversion") given a click. No model can beat these probabilities
+    on average: they are the ceiling a benchmark measures the rankers against."""
+    cfg, e = _state_on(root, day)
+    user, pin = np.asarray(ads["user_id"]), np.asarray(ads["pin_id"])
+    affinity, click, conversion = _ad_logits(cfg, e, user, pin, np.asarray(ads["surface"]), np.asarray(ads["position"]))
+    # E[sigmoid(z + noise·N(0, 1))] by Gauss-Hermite quadrature (probabilists' weights sum to sqrt(2 pi)).
+    nodes, weights = np.polynomial.hermite_e.hermegauss(32)
+    p_click = _sigmoid(click[:, None] + cfg.click_noise * nodes[None, :]) @ (weights / weights.sum())
+    return {"affinity": affinity, "click": p_click, "conversion": _sigmoid(conversion)}
 
 
 def _simulate_day(cfg: WorldConfig, e: _Entities, campaign: np.ndarray, day_index: int,
@@ -367,22 +399,9 @@ def _simulate_day(cfg: WorldConfig, e: _Entities, campaign: np.ndarray, day_inde
     ad_surface = rng.choice(S.NUM_SURFACES, size=m, p=SURFACE_PROBS)
     position = np.minimum(rng.geometric(0.25, m) - 1, 31)
     advertiser = e.pin_advertiser[ad_pin]
-    ad_affinity = np.einsum("ij,ij->i", e.user_latent[ad_user], e.pin_latent[ad_pin])
-    click_logit = (
-        cfg.click_affinity * ad_affinity
-        + e.advertiser_quality[advertiser]
-        + SURFACE_CLICK_BIAS[ad_surface]
-        - 0.08 * position
-        + cfg.click_noise * rng.standard_normal(m)
-        + cfg.click_bias
-    )
+    _, click_logit, conv_logit = _ad_logits(cfg, e, ad_user, ad_pin, ad_surface, position)
+    click_logit = click_logit + cfg.click_noise * rng.standard_normal(m)
     clicked = rng.random(m) < _sigmoid(click_logit)
-    conv_logit = (
-        cfg.conversion_affinity * ad_affinity
-        + e.user_intent[ad_user]
-        + e.advertiser_quality[advertiser]
-        + cfg.conversion_bias
-    )
     converted = clicked & (rng.random(m) < _sigmoid(conv_logit))
     ad_ts = _timestamps(rng, e.user_peak_hour[ad_user], day0)
     order = np.argsort(ad_ts, kind="stable")

@@ -91,3 +91,26 @@ def test_user_sequences_hold_the_last_engagements_before_the_day_and_nothing_aft
             assert list(row.seq_pin_id) == mine.pin_id.tolist()
             assert list(row.seq_action) == mine.action.tolist()
             assert list(row.seq_ts) == mine.ts.tolist()
+
+
+def test_ad_truth_is_the_generator_own_answer(tiny_world):
+    """`ad_truth` recomputes the probabilities the world drew its ad outcomes from: summed over
+    the impressions they predict the clicks and conversions that happened (within 4 binomial
+    standard deviations), and they rank them far better than the base rate does."""
+    from derl.datapipes.world import ad_truth
+    from derl.models.metrics import binary_metrics
+
+    cols = ["user_id", "pin_id", "surface", "position", "clicked", "converted"]
+    days = sorted(p.name.split("=")[1] for p in (tiny_world / "ad_events").iterdir())
+    parts = []
+    for day in days:
+        t = pads.dataset(tiny_world / "ad_events" / f"ds={day}", format="parquet").to_table(columns=cols)
+        rows = {c: t.column(c).to_numpy() for c in cols}
+        parts.append({**rows, **ad_truth(tiny_world, day, rows)})
+    a = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    clicked = a["clicked"] == 1
+    for p, y in ((a["click"], a["clicked"]), (a["conversion"][clicked], a["converted"][clicked])):
+        assert abs(y.sum() - p.sum()) < 4 * np.sqrt((p * (1 - p)).sum())
+    assert binary_metrics(a["click"], a["clicked"])["ne"] < 0.95  # measured 0.925 (base rate: 1)
+    assert binary_metrics(a["conversion"][clicked], a["converted"][clicked])["auc"] > 0.6  # measured 0.72
+    assert np.all(np.abs(a["affinity"]) <= 1 + 1e-5)  # a dot of unit latents
