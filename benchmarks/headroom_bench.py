@@ -102,10 +102,10 @@ def measure(data: Path, snapshots: Path, version: Optional[str] = None) -> Tuple
         fit = np.ones(len(train["clicked"]), bool) if task == "ctr" else train["clicked"] > 0
         score = np.ones(len(test["clicked"]), bool) if task == "ctr" else test["clicked"] > 0
         y_fit, y = train[label][fit], test[label][score]
-        columns = lambda f, cols, m: np.column_stack([f[c][m] for c in cols]) if cols else np.zeros((m.sum(), 0))
         preds = {"base rate": np.full(len(y), y_fit.mean())}
         for name, cols in (("snapshot dots", snapshot_cols), ("true affinity", ["affinity"])):
-            preds[name] = _logistic(columns(train, cols, fit), y_fit, columns(test, cols, score))
+            x_fit = np.column_stack([train[c][fit] for c in cols])
+            preds[name] = _logistic(x_fit, y_fit, np.column_stack([test[c][score] for c in cols]))
         preds["true probability"] = test[truth][score]
         for name, p in preds.items():
             m = binary_metrics(p, y)

@@ -327,7 +327,13 @@ def _ad_logits(cfg: WorldConfig, e: _Entities, user: np.ndarray, pin: np.ndarray
 
 def _state_on(root: Path, day: str) -> Tuple[WorldConfig, _Entities]:
     """A generated world's config and hidden state as they were on `day`, rebuilt from its seed."""
+    if not (Path(root) / WORLD_META).is_file():
+        raise ValueError(f"{root}: no {WORLD_META}, not a world made by `derl generate`; only a "
+                         f"synthetic world knows its hidden state")
     meta = json.loads((Path(root) / WORLD_META).read_text())
+    if day not in meta["days"]:
+        raise ValueError(f"{root}: day {day} is not one of the world's days "
+                         f"{meta['days'][0]}..{meta['days'][-1]}")
     cfg, seed = WorldConfig(**meta["config"]), meta["seed"]
     e = _make_entities(cfg, np.random.default_rng([seed, 0]))
     for d in range(meta["days"].index(day) + 1):

@@ -307,12 +307,13 @@ def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict
     if not worker.is_main:
         return None
 
+    ad_ids = np.sort(ads)
     for domain, info in domains.items():
         cfg, prior = configs[domain], None
         if cfg.retrieval_prior_weight:
-            prior = ad_prior(sources, tuple(info["train_days"]), np.sort(ads), cfg.temperature,
+            prior = ad_prior(sources, tuple(info["train_days"]), ad_ids, cfg.temperature,
                              cfg.retrieval_prior_weight)
-        info["ads_index"] = _ads_index(tmp / domain, np.sort(ads), dim, version, prior)
+        info["ads_index"] = _ads_index(tmp / domain, ad_ids, dim, version, prior)
         info["rows"]["ads"] = info["ads_index"]["size"]
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {

@@ -36,3 +36,14 @@ def test_headroom_sets_the_snapshot_between_base_rate_and_the_world_truth(tiny_p
     assert set(result["meta"]["dot_true_affinity_correlation"]) == {"engagement", "conversion"}
     assert result["meta"]["dot_true_affinity_correlation"]["engagement"] > 0.1  # measured 0.35
     assert (tmp_path / "headroom.md").read_text().count("| ctr |") == 4
+
+
+def test_headroom_names_a_snapshot_version_it_cannot_find(tiny_pipeline, tmp_path):
+    import pytest
+
+    from derl.benchmarks import headroom_bench
+    from derl.datapipes.snapshots import SnapshotError
+
+    with pytest.raises(SnapshotError, match="2099-01-01"):
+        headroom_bench.main(["--data", str(tiny_pipeline / "world"), "--snapshots",
+                             str(tiny_pipeline / "snapshots"), "--version", "2099-01-01", "--out", str(tmp_path)])

@@ -114,3 +114,14 @@ def test_ad_truth_is_the_generator_own_answer(tiny_world):
     assert binary_metrics(a["click"], a["clicked"])["ne"] < 0.95  # measured 0.925 (base rate: 1)
     assert binary_metrics(a["conversion"][clicked], a["converted"][clicked])["auc"] > 0.6  # measured 0.72
     assert np.all(np.abs(a["affinity"]) <= 1 + 1e-5)  # a dot of unit latents
+
+
+def test_the_hidden_state_of_a_world_it_cannot_rebuild_is_refused_by_name(tiny_world, tmp_path):
+    import pytest
+
+    from derl.datapipes.world import latent_state
+
+    with pytest.raises(ValueError, match="not a world made by `derl generate`"):
+        latent_state(tmp_path, "2026-01-01")
+    with pytest.raises(ValueError, match="day 2031-01-01 is not one of the world's days"):
+        latent_state(tiny_world, "2031-01-01")
