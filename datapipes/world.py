@@ -87,8 +87,8 @@ PRESETS: Dict[str, WorldConfig] = {
     # active user, -5.0 click and -3.3 conversion bias, the evaluation day had 91 conversions and
     # no ranker's CVR could be told from the base rate (README "Downstream"). 20 impressions at
     # CTR ~2.4 % and CVR ~30 % give ~1.4k evaluation conversions on 20k users. More ad than
-    # organic impressions, unlike a real feed, but the ad signal stays the sparse one: a day has
-    # ~4.5k ad clicks against ~43k organic closeups, clicks, saves and long clicks.
+    # organic impressions, unlike a real feed, but the ad signal stays the sparse one: organic
+    # actions outnumber ad clicks 11.8 to 1 (tests/test_world.py checks both).
     "demo": WorldConfig(
         num_users=20_000,
         num_pins=100_000,
