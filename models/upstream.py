@@ -1,4 +1,4 @@
-"""The upstream entity model, DERM (DESIGN.md stage 2): user and pin towers whose L2-normalised
+"""The upstream entity model, DERM (docs/architecture.md, "Upstream"): user and pin towers whose L2-normalised
 outputs share one space, an interaction tower with the per-task heads, and a contrastive term.
 
 All embedding tables live in four TorchRec modules at the top of `DERM`, so that
@@ -27,30 +27,18 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from derl.datapipes.batch import (
     CONTEXT_FEATURES,
-    ENGAGEMENT_LABELS,
     PIN_FEATURES,
     SEQUENCE_FEATURES,
     USER_FEATURES,
     Batch,
 )
+from derl.datapipes.domains import DOMAINS, NEGATIVE_LABELS
 from derl.datapipes.schema import CONTENT_DIM
 from derl.models.blocks import SequenceEncoder, Tower
 from derl.models.losses import in_batch_softmax_loss, multi_task_bce
 
-# The BCE tasks of each upstream domain (DESIGN.md stage 2).
-DOMAIN_TASKS: Dict[str, Tuple[str, ...]] = {
-    "engagement": ENGAGEMENT_LABELS + ("clicked",),
-    "conversion": ("converted", "save", "long_click"),
-}
-# Labels that say the user did not want the pin: such rows are never contrastive positives.
-NEGATIVE_LABELS: Tuple[str, ...] = ("hide",)
-
 # Pin features pooled by the pin EBC; pin_id itself lives in the EmbeddingCollection (shared table).
 _PIN_ATTRIBUTES = tuple(f for f in PIN_FEATURES if f != "pin_id")
-
-
-def _positives(tasks: Sequence[str]) -> Tuple[str, ...]:
-    return tuple(t for t in tasks if t not in NEGATIVE_LABELS)
 
 
 @dataclass
@@ -70,13 +58,13 @@ class UpstreamConfig:
     content_dim: int = CONTENT_DIM
     # Add "position" for ad-only training; then organic batches must carry it empty.
     context_features: Tuple[str, ...] = CONTEXT_FEATURES
-    tasks: Tuple[str, ...] = DOMAIN_TASKS["engagement"]
+    tasks: Tuple[str, ...] = DOMAINS["engagement"].tasks
     task_weights: Mapping[str, float] = field(default_factory=dict)  # missing tasks weigh 1
     contrastive: bool = True
-    # 3: measured on the tiny world (README "Upstream"); the term is averaged over all rows.
+    # The term is averaged over all rows (docs/results.md, "Upstream", for how 3 was chosen).
     contrastive_weight: float = 3.0
     # A row is a contrastive positive if any of these labels is > 0 and no NEGATIVE_LABELS is.
-    contrastive_positives: Tuple[str, ...] = _positives(DOMAIN_TASKS["engagement"])
+    contrastive_positives: Tuple[str, ...] = DOMAINS["engagement"].contrastive_positives
     temperature: float = 0.05
     learn_temperature: bool = False
     # batch.dense key of each row's pin sampling probability (logQ correction); None: no correction.
@@ -122,9 +110,9 @@ class UpstreamConfig:
         cls, domain: str, num_embeddings: Mapping[str, int], **overrides: Any
     ) -> "UpstreamConfig":
         """The config of one upstream domain: its tasks, and all but hides as positives."""
-        tasks = DOMAIN_TASKS[domain]
+        d = DOMAINS[domain]
         return cls(
-            **{"tasks": tasks, "contrastive_positives": _positives(tasks), **overrides},
+            **{"tasks": d.tasks, "contrastive_positives": d.contrastive_positives, **overrides},
             num_embeddings=num_embeddings,
         )
 

@@ -1,0 +1,27 @@
+"""Fault injection for the tests, through one hook.
+
+`DERL_FAULT=<point>[:<n>]` in a stage's environment makes its last rank kill itself (SIGKILL,
+no clean-up, as a lost host would) when it reaches `point` for the n-th time (default: the
+first). The stages name their points: `upstream-step` after each training step, `export-parts`
+once every part of a snapshot is written. Unset, `reached` is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_PLAN = os.environ.get("DERL_FAULT", "")
+_seen: Counter = Counter()
+
+
+def reached(point: str, rank: int, world_size: int) -> None:
+    if not _PLAN:
+        return
+    name, _, n = _PLAN.partition(":")
+    if name != point or rank != world_size - 1:
+        return
+    _seen[point] += 1
+    if _seen[point] == int(n or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
