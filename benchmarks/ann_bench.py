@@ -39,8 +39,8 @@ Threads (faiss.omp_set_num_threads, stated in meta): builds run on --build-threa
 all cores, as `derl export` builds), searches on --threads (default 1: queries/s per core;
 batched searches parallelise over queries, so more threads scale them on an idle machine).
 One search thread is the default because on a 2-core machine that other processes share, two
-OpenMP threads wait on each other: exact search over 200k ads measured 2,500 queries/s on one
-thread and 560-690 on two, with the 1-minute load at 2.5.
+OpenMP threads wait on each other, and two threads were measured several times slower than one
+(the figures: docs/results.md, "ANN").
 """
 
 from __future__ import annotations

@@ -45,10 +45,10 @@ under `errors` and the suite goes on with what does not depend on it (exit statu
 end). Measure on an otherwise idle machine: bench.json records the load average at start and
 end (and the table at each command's start); above the core count, other processes shared the
 cores and every figure is a lower bound on throughput. On such a shared CPU host, OpenMP's
-default active waiting makes a rank's intra-op threads spin while one of them waits for a core:
-measured here at load 5 on 2 cores, the scaling stage's 10^5-row table trained at 10-12 steps/s
-with the default and ~400 with `--env OMP_WAIT_POLICY=PASSIVE` (which every measured process
-then inherits; bench.json's `env` records it).
+active waiting makes a rank's intra-op threads spin while one of them waits for a core, many
+times slower than passive waiting (the figures: docs/results.md, "Benchmarks"); derl sets
+OMP_WAIT_POLICY=PASSIVE itself unless the environment already sets it (derl/__init__.py).
+`--env KEY=VALUE` sets a variable for every measured process; bench.json's `env` records it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Upstream training throughput: examples/s of DERM on 1 and 2 CPU ranks, sequence length 32 and
-128, the plain loop against TorchRec's pipeline, and where a step's time goes (issue: "report
-in the README"; this prints the table and writes DIR/upstream.{json,md,png}).
+128, the plain loop against TorchRec's pipeline, and where a step's time goes (this prints the
+table and writes DIR/upstream.{json,md,png}; reference figures in docs/results.md).
 
     python -m derl.benchmarks.upstream_bench --out DIR [--data WORLD] [--steps N] [--warmup N]
         [--profile-steps N] [--batch-size 1024] [--embedding-dim 64] [--seq-layers 2]
@@ -33,7 +33,8 @@ through `launch`, each rank with cores / ranks intra-op `threads` unless --threa
   the embedding modules' KJT plumbing more than on a few large matmuls; the shares are of
   the plain loop, whose input dist the pipeline would overlap.
 Measure on an otherwise idle machine: where other processes hold the cores, intra-op threads
-wait on each other (seen here: 1 rank with 2 threads 20x slower per step than with 1 thread).
+wait on each other (one rank with 2 threads was seen many times slower per step than with 1;
+the figure: docs/results.md, "Benchmarks").
 """
 
 from __future__ import annotations

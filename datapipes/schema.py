@@ -1,4 +1,4 @@
-"""The source tables of DESIGN.md as Arrow schemas, plus the codes their small enums use.
+"""The source tables (docs/data.md) as Arrow schemas, plus the codes their small enums use.
 
 Every adapter (the synthetic world, a real data set) writes these; every reader checks a file
 against them before it trusts a row. Extra columns are allowed, missing or mistyped ones are not.

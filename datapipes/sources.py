@@ -77,7 +77,7 @@ def read_checked(path: Path, spec: S.TableSpec, row_group: Optional[int] = None,
 
 
 class SourceTables:
-    """The source folder of DESIGN.md: `users/`, `pins/`, and day partitions `ds=YYYY-MM-DD`."""
+    """A source folder (docs/data.md): `users/`, `pins/`, and day partitions `ds=YYYY-MM-DD`."""
 
     def __init__(self, root: Path):
         self.root = Path(root)

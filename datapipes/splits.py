@@ -1,4 +1,4 @@
-"""The time split every stage agrees on (DESIGN.md "Time split, always by day").
+"""The time split every stage agrees on, always by day (docs/architecture.md, "The time split").
 
     days:  | upstream training ............ | cut | downstream ... | eval |
 The snapshot is cut at the start of `cut_day` from upstream data before it; upstream models are

@@ -1,6 +1,6 @@
-"""The synthetic ads world: every source table of DESIGN.md, drawn from one latent space.
+"""The synthetic ads world: every source table (docs/data.md), drawn from one latent space.
 
-The generative story (knobs in `WorldConfig`; README "The synthetic world" says it in prose):
+The generative story (knobs in `WorldConfig`; datapipes/README.md says it in prose):
 topics are points on a sphere; a Pin is a noisy point near its topic, its content embedding a
 noisy projection of that point; a user is a mix of two topics that drifts a little every day.
 Organic impressions are rich (many a day, several outcomes whose meaning differs: a save
@@ -83,12 +83,11 @@ PRESETS: Dict[str, WorldConfig] = {
         ads_per_active_user=6.0,
         row_group_size=4_096,
     ),
-    # What `make demo` and the benchmarks use. Ad-heavy on purpose: with 5 ad impressions per
-    # active user, -5.0 click and -3.3 conversion bias, the evaluation day had 91 conversions and
-    # no ranker's CVR could be told from the base rate (README "Downstream"). 20 impressions at
-    # CTR ~2.4 % and CVR ~30 % give ~1.4k evaluation conversions on 20k users. More ad than
-    # organic impressions, unlike a real feed, but the ad signal stays the sparse one: organic
-    # actions outnumber ad clicks 11.8 to 1 (tests/test_world.py checks both).
+    # What `make demo` and the benchmarks use. Ad-heavy on purpose, so that the evaluation day
+    # has enough conversions to tell a CVR gain from noise; more ad than organic impressions,
+    # unlike a real feed, but the ad signal stays the sparse one: organic actions outnumber ad
+    # clicks (tests/test_world.py checks both). The figures and the earlier preset this
+    # replaced: docs/departures.md, "The demo world's ad volume".
     "demo": WorldConfig(
         num_users=20_000,
         num_pins=100_000,

@@ -1,23 +1,65 @@
-"""The `derl` command: one subcommand per stage of DESIGN.md.
+"""The `derl` command: one subcommand per stage, and the one entry module.
 
-Each subcommand parses its flags and calls into the package; no stage logic lives here.
+    derl <stage> ...  =  python -m derl.launchers.cli <stage> ...  =  torchrun ... -m derl.launchers.cli <stage> ...
+
+A stage's flags are generated from its config dataclass (`launchers/settings.py`); the CLI
+parses them into the config, runs the stage's `validate` before any worker starts, then its
+`run` on --nproc local ranks (or inline, under torchrun / TorchX, which start the ranks
+themselves). No stage logic lives here, and nothing imports this module: it sits at the top.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
+from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, SnapshotError, gc, pinned, versions
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
-from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, SnapshotError, gc, pinned, versions
-from derl.launchers import evaluate, export, pipeline, train_downstream, train_upstream
+from derl.launchers import evaluate, export, pipeline, score, settings, train_downstream, train_upstream
+from derl.launchers.config import add_flags, from_args
 from derl.launchers.dist import launch
 from derl.models.sharding import ShardingError
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    """A subcommand that runs a stage: its config class, its checks and its (per-rank) entry."""
+
+    config: type
+    validate: Callable[[Any], None]
+    run: Callable[[Any], Any]
+    distributed: bool
+    help: str
+
+    def __call__(self, args: argparse.Namespace) -> None:
+        cfg = from_args(self.config, args)
+        self.validate(cfg)
+        if self.distributed:
+            launch(self.run, cfg.nproc, cfg)
+        else:
+            self.run(cfg)
+
+
+STAGES = {
+    "train-upstream": StageCommand(settings.TrainUpstreamConfig, train_upstream.validate, train_upstream.run,
+                                   True, "train one domain's upstream entity model (DERM)"),
+    "export": StageCommand(settings.ExportConfig, export.validate, export.run, True,
+                           "export upstream embeddings as a versioned snapshot"),
+    "train-downstream": StageCommand(settings.TrainDownstreamConfig, train_downstream.validate,
+                                     train_downstream.run, True,
+                                     "train a CTR/CVR ranker, with or without upstream vectors"),
+    "score": StageCommand(settings.ScoreConfig, score.validate, score.run, True,
+                          "score a day with a trained ranker and a snapshot version of your choice"),
+    "evaluate": StageCommand(settings.EvaluateConfig, evaluate.validate, evaluate.run, False,
+                             "compare ranker runs on the held-out day: report.json/.md"),
+    "pipeline": StageCommand(settings.PipelineConfig, pipeline.validate, pipeline.run, False,
+                             "every stage in order into one work folder, resumable, one report"),
+}
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -48,19 +90,6 @@ def _inspect(args: argparse.Namespace) -> None:
             continue
         ids = ", ".join(f"{c} {lo}..{hi}" for c, (lo, hi) in t["ids"].items())
         print(f"{t['table']:<16}{t['files']:>6}{t['rows']:>14,}  {t['days']:<28}{ids}")
-
-
-def _launch_stage(validate: Callable[[argparse.Namespace], None],
-                  entry: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
-    """A distributed stage: check its flags here, then run `entry` on --nproc local ranks (or
-    inline, under torchrun / TorchX, which start the ranks themselves)."""
-    validate(args)
-    launch(entry, args.nproc, args)
-
-
-def _launched(validate, entry) -> Callable[[argparse.Namespace], None]:
-    # A partial of module-level functions pickles: `args` (which holds it) goes to spawned ranks.
-    return functools.partial(_launch_stage, validate, entry)
 
 
 def _snapshots(args: argparse.Namespace) -> None:
@@ -96,8 +125,8 @@ def _retrieve(args: argparse.Namespace) -> None:
     if missing[0]:
         raise SnapshotError(f"user {args.user} is not in snapshot {snap.version} ({args.domain})")
     print(f"top {args.k} ads for user {args.user} ({args.domain}, snapshot {snap.version}):")
-    for rank, (pin, score) in enumerate(zip(pins[0], scores[0]), 1):
-        print(f"{rank:>4}  pin {pin:<10} score {score:.4f}")
+    for rank, (pin, value) in enumerate(zip(pins[0], scores[0]), 1):
+        print(f"{rank:>4}  pin {pin:<10} score {value:.4f}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -115,37 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.set_defaults(run=_generate)
+    p.set_defaults(handler=_generate)
 
-    p = sub.add_parser("train-upstream", help="train one domain's upstream entity model (DERM)")
-    train_upstream.add_arguments(p)
-    p.set_defaults(run=_launched(train_upstream.validate, train_upstream.train))
-
-    p = sub.add_parser("export", help="export upstream embeddings as a versioned snapshot")
-    export.add_arguments(p)
-    p.set_defaults(run=_launched(export.validate, export.export))
-
-    p = sub.add_parser("train-downstream", help="train a CTR/CVR ranker, with or without upstream vectors")
-    train_downstream.add_arguments(p)
-    p.set_defaults(run=_launched(train_downstream.validate, train_downstream.train))
-
-    p = sub.add_parser("score", help="score a day with a trained ranker and a snapshot version of your choice")
-    train_downstream.add_score_arguments(p)
-    p.set_defaults(run=_launched(train_downstream.validate_score, train_downstream.rescore))
-
-    p = sub.add_parser("evaluate", help="compare ranker runs on the held-out day: report.json/.md")
-    evaluate.add_arguments(p)
-    p.set_defaults(run=evaluate.evaluate)
-
-    p = sub.add_parser("pipeline", help="every stage in order into one work folder, resumable, one report")
-    pipeline.add_arguments(p)
-    p.set_defaults(run=pipeline.pipeline)
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help)
+        add_flags(p, stage.config)
+        p.set_defaults(handler=stage)
 
     # The suite's own parser reads its flags (`derl bench --help`): every argument goes to it.
     p = sub.add_parser("bench", help="the benchmark suite: every stage's throughput and memory "
                        "(--suite quick|full --out DIR)", add_help=False, prefix_chars="+")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(run=_bench)
+    p.set_defaults(handler=_bench)
 
     p = sub.add_parser("snapshots", help="list, show, verify or gc embedding snapshots")
     p.add_argument("action", choices=["list", "show", "verify", "gc"])
@@ -153,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="default: LATEST")
     p.add_argument("--keep", type=int, help="gc: how many newest versions to keep")
     p.add_argument("--dry-run", action="store_true", help="gc: say what would go")
-    p.set_defaults(run=_snapshots)
+    p.set_defaults(handler=_snapshots)
 
     p = sub.add_parser("retrieve", help="top-K ads for a user through a snapshot's faiss index")
     p.add_argument("--snapshots", type=Path, required=True, help="snapshot root")
@@ -161,19 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", default="engagement")
     p.add_argument("--user", type=int, required=True)
     p.add_argument("-k", type=int, default=10)
-    p.set_defaults(run=_retrieve)
+    p.set_defaults(handler=_retrieve)
 
     p = sub.add_parser("inspect", help="summarise a source folder: tables, rows, days, id ranges")
     p.add_argument("source", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(run=_inspect)
+    p.set_defaults(handler=_inspect)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        args.handler(args)
     except (DataError, SnapshotError, FileExistsError, FileNotFoundError, ValueError, ShardingError,
             pipeline.StageFailed) as e:
         print(f"derl {args.command}: error: {e}", file=sys.stderr)

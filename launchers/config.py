@@ -121,7 +121,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["required"] = True
         else:
             kw["default"] = f.default
-            if f.default is not None and kw["help"] and "choices" not in kw:
+            if f.default is not None and kw["help"] and "choices" not in kw and "default" not in kw["help"]:
                 shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
                 kw["help"] += f" (default: {shown})"
         parser.add_argument(_flag(f), **kw)

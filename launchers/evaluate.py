@@ -16,43 +16,37 @@ DIR/report.json, DIR/report.md and DIR/ne_over_steps.png:
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from derl.datapipes.snapshots import Snapshot, SnapshotJoin
 from derl.datapipes.sources import SourceTables
-from derl.launchers.train_downstream import PREDICTIONS, read_predictions
+from derl.launchers import runs as run_folder
+from derl.launchers.settings import EvaluateConfig
 from derl.models.metrics import bootstrap_ne_gain, ranker_metrics
 
 KS = (10, 50, 100)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs", nargs="+", required=True, metavar="NAME=RUN",
-                   help="ranker runs (derl train-downstream --out); NAME defaults to the folder name")
-    p.add_argument("--baseline", default="none", help="the run NAME the gains are measured against")
-    p.add_argument("--data", type=Path, help="source folder (for ad retrieval recall)")
-    p.add_argument("--snapshots", type=Path, help="snapshot root (cold start, ad retrieval)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+def validate(cfg: EvaluateConfig) -> None:
+    _runs(cfg.runs)
 
 
-def _runs(specs: List[str]) -> Dict[str, Path]:
-    runs = {}
+def _runs(specs: Sequence[str]) -> Dict[str, Path]:
+    found: Dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         run = Path(path if sep else spec)
         name = name if sep else run.name
-        if not (run / "metrics.json").is_file():
+        if not (run / run_folder.METRICS).is_file():
             raise FileNotFoundError(f"--runs {spec}: {run} has no metrics.json (not a finished ranker run)")
-        if name in runs:
+        if name in found:
             raise ValueError(f"--runs: two runs named {name!r}")
-        runs[name] = run
-    return runs
+        found[name] = run
+    return found
 
 
 def _aligned(preds: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, Dict[str, np.ndarray]]:
@@ -106,10 +100,10 @@ def ad_retrieval(snapshots: Path, data: Path, day: str, train_days) -> Dict[str,
     return out
 
 
-def evaluate(args: argparse.Namespace) -> Dict[str, object]:
-    runs = _runs(args.runs)
-    metrics = {n: json.loads((r / "metrics.json").read_text()) for n, r in runs.items()}
-    preds = _aligned({n: read_predictions(r / PREDICTIONS) for n, r in runs.items()})
+def run(cfg: EvaluateConfig) -> Dict[str, object]:
+    runs = _runs(cfg.runs)
+    metrics = {n: run_folder.read_metrics(r) for n, r in runs.items()}
+    preds = _aligned({n: run_folder.read_predictions(r) for n, r in runs.items()})
     days = {m["eval_day"] for m in metrics.values()}
     if len(days) != 1:
         raise ValueError(f"runs were evaluated on different days: {sorted(days)}")
@@ -125,13 +119,13 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
             "train_versions": m["snapshot_versions"], "eval_versions": m["eval_versions"],
             "train_examples_per_s": m["train_examples_per_s"],
             "score_examples_per_s": m["score_examples_per_s"], **m["eval"]}
-    if args.baseline in preds:
-        base = preds[args.baseline]
+    if cfg.baseline in preds:
+        base = preds[cfg.baseline]
         report["ne_gain_over_baseline"] = {
-            "baseline": args.baseline,
-            **{name: {task: bootstrap_ne_gain(*_task_rows(p, base, task), resamples=args.resamples)
+            "baseline": cfg.baseline,
+            **{name: {task: bootstrap_ne_gain(*_task_rows(p, base, task), resamples=cfg.resamples)
                       for task in ("ctr", "cvr")}
-               for name, p in preds.items() if name != args.baseline}}
+               for name, p in preds.items() if name != cfg.baseline}}
     # Each mode's representative run: the one named after it, else its first (the pipeline also
     # runs the vector ablation in snapshot mode, under other names).
     by_mode: Dict[str, str] = {}
@@ -145,7 +139,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
                "train_examples_per_s": report["runs"][name]["train_examples_per_s"]}
         for mode, name in by_mode.items()}
     gains = report.get("ne_gain_over_baseline", {}).get(by_mode.get("snapshot", ""), {})
-    if by_mode.get("none") == args.baseline and gains:  # the headline: snapshot over none
+    if by_mode.get("none") == cfg.baseline and gains:  # the headline: snapshot over none
         for task in ("ctr", "cvr"):
             report[f"{task}_ne_gain"] = gains[task]["gain"]
             report[f"{task}_ne_gain_ci_low"] = gains[task]["ci_low"]
@@ -156,22 +150,22 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
             "train_throughput_ratio": c["train_examples_per_s"] / s["train_examples_per_s"],
             "score_throughput_ratio": c["score_examples_per_s"] / s["score_examples_per_s"],
             "ctr_ne_delta": c["ctr"]["ne"] - s["ctr"]["ne"]}
-    if args.snapshots is not None:
-        masks = cold_masks(args.snapshots, day, rows)
+    if cfg.snapshots is not None:
+        masks = cold_masks(cfg.snapshots, day, rows)
         report["cold_start"] = {
             seg: {"rows": int(mask.sum()), "clicks": int(rows["clicked"][mask].sum()),
                   **{name: ranker_metrics(p, mask)["ctr"] for name, p in preds.items()}}
             for seg, mask in masks.items()}
-        if args.data is not None:
+        if cfg.data is not None:
             train_days = next(iter(metrics.values()))["train_days"]
-            report["ad_retrieval"] = ad_retrieval(args.snapshots, args.data, day, train_days)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    curves = {n: json.loads((r / "train_ne.json").read_text()) for n, r in runs.items()
-              if (r / "train_ne.json").is_file()}
-    plot_ne(curves, args.out / "ne_over_steps.png")
-    (args.out / "report.md").write_text(render(report))
-    print((args.out / "report.md").read_text())
+            report["ad_retrieval"] = ad_retrieval(cfg.snapshots, cfg.data, day, train_days)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    run_folder.write_json(cfg.out / "report.json", report)
+    curves = {n: json.loads((r / run_folder.TRAIN_NE).read_text()) for n, r in runs.items()
+              if (r / run_folder.TRAIN_NE).is_file()}
+    plot_ne(curves, cfg.out / "ne_over_steps.png")
+    (cfg.out / "report.md").write_text(render(report))
+    print((cfg.out / "report.md").read_text())
     return report
 
 

@@ -22,7 +22,6 @@ aligned-only); the report gains a `refresh` section.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -32,52 +31,33 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from derl.datapipes.domains import DOMAINS
 from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
+from derl.launchers import runs
+from derl.launchers.config import to_flags
+from derl.launchers.presets import PRESETS, Preset
+from derl.launchers.settings import (EvaluateConfig, ExportConfig, PipelineConfig, ScoreConfig,
+                                     TrainDownstreamConfig, TrainUpstreamConfig)
 from derl.models import checkpoint
 
-# What each preset trains: small enough for CPU, big enough to learn. `rankers` are the
-# downstream runs: name -> train-downstream flags.
-PRESETS: Dict[str, Dict[str, object]] = {
-    "tiny": {
-        "upstream": ["--embedding-dim", "16", "--seq-layers", "1", "--tower-dims", "32",
-                     "--batch-size", "256", "--dense-lr", "3e-3", "--embedding-lr", "0.1"],
-        "upstream_epochs": {"engagement": "2", "conversion": "1"},
-        # One pass: with ~180 clicks in the training days, a second pass already overfits the id
-        # tables (held-out CTR NE 0.996 after one epoch, 1.11 after two, 2.0 after four).
-        "downstream": ["--embedding-dim", "8", "--dense-arch", "32", "--over-arch", "32,16",
-                       "--batch-size", "256", "--epochs", "1"],
-        "projection_dim": "16",
-    },
-    "demo": {
-        "upstream": ["--embedding-dim", "32", "--seq-layers", "1", "--tower-dims", "128,64",
-                     "--batch-size", "1024", "--dense-lr", "3e-3", "--embedding-lr", "0.1",
-                     "--from-day", "2026-01-08"],
-        # The conversion domain's main table is the ad impressions; half a pass over them keeps
-        # its cost that of the engagement domain's.
-        "upstream_epochs": {"engagement": "1", "conversion": "0.5"},
-        "downstream": ["--embedding-dim", "16", "--batch-size", "1024", "--epochs", "1"],
-        "projection_dim": "32",
-    },
-}
-DOMAINS = ("engagement", "conversion")
 REFRESH_ROOT = Path("refresh") / "snapshots"  # under W: the refresh's raw and aligned-only versions
 
 
-def rankers(preset: Dict[str, object]) -> Dict[str, List[str]]:
-    """The downstream runs the report compares: the three modes, the paper's vector ablation,
-    and the learned projection."""
+def rankers(preset: Preset) -> Dict[str, Dict[str, Any]]:
+    """The downstream runs the report compares (name -> TrainDownstreamConfig overrides): the
+    three modes, the paper's vector ablation, and the learned projection."""
     return {
-        "none": ["--upstream", "none"],
-        "snapshot": ["--upstream", "snapshot", "--vectors", "all"],
-        "snapshot-user": ["--upstream", "snapshot", "--vectors", "user"],
-        "snapshot-user_pin": ["--upstream", "snapshot", "--vectors", "user_pin"],
-        "snapshot-projected": ["--upstream", "snapshot", "--vectors", "all",
-                               "--projection-dim", str(preset["projection_dim"])],
-        "coupled": ["--upstream", "coupled", "--vectors", "all"],
+        "none": {"upstream": "none"},
+        "snapshot": {"upstream": "snapshot", "vectors": "all"},
+        "snapshot-user": {"upstream": "snapshot", "vectors": "user"},
+        "snapshot-user_pin": {"upstream": "snapshot", "vectors": "user_pin"},
+        "snapshot-projected": {"upstream": "snapshot", "vectors": "all",
+                               "projection_dim": preset.projection_dim},
+        "coupled": {"upstream": "coupled", "vectors": "all"},
     }
 
 
@@ -97,51 +77,51 @@ class Stage:
     output: Optional[Path] = None  # removed before a run from scratch
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nproc", type=int, default=1, help="ranks of each distributed stage")
-    p.add_argument("--launcher", choices=["local", "torchx"], default="local")
-    p.add_argument("--refresh", action="store_true", help="then run one more day (see above)")
+def upstream_specs(w: Path) -> Tuple[str, ...]:
+    """export's --upstream DOMAIN=RUN of every domain's run under W."""
+    return tuple(f"{d}={w / 'upstream' / d}" for d in DOMAINS)
 
 
-def stages(args: argparse.Namespace) -> List[Stage]:
-    w, preset = args.workdir, PRESETS[args.preset]
+def stages(cfg: PipelineConfig) -> List[Stage]:
+    w, preset = cfg.workdir, PRESETS[cfg.preset]
     world, snaps = w / "world", w / "snapshots"
-    out = [Stage("generate", "generate", ["--out", str(world), "--preset", args.preset,
-                                          "--seed", str(args.seed), "--overwrite"],
+    out = [Stage("generate", "generate", ["--out", str(world), "--preset", preset.world,
+                                          "--seed", str(cfg.seed), "--overwrite"],
                  done=world / "_world.json")]
     for d in DOMAINS:
         run = w / "upstream" / d
-        out.append(Stage(f"upstream-{d}", "train-upstream",
-                         ["--data", str(world), "--out", str(run), "--domain", d, "--seed", str(args.seed),
-                          "--epochs", preset["upstream_epochs"][d], *preset["upstream"]],
-                         done=run / "metrics.json", inputs=("generate",), distributed=True,
-                         resumable=True, output=run))
+        flags = to_flags(TrainUpstreamConfig, {"data": world, "out": run, "domain": d, "seed": cfg.seed,
+                                               "epochs": preset.upstream_epochs[d], **preset.upstream})
+        out.append(Stage(f"upstream-{d}", "train-upstream", flags, done=run / runs.METRICS,
+                         inputs=("generate",), distributed=True, resumable=True, output=run))
     out.append(Stage("export", "export",
-                     ["--data", str(world), "--out", str(snaps), "--overwrite",
-                      *[a for d in DOMAINS for a in ("--upstream", f"{d}={w / 'upstream' / d}")]],
+                     to_flags(ExportConfig, {"data": world, "out": snaps, "overwrite": True,
+                                             "upstream": upstream_specs(w)}),
                      done=snaps / LATEST, inputs=tuple(f"upstream-{d}" for d in DOMAINS),
                      distributed=True))
-    for name, flags in rankers(preset).items():
+    for name, overrides in rankers(preset).items():
         run = w / "downstream" / name
-        out.append(Stage(f"downstream-{name}", "train-downstream",
-                         ["--data", str(world), "--snapshots", str(snaps), "--out", str(run),
-                          "--seed", str(args.seed), *flags, *preset["downstream"]],
-                         done=run / "metrics.json", inputs=("export",), distributed=True, output=run))
+        flags = to_flags(TrainDownstreamConfig, {"data": world, "snapshots": snaps, "out": run,
+                                                 "seed": cfg.seed, **overrides, **preset.downstream})
+        out.append(Stage(f"downstream-{name}", "train-downstream", flags, done=run / runs.METRICS,
+                         inputs=("export",), distributed=True, output=run))
     out.append(Stage("evaluate", "evaluate",
-                     ["--runs", *[f"{n}={w / 'downstream' / n}" for n in rankers(preset)],
-                      "--data", str(world), "--snapshots", str(snaps), "--out", str(w / "evaluate")],
+                     to_flags(EvaluateConfig, {"runs": tuple(f"{n}={w / 'downstream' / n}" for n in rankers(preset)),
+                                               "data": world, "snapshots": snaps, "out": w / "evaluate"}),
                      done=w / "evaluate" / "report.json",
                      inputs=tuple(f"downstream-{n}" for n in rankers(preset))))
     return out
 
 
-def refresh_stages(args: argparse.Namespace) -> List[Stage]:
+def incremental_upstream(preset: Preset) -> Mapping[str, Any]:
+    """The preset's upstream overrides for a run on one more day (its own day range instead)."""
+    return {k: v for k, v in preset.upstream.items() if k != "from_day"}
+
+
+def refresh_stages(cfg: PipelineConfig) -> List[Stage]:
     """One more day: incremental upstream on the cut day, a new version for the next day
     (smoothed and aligned; raw and aligned-only beside it), the old ranker scored with each."""
-    w = args.workdir
+    w = cfg.workdir
     world, snaps = w / "world", w / "snapshots"
     days = SourceTables(world).days("engagements")
     cut = default_split(days).cut_day
@@ -149,42 +129,30 @@ def refresh_stages(args: argparse.Namespace) -> List[Stage]:
     out = []
     for d in DOMAINS:
         run = w / "upstream" / d
-        out.append(Stage(f"refresh-upstream-{d}", "train-upstream",
-                         ["--data", str(world), "--out", str(run), "--domain", d, "--resume",
-                          "--from-day", cut, "--until", cut, "--epochs", "1",
-                          *_without(PRESETS[args.preset]["upstream"], "--from-day")],
-                         done=run / "metrics.json", inputs=("evaluate",), distributed=True))
-    ups = [a for d in DOMAINS for a in ("--upstream", f"{d}={w / 'upstream' / d}")]
+        flags = to_flags(TrainUpstreamConfig, {
+            "data": world, "out": run, "domain": d, "resume": True, "from_day": cut, "until": cut,
+            "epochs": 1, **incremental_upstream(PRESETS[cfg.preset])})
+        out.append(Stage(f"refresh-upstream-{d}", "train-upstream", flags, done=run / runs.METRICS,
+                         inputs=("evaluate",), distributed=True))
     # The real refresh (smoothed) goes into the snapshot root and becomes LATEST; the two
     # comparisons go into REFRESH_ROOT beside a copy of the previous version (see `pipeline`),
     # so that no point-in-time join ever takes them for the live version of a day.
-    versions = {"raw": [], "aligned": ["--previous", cut, "--weight", "0"],
-                "smoothed": ["--previous", cut, "--weight", "0.8"]}
-    for kind, flags in versions.items():
+    versions = {"raw": {}, "aligned": {"previous": cut, "weight": 0},
+                "smoothed": {"previous": cut, "weight": 0.8}}
+    for kind, overrides in versions.items():
         root = snaps if kind == "smoothed" else w / REFRESH_ROOT
         version = new_cut if kind == "smoothed" else f"{new_cut}-{kind}"
         out.append(Stage(f"refresh-export-{kind}", "export",
-                         ["--data", str(world), "--out", str(root), "--cut", new_cut, "--version", version,
-                          "--overwrite", *flags, *ups],
+                         to_flags(ExportConfig, {"data": world, "out": root, "cut": new_cut,
+                                                 "version": version, "overwrite": True, **overrides,
+                                                 "upstream": upstream_specs(w)}),
                          done=root / version / MANIFEST,
                          inputs=tuple(f"refresh-upstream-{d}" for d in DOMAINS), distributed=True))
         out.append(Stage(f"refresh-score-{kind}", "score",
-                         ["--run", str(w / "downstream" / "snapshot"), "--snapshots", str(root),
-                          "--snapshot-version", version, "--out", str(w / "refresh" / kind)],
-                         done=w / "refresh" / kind / "metrics.json", inputs=(f"refresh-export-{kind}",),
+                         to_flags(ScoreConfig, {"ranker": w / "downstream" / "snapshot", "snapshots": root,
+                                                "snapshot_version": version, "out": w / "refresh" / kind}),
+                         done=w / "refresh" / kind / runs.METRICS, inputs=(f"refresh-export-{kind}",),
                          distributed=True, output=w / "refresh" / kind))
-    return out
-
-
-def _without(flags: Sequence[str], flag: str) -> List[str]:
-    out, skip = [], False
-    for f in flags:
-        if skip:
-            skip = False
-        elif f == flag:
-            skip = True
-        else:
-            out.append(f)
     return out
 
 
@@ -195,9 +163,9 @@ def _digest(obj: object) -> str:
 class Runner:
     """Runs stages in order, skipping finished ones, with stamps under W/stamps."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.stamps = args.workdir / "stamps"
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.stamps = cfg.workdir / "stamps"
         self.stamps.mkdir(parents=True, exist_ok=True)
         self.digests: Dict[str, str] = {}
         self.timings: Dict[str, object] = {}
@@ -234,8 +202,8 @@ class Runner:
         self.timings[stage.name] = {"skipped": False, "seconds": seconds}
 
     def _launch(self, stage: Stage, args: List[str]) -> None:
-        nproc = ["--nproc", str(self.args.nproc)] if stage.distributed else []
-        if self.args.launcher == "local":
+        nproc = ["--nproc", str(self.cfg.nproc)] if stage.distributed else []
+        if self.cfg.launcher == "local":
             proc = subprocess.run([sys.executable, "-m", "derl.launchers.cli", stage.subcommand, *args, *nproc])
             if proc.returncode != 0:
                 raise StageFailed(f"pipeline stage {stage.name} failed (exit {proc.returncode}); "
@@ -249,53 +217,58 @@ class Runner:
         from derl.launchers.components import stage_app
 
         app = stage_app(stage.subcommand, args, distributed=stage.distributed,
-                        nproc_per_node=self.args.nproc if stage.distributed else 1)
+                        nproc_per_node=self.cfg.nproc if stage.distributed else 1)
         with get_runner() as runner:
             handle = runner.run(app, scheduler="local_cwd",
-                                cfg={"log_dir": str(self.args.workdir / "torchx")})
+                                cfg={"log_dir": str(self.cfg.workdir / "torchx")})
             status = runner.wait(handle, wait_interval=2)
         if status is None or status.state != AppState.SUCCEEDED:
             raise StageFailed(f"pipeline stage {stage.name} failed under TorchX ({status}); logs in "
-                               f"{self.args.workdir / 'torchx'}; re-run the same command to continue")
+                               f"{self.cfg.workdir / 'torchx'}; re-run the same command to continue")
 
 
-def pipeline(args: argparse.Namespace) -> Dict[str, object]:
+def validate(cfg: PipelineConfig) -> None:
+    if cfg.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {cfg.nproc}")
+
+
+def run(cfg: PipelineConfig) -> Dict[str, object]:
     t0 = time.perf_counter()
-    runner = Runner(args)
-    for stage in stages(args):
+    runner = Runner(cfg)
+    for stage in stages(cfg):
         runner.run(stage)
-    if args.refresh:
-        first = _first_version(args.workdir / "snapshots")
-        copy = args.workdir / REFRESH_ROOT / first
+    if cfg.refresh:
+        first = _first_version(cfg.workdir / "snapshots")
+        copy = cfg.workdir / REFRESH_ROOT / first
         if not copy.exists():  # the previous version, for the comparisons to align onto
-            shutil.copytree(args.workdir / "snapshots" / first, copy)
-        for stage in refresh_stages(args):
+            shutil.copytree(cfg.workdir / "snapshots" / first, copy)
+        for stage in refresh_stages(cfg):
             runner.run(stage)
-    report = combined_report(args, runner.timings, time.perf_counter() - t0)
-    print(f"[pipeline] done in {report['wall_s']:.0f} s: {args.workdir / 'report.md'} and report.json")
+    report = combined_report(cfg, runner.timings, time.perf_counter() - t0)
+    print(f"[pipeline] done in {report['wall_s']:.0f} s: {cfg.workdir / 'report.md'} and report.json")
     return report
 
 
-def combined_report(args: argparse.Namespace, timings: Dict[str, object], wall: float) -> Dict[str, object]:
-    w = args.workdir
+def combined_report(cfg: PipelineConfig, timings: Dict[str, object], wall: float) -> Dict[str, object]:
+    w = cfg.workdir
     report = json.loads((w / "evaluate" / "report.json").read_text())
     report["upstream"] = {}
     for d in DOMAINS:
-        m = json.loads((w / "upstream" / d / "metrics.json").read_text())
-        report["upstream"][d] = {k: m[k] for k in m if k.startswith(("recall@", "popularity_recall@"))}
+        m = runs.read_metrics(w / "upstream" / d)
+        report["upstream"][d] = runs.headline(m)
         report["upstream"][d].update(steps=m["steps"], train_examples_per_s=m["train_examples_per_s"],
                                      eval_day=m["eval"]["day"])
     snap = Snapshot(w / "snapshots", _first_version(w / "snapshots"))
     report["snapshot"] = {k: v for k, v in snap.manifest.items() if k != "files"}
-    if args.refresh:
-        report["refresh"] = {kind: json.loads((w / "refresh" / kind / "metrics.json").read_text())["eval"]["ctr"]
+    if cfg.refresh:
+        report["refresh"] = {kind: runs.read_metrics(w / "refresh" / kind)["eval"]["ctr"]
                              for kind in ("raw", "aligned", "smoothed")}
         report["refresh"]["trained_with"] = report["runs"]["snapshot"]["ctr"]
     report["stages"] = timings
     report["wall_s"] = wall  # this invocation's; a re-run skips what is done
     report["stages_s"] = round(sum(t["seconds"] or 0.0 for t in timings.values()), 1)  # all of it
-    report["preset"] = args.preset
-    (w / "report.json").write_text(json.dumps(report, indent=2))
+    report["preset"] = cfg.preset
+    runs.write_json(w / "report.json", report)
     md = (w / "evaluate" / "report.md").read_text().replace("](ne_over_steps.png)", "](evaluate/ne_over_steps.png)")
     md = md.replace("# Downstream evaluation", "## Downstream evaluation", 1)  # a section of this report
     (w / "report.md").write_text(_upstream_md(report) + md + _refresh_md(report))

@@ -5,6 +5,8 @@
                            manifests and pipeline reports)
     RUN/checkpoints/step-*/  DCP checkpoints (models/checkpoint.py)
     RUN/predictions/part-*.parquet  a ranker's scored evaluation rows, one part per rank
+    RUN/train_ne.json      a ranker's training NE over steps; RUN/loss_history.json, RUN/tb/
+                           an upstream run's losses
 
 Every stage that reads another stage's run (export reads upstream runs, score and evaluate
 read ranker runs, the pipeline reads both) goes through here, so no entry point imports
@@ -29,6 +31,7 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 CHECKPOINTS = "checkpoints"
 PREDICTIONS = "predictions"
+TRAIN_NE = "train_ne.json"  # a ranker's windowed training NE per step, for the NE-over-steps plot
 # Upstream metrics that travel with the vectors: into the snapshot manifest and the pipeline report.
 HEADLINE_METRICS = ("recall@", "popularity_recall@", "dot_auc_")
 

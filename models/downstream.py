@@ -1,5 +1,5 @@
-"""The downstream ads ranker (DESIGN.md stage 4): DLRM / DCN-v2 from TorchRec's own blocks, with
-the upstream entity vectors as dense features, and two heads (CTR and CVR).
+"""The downstream ads ranker: DLRM / DCN-v2 from TorchRec's own blocks, with the upstream
+entity vectors as dense features, and two heads (CTR and CVR) (docs/architecture.md, "Rankers").
 
     sparse ids (ad Pin, advertiser, campaign, category, surface, position, hour, user, profile)
         -> SparseArch (a sharded EmbeddingBagCollection)                      [B, F, D]
@@ -11,10 +11,9 @@ the upstream entity vectors as dense features, and two heads (CTR and CVR).
 
 The wide path is what lets a ranker use the upstream affinity at all on sparse ad data.
 dot / temperature is the upstream model's own logit (an estimate of log P(Pin | user) / q, a
-log-lift), the natural scale of a log-odds feature. Through the deep arch alone a ranker that
-sees ~1.4k clicks in one pass (the earlier demo world's; a second pass overfits its id tables)
-gained nothing from the vectors (CTR NE −0.01 %); the same ranker with the wide path gained
-0.30 % [0.09 %, 0.51 %] (README "Downstream").
+log-lift), the natural scale of a log-odds feature. Through the deep arch alone, a ranker that
+sees the clicks of sparse ad data once (a second pass overfits its id tables) gained nothing
+from the vectors; with the wide path it did (figures: docs/results.md, "Downstream").
 
 Where the upstream vectors come from is the one switch (`upstream`):
 - `none`: no upstream vectors (the baseline);
@@ -25,7 +24,7 @@ Where the upstream vectors come from is the one switch (`upstream`):
 
 CVR is trained ESMM-style (Ma et al. 2018): pCTCVR = pCTR · pCVR is fitted to `converted` on all
 impressions. Conversions are rare and only follow clicks; fitting pCVR on clicked rows alone
-would train on ~1.5 % of the data and score all impressions with a model that never saw an
+would train on the clicked few percent of the data and score all impressions with a model that never saw an
 unclicked one (sample selection bias). pCVR itself is evaluated on clicked impressions.
 """
 
@@ -86,7 +85,7 @@ class RankerConfig:
     dot_temperatures: Tuple[float, ...] = ()
     cvr_weight: float = 1.0
     # Base rates the heads start from (their output bias = logit of it): a head that starts at
-    # 0.5 on 1.5 % CTR spends its first hundreds of steps learning the base rate.
+    # 0.5 on a CTR of a few percent spends its first hundreds of steps learning the base rate.
     ctr_prior: float = 0.5
     cvr_prior: float = 0.5
     sparse_features: Tuple[str, ...] = RANKER_SPARSE_FEATURES

@@ -50,8 +50,8 @@ def in_batch_softmax_loss(
     Only rows with `positive[i]` true contribute, and the loss is their summed cross entropy over
     the batch's rows (not over its positives): every positive pair weighs the same, whichever
     table its batch came from. Averaging over positives instead gave each of the few clicks of an
-    ad batch (CTR ~1.6 %) the weight of ~17 organic engagements (~28 % positive), and those noisy
-    batches cost the organic space a tenth of its recall gain (README "Upstream").
+    ad batch the weight of many organic engagements, and those noisy batches cost the organic
+    space part of its recall gain (the figures: docs/results.md, "Upstream").
     """
     logits = query @ item.T / temperature
     if item_prob is not None:

@@ -198,8 +198,9 @@ class _Unit(nn.Module):
     """Tower output -> unit vector, optionally centred first.
 
     ReLU and LayerNorm layers give every entity's tower output a large shared component: at
-    initialisation the unit vectors of all Pins (and of all users) lie in a narrow cone (mean
-    vector of norm ~0.85 on the tiny world, where random directions would give ~0.03). There
+    initialisation the unit vectors of all Pins (and of all users) lie in a narrow cone (the
+    mean unit vector has a large norm, where random directions would give nearly 0; the
+    figures: docs/results.md, "Upstream"). There
     the in-batch softmax settles on the popularity solution (every user nearly the same vector,
     Pins spread along it by popularity), and affinity, a product of two small deviations from
     the cone, hardly moves. Centring and scaling each dimension over the batch (`_Centre`,

@@ -1,0 +1,85 @@
+"""The point-in-time join: each event row gets the vectors of the version live on its day.
+
+This is what keeps a downstream ranker honest: a row never sees vectors built from data after it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from derl.datapipes.snapshots.reader import Snapshot
+from derl.datapipes.snapshots.store import ENTITIES, SnapshotError, cut_days
+
+
+class SnapshotJoin:
+    """Point-in-time join of snapshot vectors onto event rows (a reader's `DenseJoin`).
+
+    A row of day D gets the vectors of the version live on D: the newest whose cut day is <= D
+    (it was built from data before D), never a later one. With `version` set, every row gets
+    that version instead (scoring a ranker trained on N with N+1). Adds to the batch:
+    `upstream` [n, k, d] (zeros where missing) and `upstream_missing` [n, k] (1.0 where the
+    version does not hold the id), k = len(vectors). Every version is verified on first use and
+    must have dimension `dim` (when given) and every domain the vectors name.
+    """
+
+    def __init__(self, root: Path, vectors: Sequence[str], version: Optional[str] = None,
+                 dim: Optional[int] = None):
+        self.root = Path(root)
+        self.vectors = tuple(vectors)
+        for v in self.vectors:
+            domain, _, entity = v.partition("/")
+            if entity not in ENTITIES:
+                raise ValueError(f"vector {v!r}: expected <domain>/users or <domain>/pins")
+        self.pinned = version
+        self.timeline = cut_days(self.root)
+        if not self.timeline:
+            raise SnapshotError(f"{self.root}: no complete snapshot version")
+        self.dim = dim
+        self._snapshots: Dict[str, Snapshot] = {}
+        self.rows_by_version: Dict[str, int] = {}
+
+    def version_on(self, day: str) -> str:
+        if self.pinned is not None:
+            return self.pinned
+        live = [v for cut, v in self.timeline if cut <= day]
+        if not live:
+            raise SnapshotError(
+                f"{self.root}: no snapshot was live on {day} (the earliest is cut on "
+                f"{self.timeline[0][0]}); train and evaluate on days from the first cut on")
+        return live[-1]
+
+    def snapshot(self, version: str) -> Snapshot:
+        if version not in self._snapshots:
+            snap = Snapshot(self.root, version)
+            if self.dim is None:
+                self.dim = snap.dim
+            if snap.dim != self.dim:
+                raise SnapshotError(f"{snap.path}: dimension {snap.dim}, but this ranker takes "
+                                    f"vectors of dimension {self.dim}")
+            for v in self.vectors:
+                snap.table(*v.split("/"))  # refuses a missing domain, by name
+            self._snapshots[version] = snap
+        return self._snapshots[version]
+
+    def __call__(self, rows: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        n = len(rows["user_id"])
+        days = np.asarray(rows["day_start"], dtype="datetime64[s]").astype("datetime64[D]")
+        out, missing = None, np.zeros((n, len(self.vectors)), dtype=np.float32)
+        for day in np.unique(days):
+            idx = np.flatnonzero(days == day)
+            version = self.version_on(str(day))
+            snap = self.snapshot(version)
+            if out is None:
+                out = np.zeros((n, len(self.vectors), snap.dim), dtype=np.float32)
+            for j, v in enumerate(self.vectors):
+                domain, entity = v.split("/")
+                ids = rows["user_id" if entity == "users" else "pin_id"][idx]
+                vectors, absent = snap.table(domain, entity).lookup(ids)
+                out[idx, j], missing[idx, j] = vectors, absent
+            self.rows_by_version[version] = self.rows_by_version.get(version, 0) + len(idx)
+        if out is None:
+            out = np.zeros((n, len(self.vectors), self.dim or 0), dtype=np.float32)
+        return {"upstream": out, "upstream_missing": missing}

@@ -1,0 +1,53 @@
+"""Presets: one table of overrides on the stage configs, for the pipeline, the benchmarks and
+the tests.
+
+A preset names a synthetic world (`datapipes.world.PRESETS`) and what the stages change from
+their defaults on it: `upstream` overrides `TrainUpstreamConfig` for both domains (plus each
+domain's `upstream_epochs`), `downstream` overrides `TrainDownstreamConfig`, `projection_dim`
+is the width of the pipeline's projected-snapshot ranker. Stages turn overrides into flags
+with `config.to_flags`, so a preset never spells a flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping
+
+# Small enough for CPU CI, big enough to learn something (the tests' and the quick bench's models).
+SMALL_UPSTREAM: Dict[str, Any] = {"embedding_dim": 16, "seq_layers": 1, "tower_dims": (32,),
+                                  "interaction_dims": (32,), "batch_size": 256}
+SMALL_RANKER: Dict[str, Any] = {"embedding_dim": 8, "dense_arch": (32,), "over_arch": (32, 16),
+                                "batch_size": 256}
+
+
+@dataclass(frozen=True)
+class Preset:
+    world: str
+    upstream: Mapping[str, Any]
+    upstream_epochs: Mapping[str, float]
+    downstream: Mapping[str, Any]
+    projection_dim: int
+
+
+PRESETS: Dict[str, Preset] = {
+    "tiny": Preset(
+        world="tiny",
+        upstream={**SMALL_UPSTREAM, "dense_lr": 3e-3, "embedding_lr": 0.1},
+        upstream_epochs={"engagement": 2, "conversion": 1},
+        # One pass: with ~180 clicks in the training days, a second pass already overfits the
+        # ranker's id tables (docs/results.md, "Downstream").
+        downstream={**SMALL_RANKER, "epochs": 1},
+        projection_dim=16,
+    ),
+    "demo": Preset(
+        world="demo",
+        upstream={"embedding_dim": 32, "seq_layers": 1, "tower_dims": (128, 64),
+                  "interaction_dims": (128, 64), "batch_size": 1024, "dense_lr": 3e-3,
+                  "embedding_lr": 0.1, "from_day": "2026-01-08"},
+        # The conversion domain's main table is the ad impressions; half a pass over them keeps
+        # its cost that of the engagement domain's.
+        upstream_epochs={"engagement": 1, "conversion": 0.5},
+        downstream={"embedding_dim": 16, "batch_size": 1024, "epochs": 1},
+        projection_dim=32,
+    ),
+}

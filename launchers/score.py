@@ -1,0 +1,62 @@
+"""`derl score`: a trained ranker, reloaded, scores a day with the snapshot version of your choice.
+
+    derl score --run RANKER_RUN --out DIR [--snapshot-version V] [--eval-day DAY] [--nproc N]
+
+E.g. a ranker trained on version N scored with N+1, raw or aligned. The checkpoint loads on
+any number of ranks (DCP reshards). Writes what a training run's report writes: DIR/predictions
+and DIR/metrics.json (with `rescored_from`), through `scoring.score_and_report`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from derl.datapipes.snapshots import SnapshotJoin
+from derl.datapipes.sources import SourceTables
+from derl.launchers import dist as derl_dist
+from derl.launchers import runs, scoring
+from derl.launchers.settings import ScoreConfig
+from derl.models import checkpoint
+from derl.models.downstream import Ranker
+from derl.models.sharding import OptimConfig, shard_model
+
+# What a rescored run keeps of its training run's metrics.
+TRAINING_SUMMARY = ("upstream", "vectors", "projection_dim", "steps", "train_days", "train_examples_per_s",
+                    "snapshot_dim", "coupled_checkpoints", "snapshot_versions")
+
+
+def validate(cfg: ScoreConfig) -> None:
+    if not (cfg.ranker / runs.CONFIG).is_file() or runs.latest_checkpoint(cfg.ranker) is None:
+        raise FileNotFoundError(f"--run {cfg.ranker}: not a finished ranker run (config.json, checkpoints)")
+
+
+def run(cfg: ScoreConfig) -> Dict[str, object]:
+    """One worker's part of the scoring (every rank runs this)."""
+    return derl_dist.run_as_worker(_run, cfg)
+
+
+def _run(cfg: ScoreConfig, worker: derl_dist.Worker) -> Dict[str, object]:
+    meta = runs.read_config(cfg.ranker)
+    model_cfg = runs.ranker_model_config(cfg.ranker)
+    # A coupled ranker's towers: rebuilt from the upstream runs that own the checkpoints
+    # (RUN/checkpoints/step-N -> RUN).
+    upstream = {d: runs.upstream_model_config(Path(c).parent.parent)
+                for d, c in meta["coupled_checkpoints"].items()}
+    dmp, optimizer, _ = shard_model(Ranker(model_cfg, torch.device("meta"), upstream), worker.device,
+                                    OptimConfig())
+    checkpoint.load(runs.latest_checkpoint(cfg.ranker), dmp, optimizer)
+    snapshots = cfg.snapshots or (Path(meta["snapshots"]) if meta["snapshots"] else None)
+    trained = runs.read_metrics(cfg.ranker)
+    summary = {k: trained[k] for k in TRAINING_SUMMARY}
+    eval_day = cfg.eval_day or meta["eval_day"]
+    summary.update(world_size=worker.world_size, eval_day=eval_day, rescored_from=str(cfg.ranker))
+    if worker.is_main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    make_join = (lambda: SnapshotJoin(snapshots, model_cfg.vectors, cfg.snapshot_version,
+                                      model_cfg.upstream_dim)) if model_cfg.upstream == "snapshot" else None
+    data = Path(cfg.data or meta["data"])
+    return scoring.score_and_report(dmp, worker, data, eval_day, SourceTables(data).vocab(), make_join,
+                                    cfg.out, summary)

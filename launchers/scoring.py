@@ -1,0 +1,109 @@
+"""Scoring a day with a ranker, shared by `derl train-downstream` (after training) and
+`derl score` (a trained ranker reloaded): predictions per rank, then metrics on rank 0.
+
+A sharded model's forward is collective, so every rank makes the same number of calls: ranks
+with fewer batches repeat their last one, flagged not real (`_lockstep`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from derl.datapipes.readers import ExampleReader, ReaderConfig
+from derl.datapipes.snapshots import SnapshotJoin
+from derl.launchers import dist as derl_dist
+from derl.launchers import runs
+from derl.models.metrics import ranker_metrics
+
+SCORE_BATCH = 4096
+
+
+def slowest(seconds: float) -> float:
+    """The largest of every rank's `seconds` (collective)."""
+    t = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def gathered(obj) -> list:
+    """Every rank's `obj`, in rank order (collective)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def summed(counts: Dict[str, int]) -> Dict[str, int]:
+    """Every rank's counts, added up (collective)."""
+    total: Dict[str, int] = {}
+    for c in gathered(counts):
+        for k, n in c.items():
+            total[k] = total.get(k, 0) + n
+    return total
+
+
+def _lockstep(reader: ExampleReader, device: torch.device):
+    """(batch, is_real), as many on every rank. (The reader does not drop the last partial
+    batch, so a rank has ceil(rows / batch size) of them.)"""
+    mine = -(-reader.num_rows // reader.config.batch_size)
+    most = torch.tensor(mine, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    last = None
+    for last in reader.batches(0):
+        yield last, True
+    for _ in range(int(most) - mine):
+        yield last, False
+
+
+@torch.no_grad()
+def score(dmp, reader: ExampleReader, device: torch.device) -> Dict[str, np.ndarray]:
+    """Collective. This rank's evaluation rows, scored: ids, labels, pCTR, pCVR, flags."""
+    cols: Dict[str, List[np.ndarray]] = {}
+    for batch, real in _lockstep(reader, device):
+        _, out = dmp(batch.to(device))
+        if not real:
+            continue
+        row = {"request_id": batch.meta["request_id"], "user_id": batch.meta["user_id"],
+               "pin_id": batch.meta["pin_id"], "clicked": batch.labels["clicked"],
+               "converted": batch.labels["converted"], "p_ctr": out["ctr"], "p_cvr": out["cvr"]}
+        if "upstream_missing" in batch.dense:
+            row["missing"] = batch.dense["upstream_missing"]
+        for k, v in row.items():
+            cols.setdefault(k, []).append(v.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def score_and_report(dmp, worker: derl_dist.Worker, data: Path, eval_day: str, vocab: Dict[str, int],
+                     make_join: Optional[Callable[[], SnapshotJoin]], out: Path,
+                     summary: Dict[str, object]) -> Dict[str, object]:
+    """Collective. Score `eval_day` with the (trained or loaded) ranker, each rank writing its
+    part of OUT/predictions; rank 0 computes the metrics and writes OUT/metrics.json."""
+    dmp.eval()
+    join = make_join() if make_join else None
+    reader = ExampleReader(data, "ad_events", (eval_day, eval_day), worker.rank, worker.world_size,
+                           ReaderConfig(batch_size=SCORE_BATCH, shuffle_buffer=0), vocab,
+                           [join] if join else [])
+    t0 = time.perf_counter()
+    rows = score(dmp, reader, worker.device)
+    seconds = slowest(time.perf_counter() - t0)
+    runs.write_predictions(out, worker.rank, rows)
+    eval_versions = summed(dict(join.rows_by_version) if join else {})
+    eval_stats = gathered(reader.stats.as_dict())
+    dist.barrier()
+    if not worker.is_main:
+        return {}
+    preds = runs.read_predictions(out)
+    metrics = {**summary, "eval_versions": eval_versions,
+               "score_examples_per_s": len(preds["p_ctr"]) / seconds,
+               "eval": ranker_metrics(preds), "data_repairs_eval": eval_stats}
+    runs.write_json(out / runs.METRICS, metrics)
+    e = metrics["eval"]
+    print(f"{summary['upstream']}: CTR NE {e['ctr']['ne']:.4f} AUC {e['ctr']['auc']:.4f}, "
+          f"CVR NE {e['cvr'].get('ne', float('nan')):.4f} on {eval_day}"
+          f"{' with ' + ', '.join(eval_versions) if eval_versions else ''}; metrics in {out / runs.METRICS}")
+    return metrics

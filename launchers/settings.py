@@ -1,0 +1,146 @@
+"""The stage configs: one frozen dataclass per stage, its fields the stage's flags.
+
+`derl <stage> --help` is generated from these (`config.add_flags`): each field carries its help
+text, and its default exists once, here, or, for a model knob, in the model config it feeds
+(`default_of`). They sit together, apart from the stages that run them, so that the CLI, the
+pipeline, the presets, the benchmarks and the tests can name a stage's settings without
+importing the stage (no entry point imports another). A stage module reads its config only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from derl.datapipes.domains import DOMAINS, VECTOR_SETS
+from derl.launchers.config import default_of, setting
+from derl.models.downstream import UPSTREAM_MODES, RankerConfig
+from derl.models.sharding import OptimConfig
+from derl.models.upstream import UpstreamConfig
+
+
+def _upstream(name: str) -> Any:
+    return default_of(UpstreamConfig, name)
+
+
+def _ranker(name: str) -> Any:
+    return default_of(RankerConfig, name)
+
+
+@dataclass(frozen=True)
+class TrainUpstreamConfig:
+    data: Path = setting(help="source folder (derl generate)")
+    out: Path = setting(help="run folder")
+    domain: str = setting("engagement", "the upstream domain", choices=sorted(DOMAINS))
+    nproc: int = setting(1, "local worker processes (ranks)")
+    max_steps: Optional[int] = setting(None, "stop after this many steps (default: --epochs)")
+    epochs: float = setting(1.0, "passes over the domain's main table")
+    resume: bool = setting(False, "continue from RUN's newest checkpoint")
+    from_day: Optional[str] = setting(None, "first training day (default: the source's first)")
+    until: Optional[str] = setting(None, "last training day (default: the day before the snapshot cut)")
+    batch_size: int = setting(1024, "per rank")
+    embedding_dim: int = setting(_upstream("embedding_dim"), "width of every table and of the entity vectors")
+    seq_len: int = setting(_upstream("seq_len"), "sequence events the model reads")
+    seq_layers: int = setting(_upstream("seq_layers"), "transformer layers over the user sequence")
+    seq_dropout: float = setting(_upstream("seq_dropout"), "dropout in the sequence transformer")
+    tower_dims: Tuple[int, ...] = setting(_upstream("tower_dims"), "hidden widths of the user and Pin towers")
+    interaction_dims: Tuple[int, ...] = setting(_upstream("interaction_dims"),
+                                                "hidden widths of the interaction tower")
+    contrastive: bool = setting(_upstream("contrastive"), "drop the in-batch contrastive term: BCE heads only (ablation)")
+    logq_strength: float = setting(_upstream("logq_strength"),
+                                   "share of the logQ correction in training: 0 leaves popularity out "
+                                   "of the dot (retrieval adds it back), 1 puts it in")
+    center: bool = setting(_upstream("center_entities"), "do not centre the tower outputs over the batch before "
+                                 "normalising (ablation)")
+    contrastive_weight: float = setting(_upstream("contrastive_weight"), "weight of the contrastive term")
+    contrastive_positives: Optional[Tuple[str, ...]] = setting(
+        None, "comma-separated labels whose rows are positives (default: every task but hide)")
+    temperature: float = setting(_upstream("temperature"), "softmax temperature of the dot")
+    embedding_lr: float = setting(default_of(OptimConfig, "embedding_lr"), "fused row-wise Adagrad")
+    dense_lr: float = setting(default_of(OptimConfig, "dense_lr"), "Adam, every dense parameter")
+    checkpoint_every: int = setting(200, "steps between checkpoints")
+    eval_every: int = setting(0, "steps between evaluations (0: at the end only)")
+    eval_batch_size: int = setting(2048, "entities per forward in evaluation")
+    memory_per_rank_gb: Optional[float] = setting(None, "planner memory cap (default: the host's)")
+    seed: int = setting(0, "seed of the model and the data order")
+
+    def model_config(self, vocab: Dict[str, int]) -> UpstreamConfig:
+        extra = {"contrastive_positives": self.contrastive_positives} if self.contrastive_positives else {}
+        return UpstreamConfig.for_domain(
+            self.domain, vocab, embedding_dim=self.embedding_dim, seq_len=self.seq_len,
+            seq_layers=self.seq_layers, seq_dropout=self.seq_dropout, tower_dims=self.tower_dims,
+            interaction_dims=self.interaction_dims, contrastive=self.contrastive,
+            contrastive_weight=self.contrastive_weight, logq_strength=self.logq_strength,
+            center_entities=self.center, temperature=self.temperature, **extra)
+
+
+@dataclass(frozen=True)
+class TrainDownstreamConfig:
+    data: Path = setting(help="source folder (derl generate)")
+    out: Path = setting(help="run folder")
+    upstream: str = setting("snapshot", "where the upstream vectors come from (none: the baseline)",
+                            choices=UPSTREAM_MODES)
+    snapshots: Optional[Path] = setting(None, "snapshot root (derl export --out)")
+    vectors: str = setting("all", "which upstream vectors: engagement user; + its Pin; all four",
+                           choices=sorted(VECTOR_SETS))
+    snapshot_version: Optional[str] = setting(
+        None, "join every row with this version instead of the one live on its day")
+    projection_dim: Optional[int] = setting(None, "project the upstream vectors to this width")
+    interaction: str = setting(_ranker("interaction"), "feature interaction: DCN-v2 or DLRM's dot",
+                               choices=("dcn", "dot"))
+    embedding_dim: int = setting(_ranker("embedding_dim"), "width of the ranker's id tables")
+    dense_arch: Tuple[int, ...] = setting(_ranker("dense_arch"), "hidden widths of the dense arch")
+    over_arch: Tuple[int, ...] = setting(_ranker("over_arch"), "hidden widths of each head")
+    nproc: int = setting(1, "local worker processes (ranks)")
+    epochs: float = setting(1.0, "passes over the training days' ad impressions")
+    max_steps: Optional[int] = setting(None, "stop after this many steps (default: --epochs)")
+    batch_size: int = setting(512, "per rank")
+    embedding_lr: float = setting(default_of(OptimConfig, "embedding_lr"), "fused row-wise Adagrad")
+    dense_lr: float = setting(default_of(OptimConfig, "dense_lr"), "Adam, every dense parameter")
+    from_day: Optional[str] = setting(None, "first training day (default: the split's downstream days)")
+    until: Optional[str] = setting(None, "last training day")
+    eval_day: Optional[str] = setting(None, "evaluation day (default: the split's last day)")
+    ne_window: int = setting(20, "batches in the training-NE window")
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: at the end only)")
+    seed: int = setting(0, "seed of the model and the data order")
+
+    @property
+    def vector_names(self) -> Tuple[str, ...]:
+        return VECTOR_SETS[self.vectors] if self.upstream != "none" else ()
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    ranker: Path = setting(help="a ranker run (derl train-downstream --out)", flag="--run")
+    out: Path = setting(help="folder for its predictions and metrics")
+    snapshots: Optional[Path] = setting(None, "snapshot root (default: the run's)")
+    snapshot_version: Optional[str] = setting(
+        None, "join every row with this version (default: the one live on its day)")
+    data: Optional[Path] = setting(None, "source folder (default: the run's)")
+    eval_day: Optional[str] = setting(None, "day to score (default: the run's evaluation day)")
+    nproc: int = setting(1, "local worker processes (ranks)")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    runs: Tuple[str, ...] = setting(help="ranker runs (derl train-downstream --out); NAME defaults "
+                                         "to the folder name", many=True, metavar="NAME=RUN")
+    out: Path = setting(help="folder for report.json, report.md and the NE plot")
+    baseline: str = setting("none", "the run NAME the gains are measured against")
+    data: Optional[Path] = setting(None, "source folder (for ad retrieval recall)")
+    snapshots: Optional[Path] = setting(None, "snapshot root (cold start, ad retrieval)")
+    resamples: int = setting(1000, "bootstrap resamples")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    workdir: Path = setting(help="work folder: the world, every run, the snapshots, the report")
+    preset: str = setting("demo", "the world and the stages' overrides (launchers/presets.py)",
+                          choices=("demo", "tiny"))
+    seed: int = setting(0, "seed of the world and of every stage")
+    nproc: int = setting(1, "ranks of each distributed stage")
+    launcher: str = setting("local", "how each stage starts: derl processes, or TorchX's local_cwd",
+                            choices=("local", "torchx"))
+    refresh: bool = setting(False, "then run one more day: incremental upstream, a refreshed "
+                                   "snapshot, the old ranker scored with it")
