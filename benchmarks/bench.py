@@ -64,20 +64,21 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from derl.benchmarks.scaling_bench import in_fresh_process
+from derl.datapipes.domains import DOMAINS
+from derl.launchers.config import to_flags
+from derl.launchers.presets import SMALL_RANKER, SMALL_UPSTREAM
+from derl.launchers.settings import TrainDownstreamConfig, TrainUpstreamConfig
 
 STAGES = ("datapipe", "upstream", "export", "downstream", "ann", "sharding", "scaling")
-DOMAINS = ("engagement", "conversion")
 
 SUITES: Dict[str, Dict[str, object]] = {
     "quick": {
         "preset": "tiny",
         "timeout_s": 300,  # per measured command: a hung one is killed, its stage fails
         "datapipe_batch": 1024,
-        "upstream": ["--embedding-dim", "16", "--seq-layers", "1", "--tower-dims", "32",
-                     "--batch-size", "256"],
+        "upstream": SMALL_UPSTREAM,  # TrainUpstreamConfig overrides
         "upstream_steps": 10,
-        "downstream": ["--embedding-dim", "8", "--dense-arch", "32", "--over-arch", "32,16",
-                       "--batch-size", "256"],
+        "downstream": SMALL_RANKER,  # TrainDownstreamConfig overrides
         "downstream_steps": 40,
         "ann": ["--queries", "500", "--min-time", "0.2"],
         "ann_ads": [100_000],
@@ -88,9 +89,9 @@ SUITES: Dict[str, Dict[str, object]] = {
         "preset": "demo",
         "timeout_s": 1800,
         "datapipe_batch": 2048,
-        "upstream": ["--embedding-dim", "64", "--seq-layers", "2", "--batch-size", "1024"],
+        "upstream": {"embedding_dim": 64, "seq_layers": 2, "batch_size": 1024},
         "upstream_steps": 40,
-        "downstream": ["--embedding-dim", "16", "--batch-size", "1024"],
+        "downstream": {"embedding_dim": 16, "batch_size": 1024},
         "downstream_steps": 200,
         "ann": ["--queries", "2000", "--min-time", "1.0"],
         "ann_ads": [1_000_000],
@@ -129,6 +130,8 @@ class Bench:
         for key in ("upstream_steps", "downstream_steps", "scaling_rows", "ann_ads"):
             if getattr(args, key) is not None:
                 self.suite[key] = getattr(args, key)
+        self.upstream_flags = to_flags(TrainUpstreamConfig, self.suite["upstream"])
+        self.downstream_flags = to_flags(TrainDownstreamConfig, self.suite["downstream"])
         self.out: Path = args.out
         self.logs = self.out / "logs"
         self.data: Optional[Path] = args.data
@@ -167,7 +170,7 @@ class Bench:
     def upstream_argv(self, domain: str, out: Path, nproc: int) -> List[object]:
         return ["train-upstream", "--data", self.world(), "--out", out, "--domain", domain,
                 "--max-steps", self.suite["upstream_steps"], "--checkpoint-every", 10**9,
-                "--nproc", nproc, *self.suite["upstream"]]
+                "--nproc", nproc, *self.upstream_flags]
 
     def downstream(self, mode: str, nproc: int) -> Dict[str, object]:
         from derl.benchmarks import downstream_bench
@@ -175,7 +178,7 @@ class Bench:
         return downstream_bench.measure(
             self.world(), self.snapshots if mode != "none" else None,
             self.out / "runs" / f"downstream-{mode}-ws{nproc}", mode, nproc,
-            int(self.suite["downstream_steps"]), self.args.vectors, self.suite["downstream"], self.logs,
+            int(self.suite["downstream_steps"]), self.args.vectors, self.downstream_flags, self.logs,
             self.suite["timeout_s"])
 
     @contextlib.contextmanager
@@ -230,7 +233,7 @@ class Bench:
             self.row("upstream", f"train-upstream {domain}, {m['steps']} steps", m["world_size"],
                      m["train_examples_per_s"], "examples/s", proc["peak_rss_mb"], proc["wall_s"],
                      proc["load_1m"])
-        self.stages["upstream"] = {"rows": rows, "flags": self.suite["upstream"]}
+        self.stages["upstream"] = {"rows": rows, "flags": self.upstream_flags}
         return ", ".join(f"{r['domain']} {r['train_examples_per_s']:,.0f}" for r in rows) + " examples/s"
 
     def export(self) -> str:
@@ -271,7 +274,7 @@ class Bench:
             self._downstream_rows("downstream", r)
         ratios = downstream_bench.ratios(rows)
         self.headline.update(ratios)
-        self.stages["downstream"] = {"rows": rows, "flags": self.suite["downstream"], **ratios}
+        self.stages["downstream"] = {"rows": rows, "flags": self.downstream_flags, **ratios}
         return (", ".join([f"{r['mode']} {r['train_examples_per_s']:,.0f}" for r in rows]
                           + [f"{m} FAILED" for m in failed])
                 + f" train examples/s; decoupled_vs_coupled_ratio {ratios['decoupled_vs_coupled_ratio']}"

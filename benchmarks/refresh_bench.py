@@ -27,27 +27,29 @@ from derl.benchmarks import report
 from derl.datapipes.snapshots import MANIFEST
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
-from derl.launchers.pipeline import DOMAINS, PRESETS, Runner, Stage, _without
+from derl.datapipes.domains import DOMAINS
+from derl.launchers import runs
+from derl.launchers.config import to_flags
+from derl.launchers.pipeline import Runner, Stage, incremental_upstream, upstream_specs
+from derl.launchers.presets import PRESETS
+from derl.launchers.settings import (ExportConfig, PipelineConfig, ScoreConfig, TrainDownstreamConfig,
+                                     TrainUpstreamConfig)
 
 STRATEGIES = {"latest": None, "w=0.2": 0.2, "w=0.5": 0.5, "w=0.8": 0.8}
-
-
-def _ups(runs: Path) -> List[str]:
-    return [a for d in DOMAINS for a in ("--upstream", f"{d}={runs / d}")]
 
 
 def upstream_plan(args: argparse.Namespace) -> List[Stage]:
     """Both domains trained up to the cut, twice: seed 0 (the chain) and seed 1 (the retrain)."""
     preset = PRESETS[args.preset]
     stages = []
-    for seed, runs in ((0, args.out / "upstream"), (1, args.out / "retrained")):
+    for seed, root in ((0, args.out / "upstream"), (1, args.out / "retrained")):
         for d in DOMAINS:
-            stages.append(Stage(f"upstream-{runs.name}-{d}", "train-upstream",
-                                ["--data", str(args.out / "world"), "--out", str(runs / d), "--domain", d,
-                                 "--seed", str(seed), "--epochs", preset["upstream_epochs"][d],
-                                 *preset["upstream"]],
-                                done=runs / d / "metrics.json", inputs=("generate",), distributed=True,
-                                resumable=True, output=runs / d))
+            stages.append(Stage(f"upstream-{root.name}-{d}", "train-upstream",
+                                to_flags(TrainUpstreamConfig, {
+                                    "data": args.out / "world", "out": root / d, "domain": d, "seed": seed,
+                                    "epochs": preset.upstream_epochs[d], **preset.upstream}),
+                                done=root / d / runs.METRICS, inputs=("generate",), distributed=True,
+                                resumable=True, output=root / d))
     return stages
 
 
@@ -62,30 +64,32 @@ def smoothing_plan(args: argparse.Namespace, cuts: List[str]) -> List[Stage]:
             trained = []
             for d in DOMAINS:
                 trained.append(Stage(f"incremental-{d}-{cuts[i - 1]}", "train-upstream",
-                                     ["--data", str(world), "--out", str(args.out / "upstream" / d),
-                                      "--domain", d, "--resume", "--from-day", cuts[i - 1],
-                                      "--until", cuts[i - 1], "--epochs", "1",
-                                      *_without(preset["upstream"], "--from-day")],
-                                     done=args.out / "upstream" / d / "metrics.json", inputs=after,
+                                     to_flags(TrainUpstreamConfig, {
+                                         "data": world, "out": args.out / "upstream" / d, "domain": d,
+                                         "resume": True, "from_day": cuts[i - 1], "until": cuts[i - 1],
+                                         "epochs": 1, **incremental_upstream(preset)}),
+                                     done=args.out / "upstream" / d / runs.METRICS, inputs=after,
                                      distributed=True))
             stages += trained
             after = tuple(s.name for s in trained)
         exports = []
         for name, weight in STRATEGIES.items():
-            smooth = ["--previous", "latest", "--weight", str(weight)] if weight and i else []
+            smooth = {"previous": "latest", "weight": weight} if weight and i else {}
             root = args.out / "snapshots" / name
             exports.append(Stage(f"export-{name}-{cut}", "export",
-                                 ["--data", str(world), "--out", str(root), "--cut", cut, "--overwrite",
-                                  *smooth, *_ups(args.out / "upstream")],
+                                 to_flags(ExportConfig, {
+                                     "data": world, "out": root, "cut": cut, "overwrite": True, **smooth,
+                                     "upstream": upstream_specs(args.out)}),
                                  done=root / cut / MANIFEST, inputs=after, distributed=True))
         stages += exports
         after = tuple(s.name for s in exports)
     for name in STRATEGIES:
         run = args.out / "rankers" / name
         stages.append(Stage(f"ranker-{name}", "train-downstream",
-                            ["--data", str(world), "--snapshots", str(args.out / "snapshots" / name),
-                             "--out", str(run), "--upstream", "snapshot", *preset["downstream"]],
-                            done=run / "metrics.json", inputs=after, distributed=True, output=run))
+                            to_flags(TrainDownstreamConfig, {
+                                "data": world, "snapshots": args.out / "snapshots" / name, "out": run,
+                                "upstream": "snapshot", **preset.downstream}),
+                            done=run / runs.METRICS, inputs=after, distributed=True, output=run))
     return stages
 
 
@@ -94,28 +98,32 @@ def skew_plan(args: argparse.Namespace, first: str, after: str) -> List[Stage]:
     aligned onto N. The skew root holds a copy of N (made by `main`) and the two N+1s."""
     world, preset, skew = args.out / "world", PRESETS[args.preset], args.out / "skew"
     stages = [Stage("skew-ranker", "train-downstream",
-                    ["--data", str(world), "--snapshots", str(skew / "snapshots"), "--snapshot-version", first,
-                     "--out", str(skew / "ranker"), "--upstream", "snapshot", *preset["downstream"]],
-                    done=skew / "ranker" / "metrics.json", inputs=(f"export-latest-{first}",),
+                    to_flags(TrainDownstreamConfig, {
+                        "data": world, "snapshots": skew / "snapshots", "snapshot_version": first,
+                        "out": skew / "ranker", "upstream": "snapshot", **preset.downstream}),
+                    done=skew / "ranker" / runs.METRICS, inputs=(f"export-latest-{first}",),
                     distributed=True, output=skew / "ranker")]
-    for kind, flags in (("raw", []), ("aligned", ["--previous", first, "--weight", "0"])):
+    for kind, overrides in (("raw", {}), ("aligned", {"previous": first, "weight": 0})):
         version = f"retrained-{kind}"
         stages.append(Stage(f"skew-export-{kind}", "export",
-                            ["--data", str(world), "--out", str(skew / "snapshots"), "--cut", after,
-                             "--version", version, "--overwrite", *flags, *_ups(args.out / "retrained")],
+                            to_flags(ExportConfig, {
+                                "data": world, "out": skew / "snapshots", "cut": after, "version": version,
+                                "overwrite": True, **overrides,
+                                "upstream": tuple(f"{d}={args.out / 'retrained' / d}" for d in DOMAINS)}),
                             done=skew / "snapshots" / version / MANIFEST,
                             inputs=("skew-ranker", "upstream-retrained-engagement",
                                     "upstream-retrained-conversion"), distributed=True))
         stages.append(Stage(f"skew-score-{kind}", "score",
-                            ["--run", str(skew / "ranker"), "--snapshot-version", version, "--out", str(skew / kind)],
-                            done=skew / kind / "metrics.json", inputs=(f"skew-export-{kind}",),
+                            to_flags(ScoreConfig, {"ranker": skew / "ranker", "snapshot_version": version,
+                                                   "out": skew / kind}),
+                            done=skew / kind / runs.METRICS, inputs=(f"skew-export-{kind}",),
                             distributed=True, output=skew / kind))
     return stages
 
 
 def summarise(out_dir: Path, cuts: List[str]) -> Dict[str, object]:
     def ctr(path: Path) -> Dict[str, float]:
-        m = json.loads((path / "metrics.json").read_text())["eval"]["ctr"]
+        m = runs.read_metrics(path)["eval"]["ctr"]
         return {"ne": m["ne"], "auc": m["auc"], "pr_auc": m["pr_auc"]}
 
     smoothing = {name: ctr(out_dir / "rankers" / name) for name in STRATEGIES}
@@ -163,9 +171,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=1)
     args = p.parse_args()
-    args.workdir, args.launcher = args.out, "local"
-    runner = Runner(args)
-    runner.run(Stage("generate", "generate", ["--out", str(args.out / "world"), "--preset", args.preset,
+    runner = Runner(PipelineConfig(workdir=args.out, preset=args.preset, seed=args.seed, nproc=args.nproc))
+    runner.run(Stage("generate", "generate", ["--out", str(args.out / "world"), "--preset", PRESETS[args.preset].world,
                                               "--seed", str(args.seed), "--overwrite"],
                      done=args.out / "world" / "_world.json"))
     days = SourceTables(args.out / "world").days("engagements")

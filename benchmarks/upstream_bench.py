@@ -14,7 +14,7 @@ many events an example really fed the model (shorter histories are padded to L).
 from the last BENCH_DAYS upstream days, where histories are longest.
 
 Each configuration runs in fresh processes on the training path of `train-upstream` (its
-argument parser, `model_config`, `example_stream` over the upstream days, `shard_model`, gloo ranks
+`build`: the model config, the example stream, `shard_model`; gloo ranks
 through `launch`, each rank with cores / ranks intra-op `threads` unless --threads says):
 - examples_per_s = world_size * batch_size * steps / seconds, timed on rank 0 over `--steps`
   steps after `--warmup` untimed ones (sharded steps are collective: ranks run in lockstep).
@@ -58,7 +58,9 @@ from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.world import PRESETS, WORLD_META, generate
 from derl.launchers import dist as derl_dist
-from derl.launchers import train_upstream as tu
+from derl.launchers import train_upstream
+from derl.launchers.config import default_of
+from derl.launchers.settings import TrainUpstreamConfig
 
 EMBEDDING_MODULES = ("user_ebc", "pin_ebc", "context_ebc", "sequence_ec")
 SEQ_LENS = (32, 128)
@@ -69,22 +71,16 @@ BENCH_DAYS = 3
 
 def _build(spec: Dict, worker: derl_dist.Worker):
     """The model, optimizer and batch stream exactly as `train-upstream` builds them."""
-    from derl.models.sharding import OptimConfig, shard_model
-    from derl.models.upstream import DERM
+    t = train_upstream.build(TrainUpstreamConfig(**spec["config"]), worker)
+    return t.dmp, t.optimizer, t.stream
 
-    p = argparse.ArgumentParser()
-    tu.add_arguments(p)
-    args = p.parse_args(spec["argv"])
-    torch.manual_seed(args.seed)
-    sources = SourceTables(args.data)
-    first, last = default_split(sources.days("engagements")).upstream_days
-    upstream = [d for d in sources.days("engagements") if first <= d <= last]
-    days = (upstream[-BENCH_DAYS:][0], last)
-    vocab = sources.vocab()
-    model = DERM(tu.model_config(args, vocab), table_device=torch.device("meta"))
-    optim = OptimConfig(args.embedding_lr, args.dense_lr)
-    dmp, optimizer, _ = shard_model(model, worker.device, optim)
-    return dmp, optimizer, tu.example_stream(args, days, worker, vocab)
+
+def _bench_days(world: Path) -> Dict[str, str]:
+    """The last BENCH_DAYS upstream days of `world`, as from_day / until."""
+    days = SourceTables(world).days("engagements")
+    first, last = default_split(days).upstream_days
+    upstream = [d for d in days if first <= d <= last]
+    return {"from_day": upstream[-BENCH_DAYS:][0], "until": last}
 
 
 def _worker(spec: Dict) -> Dict[str, float]:
@@ -226,8 +222,8 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int,
                    help="steps profiled for the breakdown (default 3; --quick 2)")
     p.add_argument("--batch-size", type=int, help="per rank (default 1024; --quick 256)")
-    p.add_argument("--embedding-dim", type=int, default=64)
-    p.add_argument("--seq-layers", type=int, default=2)
+    p.add_argument("--embedding-dim", type=int, default=default_of(TrainUpstreamConfig, "embedding_dim"))
+    p.add_argument("--seq-layers", type=int, default=default_of(TrainUpstreamConfig, "seq_layers"))
     p.add_argument("--threads", type=int, help="intra-op threads per rank (default: cores / ranks)")
     p.add_argument("--quick", action="store_true", help="tiny world, few steps: a smoke test")
     args = p.parse_args()
@@ -243,11 +239,11 @@ def main() -> None:
     rows = []
     for seq_len in SEQ_LENS:
         for world_size, loop in ((1, "pipeline"), (1, "plain"), (2, "pipeline")):
-            argv = ["--data", str(worlds[seq_len]), "--out", str(args.out / "run"),
-                    "--batch-size", str(args.batch_size),
-                    "--embedding-dim", str(args.embedding_dim),
-                    "--seq-len", str(seq_len), "--seq-layers", str(args.seq_layers)]
-            spec = {"argv": argv, "seq_len": seq_len, "loop": loop, "steps": steps,
+            config = {"data": worlds[seq_len], "out": args.out / "run", "batch_size": args.batch_size,
+                      "embedding_dim": args.embedding_dim, "seq_len": seq_len,
+                      "seq_layers": args.seq_layers, "max_steps": warmup + steps,
+                      **_bench_days(worlds[seq_len])}
+            spec = {"config": config, "seq_len": seq_len, "loop": loop, "steps": steps,
                     "warmup": warmup, "profile_steps": profile_steps, "threads": args.threads}
             print(f"seq {seq_len}, {world_size} rank(s), {loop} ...", flush=True)
             # A fresh process per configuration: its peak memory and threads are its own.

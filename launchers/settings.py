@@ -76,6 +76,25 @@ class TrainUpstreamConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    data: Path = setting(help="source folder")
+    upstream: Tuple[str, ...] = setting(help="an upstream run per domain (repeat for engagement and conversion)",
+                                        repeat=True, metavar="DOMAIN=RUN")
+    out: Path = setting(help="snapshot root")
+    cut: Optional[str] = setting(None, "snapshot day: vectors as of its start (default: the split's cut)")
+    version: Optional[str] = setting(None, "version name (default: the cut day)")
+    nproc: int = setting(1, "local worker processes (ranks)")
+    batch_size: int = setting(4096, "entities per forward, per rank")
+    overwrite: bool = setting(False, "replace an existing version")
+    previous: Optional[str] = setting(None, "refresh: smooth with this version ('latest': LATEST)")
+    weight: float = setting(0.8, "refresh: w in w*E(t-1) + (1-w)*E(t)")
+    align: bool = setting(True, "refresh: average without Procrustes")
+    retention_days: int = setting(90, "leave out users and Pins idle longer than this before the cut "
+                                      "(no engagement or ad event; with none at all, counted from "
+                                      "signup / creation)")
+
+
+@dataclass(frozen=True)
 class TrainDownstreamConfig:
     data: Path = setting(help="source folder (derl generate)")
     out: Path = setting(help="run folder")

@@ -6,8 +6,13 @@ import os
 import subprocess
 import sys
 
-# Small enough for CPU CI, big enough to learn something.
-SMALL = ["--embedding-dim", "16", "--seq-layers", "1", "--tower-dims", "32", "--batch-size", "256"]
+from derl.launchers.config import to_flags
+from derl.launchers.presets import SMALL_RANKER, SMALL_UPSTREAM
+from derl.launchers.settings import TrainDownstreamConfig, TrainUpstreamConfig
+
+# The presets' small models, as flags (small enough for CPU CI, big enough to learn something).
+SMALL = to_flags(TrainUpstreamConfig, SMALL_UPSTREAM)
+DOWN = to_flags(TrainDownstreamConfig, SMALL_RANKER)
 
 
 def derl(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

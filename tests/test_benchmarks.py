@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from derl.benchmarks import upstream_bench
 from derl.launchers import dist as derl_dist
+from derl.launchers.presets import SMALL_UPSTREAM
 
 
 def test_upstream_worker_times_and_breaks_down_a_plain_step(tiny_world, tmp_path):
-    argv = ["--data", str(tiny_world), "--out", str(tmp_path), "--batch-size", "64",
-            "--embedding-dim", "16", "--seq-layers", "1", "--tower-dims", "32", "--seq-len", "8"]
-    spec = {"argv": argv, "seq_len": 8, "loop": "plain", "steps": 1, "warmup": 1,
+    config = {**SMALL_UPSTREAM, "data": tiny_world, "out": tmp_path, "batch_size": 64, "seq_len": 8,
+              "max_steps": 2}
+    spec = {"config": config, "seq_len": 8, "loop": "plain", "steps": 1, "warmup": 1,
             "profile_steps": 1}
     r = derl_dist.launch(upstream_bench._worker, 1, spec)
     assert r["seconds"] > 0 and 0 < r["mean_seq"] <= 8 and r["peak_rss_mb"] > 0

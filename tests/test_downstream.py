@@ -16,11 +16,14 @@ from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.snapshots import Snapshot, SnapshotError, SnapshotJoin, pinned
 from derl.datapipes.sources import SourceTables
 from derl.launchers import dist as derl_dist
-from derl.launchers.train_downstream import PREDICTIONS, read_predictions
 from derl.datapipes.schema import CONTENT_DIM
+from derl.launchers.config import to_flags
+from derl.launchers.presets import SMALL_RANKER
+from derl.launchers.runs import read_predictions
+from derl.launchers.settings import TrainDownstreamConfig
 from derl.models.downstream import Ranker, RankerConfig, UpstreamFeatures
 from derl.models.metrics import binary_metrics, bootstrap_ne_gain, normalized_entropy
-from helpers import derl, plant_snapshot
+from helpers import DOWN, derl, plant_snapshot
 
 DAY = 86_400
 JAN = {d: int(np.datetime64(f"2026-01-{d:02d}", "s").astype(np.int64)) for d in range(1, 10)}
@@ -171,7 +174,6 @@ def test_the_bootstrap_tells_a_real_gain_from_none():
 
 # -- end to end ----------------------------------------------------------------------------
 
-DOWN = ["--embedding-dim", "8", "--dense-arch", "32", "--over-arch", "32,16", "--batch-size", "256"]
 
 
 def _train(world, out, mode, snapshots=None, *extra, **kw):
@@ -192,7 +194,7 @@ def test_each_mode_trains_and_scores_the_held_out_day(mode, nproc, tiny_world, l
     m = _metrics(run)
     assert m["upstream"] == mode and m["steps"] == 3 and m["world_size"] == nproc
     eval_rows = SourceTables(tiny_world).read("ad_events", (m["eval_day"], m["eval_day"]))
-    preds = read_predictions(run / PREDICTIONS)
+    preds = read_predictions(run)
     assert len(preds["request_id"]) == eval_rows.num_rows == m["eval"]["ctr"]["rows"]
     assert set(preds["request_id"]) == set(eval_rows.column("request_id").to_pylist())
     assert 0 < preds["p_ctr"].min() and preds["p_ctr"].max() < 1 and 0 < m["eval"]["ctr"]["ne"] < 2
@@ -209,26 +211,14 @@ def test_each_mode_trains_and_scores_the_held_out_day(mode, nproc, tiny_world, l
 def coupled_pin_worker(run: str, world: str) -> dict:
     """Rebuild a coupled ranker as train-downstream does, load the upstream towers, and embed
     the evaluation day's Pins with them."""
-    import argparse
-
-    from derl.launchers import train_downstream as td
-    from derl.models.downstream import Ranker
-    from derl.models.sharding import OptimConfig, shard_model
+    from derl.launchers import train_downstream
 
     worker = derl_dist.init()
     try:
-        parser = argparse.ArgumentParser()
-        td.add_arguments(parser)
-        args = parser.parse_args(["--data", world, "--out", run, "--upstream", "coupled",
-                                  "--snapshots", str(Path(run).parent / "snap"), *DOWN])
-        sources = SourceTables(Path(world))
-        days, eval_day = td._days(args, sources)
-        join = SnapshotJoin(args.snapshots, ("engagement/users", "engagement/pins",
-                                             "conversion/users", "conversion/pins"))
-        cfg, coupled = td.build(args, sources.vocab(), join, days, sources)
-        dmp, _, _ = shard_model(Ranker(cfg, torch.device("meta"), {d: c["config"] for d, c in coupled.items()}),
-                                worker.device, OptimConfig())
-        td._load_towers(dmp, coupled)
+        t = train_downstream.build(TrainDownstreamConfig(
+            data=Path(world), out=Path(run), upstream="coupled", snapshots=Path(run).parent / "snap",
+            **SMALL_RANKER), worker)
+        dmp, eval_day = t.dmp, t.eval_day
         dmp.eval()
         reader = ExampleReader(Path(world), "ad_events", (eval_day, eval_day),
                                config=ReaderConfig(batch_size=512, shuffle_buffer=0, prefetch=0))
@@ -306,9 +296,9 @@ def test_vectors_that_carry_affinity_make_snapshot_beat_none(tiny_pipeline, tmp_
     learned snapshot holds) makes the same ranker beat `none` in CTR NE. Measured: +2.18 %
     [+1.41 %, +2.89 %] (CTR AUC 0.725 against 0.608); the assertion keeps about half. The
     learned upstream's vectors give +0.05 % [-0.12 %, +0.22 %] here, within the noise of the
-    92 clicks of the evaluation day (README "Downstream": the demo world resolves it)."""
+    92 clicks of the evaluation day (docs/results.md, "Downstream": the demo world resolves it)."""
     from derl.datapipes.world import latent_state
-    from derl.launchers.pipeline import PRESETS
+    from derl.launchers.presets import PRESETS
 
     learned = Snapshot(tiny_pipeline / "snapshots")
     users, pins = latent_state(tiny_pipeline / "world", learned.version)
@@ -319,7 +309,7 @@ def test_vectors_that_carry_affinity_make_snapshot_beat_none(tiny_pipeline, tmp_
                     "engagement/pins": (pin_ids, pins[pin_ids])}, dim=users.shape[1])
     derl("train-downstream", "--data", str(tiny_pipeline / "world"), "--snapshots", str(tmp_path / "truth"),
          "--out", str(tmp_path / "ranker"), "--upstream", "snapshot", "--vectors", "user_pin",
-         *PRESETS["tiny"]["downstream"])
+         *to_flags(TrainDownstreamConfig, PRESETS["tiny"].downstream))
     derl("evaluate", "--runs", f"none={tiny_pipeline / 'downstream' / 'none'}",
          f"snapshot={tmp_path / 'ranker'}", "--out", str(tmp_path / "eval"))
     report = json.loads((tmp_path / "eval" / "report.json").read_text())

@@ -11,7 +11,7 @@ import torch
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.sources import DataError
 from derl.launchers import dist as derl_dist
-from derl.launchers.train_upstream import load_model_config
+from derl.launchers.runs import upstream_model_config
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, shard_model
 from derl.models.upstream import DERM
@@ -27,7 +27,7 @@ def loss_worker(run: str, data: str) -> dict:
     worker = derl_dist.init()
     try:
         torch.manual_seed(0)
-        model = DERM(load_model_config(Path(run)), table_device=torch.device("meta"))
+        model = DERM(upstream_model_config(Path(run)), table_device=torch.device("meta"))
         dmp, optimizer, _ = shard_model(model, worker.device, OptimConfig())
         checkpoint.load(checkpoint.latest(Path(run) / "checkpoints"), dmp, optimizer)
         reader = ExampleReader(Path(data), "engagements", ("2026-01-03", "2026-01-03"),
@@ -74,7 +74,7 @@ def test_a_run_killed_mid_way_and_resumed_ends_like_an_uninterrupted_one(tiny_wo
               "--checkpoint-every", "6", *SMALL]
     derl("train-upstream", "--out", str(tmp_path / "straight"), *common)
     killed = derl("train-upstream", "--out", str(tmp_path / "killed"), *common,
-                  env={"DERL_FAULT_AT_STEP": "9"}, check=False)
+                  env={"DERL_FAULT": "upstream-step:9"}, check=False)
     assert killed.returncode != 0
     assert checkpoint.latest(tmp_path / "killed" / "checkpoints").name == "step-000006"
     assert not (tmp_path / "killed" / "metrics.json").exists()
