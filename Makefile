@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DEMO_DIR ?= work/demo
 NPROC ?= 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(VENV)/.derl-installed
 
@@ -24,8 +24,13 @@ $(VENV)/.derl-installed: requirements/cpu.txt pyproject.toml
 demo: setup
 	$(VENV)/bin/derl pipeline --workdir $(DEMO_DIR) --preset demo --nproc $(NPROC)
 
+# Everything (what CI runs, about 10 min here); test-fast: the unit tier, no subprocesses,
+# no multi-rank runs, no pipeline (at most 90 s here), for the inner loop.
 test: setup
 	$(PY) -m pytest -q -x
+
+test-fast: setup
+	$(PY) -m pytest -q -x -m "not slow"
 
 # The whole suite (`derl bench`): `make bench` (quick, minutes) or `make bench BENCH_SUITE=full`.
 # Results, world and runs in BENCH_DIR; the per-stage harnesses (benchmarks/*_bench.py) also run alone.

@@ -1,14 +1,15 @@
-"""`derl export`: upstream checkpoints -> a versioned embedding snapshot (DESIGN.md stage 3).
+"""`derl export`: upstream checkpoints -> a versioned embedding snapshot.
 
     derl export --data WORLD --upstream engagement=RUN_E --upstream conversion=RUN_C \
                 --out SNAPSHOTS [--cut DAY] [--nproc N] [--retention-days 90]
 
-Every rank embeds its own share of users (their sequences as of the cut) and Pins with each
-domain's model, without gradients, and streams its vectors into its own Parquet parts: no table
-is ever gathered on one rank. Rank 0 then builds each domain's faiss index over the ad Pins,
-writes the manifest (sha256 of every file, rows, data window, checkpoints, throughput, the
-upstream runs' metrics) and renames the temporary folder into place; LATEST is written last.
-A run that dies half-way leaves only a hidden `.VERSION.tmp-*` folder and the old LATEST.
+Three steps. Plan: every rank works out the same version, models and entity lists. Embed: every
+rank embeds its own share of users (their sequences as of the cut) and Pins with each domain's
+model, without gradients, and streams its vectors into its own parts (with --previous, then
+aligns and smooths them onto that version): no table is ever gathered on one rank. Publish:
+rank 0 builds each domain's ad index and commits the version with its manifest (rows, data
+window, checkpoints, throughput, the upstream runs' headline metrics). The snapshot format, and
+what a run that dies half-way leaves behind, is `derl.datapipes.snapshots`'.
 
 Retention: an entity's last activity is the latest `ts` of its rows in `engagements` and
 `ad_events` before the cut day (user_id for users, pin_id for Pins). One with no activity in the
@@ -16,93 +17,131 @@ logs counts from the later of its `signup_ds` / `created_ds` and the first day t
 (`activity_days`): what happened before the logs is unknown, not idleness. Entities whose last
 activity lies more than --retention-days before the cut's start are not exported (nor indexed,
 for ads); the manifest records `retention_days`, `idle_before`, the days of activity read and
-`dropped_idle` counts. Every rank computes the same lists.
+`dropped_idle` counts.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
-import os
-import shutil
-import signal
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 from derl.datapipes.features import FeatureJoiner
 from derl.datapipes.sequences import sequences_as_of
-from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, SnapshotError, embedding_schema, sha256
+from derl.datapipes.snapshots import PartWriter, Snapshot, SnapshotWriter, resolve, versions
+from derl.datapipes.snapshots.refresh import refresh_domain
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers import dist as derl_dist
-from derl.launchers.embedding import rank_chunks
-from derl.launchers.refresh import refresh_domain
-from derl.launchers.train_upstream import load_model_config
+from derl.launchers import faults, runs
+from derl.launchers.embedding import Chunk, rank_chunks
+from derl.launchers.settings import ExportConfig
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, shard_model
-from derl.models.upstream import DERM
+from derl.models.upstream import DERM, UpstreamConfig
 
-# Fault injection for the tests: the last rank dies after writing its parts.
-_FAULT = os.environ.get("DERL_EXPORT_FAULT") == "1"
-# Ad catalogues above FLAT_INDEX_MAX get an HNSW index (M=32, efSearch HNSW_EF_SEARCH) instead
-# of exact search. Measured (benchmarks/ann_bench.py, results/cpu-2core/ann.md, one search
-# thread, batched queries): up to 1M ads exact search is about 2x slower than HNSW at
-# efSearch 128, which finds only 92.5 % of the exact top 10 at 1M (97.5 % at 200k) and takes
-# minutes to build with twice the memory; above 1M, efSearch 256 (95 % at 1M) rather than 128,
-# and never below the k a caller asks for (faiss 1.15 does not raise efSearch to k).
-FLAT_INDEX_MAX = 1_000_000
-HNSW_EF_SEARCH = 256
 DAY_S = 86_400
 ACTIVITY_TABLES = ("engagements", "ad_events")  # what counts as activity, for retention
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, required=True, help="source folder")
-    p.add_argument("--upstream", action="append", required=True, metavar="DOMAIN=RUN",
-                   help="an upstream run per domain (repeat for engagement and conversion)")
-    p.add_argument("--out", type=Path, required=True, help="snapshot root")
-    p.add_argument("--cut", help="snapshot day: vectors as of its start (default: the split's cut)")
-    p.add_argument("--version", help="version name (default: the cut day)")
-    p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    p.add_argument("--previous", help="refresh: smooth with this version ('latest': LATEST)")
-    p.add_argument("--weight", type=float, default=0.8, help="refresh: w in w*E(t-1) + (1-w)*E(t)")
-    p.add_argument("--no-align", action="store_true", help="refresh: average without Procrustes")
-    p.add_argument("--retention-days", type=int, default=90,
-                   help="leave out users and Pins idle longer than this before the cut (no engagement "
-                        "or ad event; with none at all, counted from signup / creation)")
-
-
-def _runs(args: argparse.Namespace) -> Dict[str, Path]:
-    runs = {}
-    for spec in args.upstream:
+def upstream_runs(cfg: ExportConfig) -> Dict[str, Path]:
+    """domain -> upstream run folder, from --upstream DOMAIN=RUN; each run must hold a checkpoint."""
+    out = {}
+    for spec in cfg.upstream:
         domain, sep, run = spec.partition("=")
         if not sep:
             raise ValueError(f"--upstream {spec!r}: expected DOMAIN=RUN")
-        if checkpoint.latest(Path(run) / "checkpoints") is None:
-            raise FileNotFoundError(f"--upstream {spec}: no checkpoint under {run}/checkpoints")
-        runs[domain] = Path(run)
-    return runs
+        if runs.latest_checkpoint(Path(run)) is None:
+            raise FileNotFoundError(f"--upstream {spec}: no checkpoint under {Path(run) / runs.CHECKPOINTS}")
+        out[domain] = Path(run)
+    return out
 
 
-def validate(args: argparse.Namespace) -> None:
-    _runs(args)
-    if args.retention_days < 1:
-        raise ValueError(f"--retention-days must be at least 1, got {args.retention_days}")
-    version = args.version or args.cut
-    if version and (args.out / version / MANIFEST).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out / version}: version exists; pass --overwrite to replace it")
+def _model_configs(upstream: Dict[str, Path]) -> Tuple[Dict[str, UpstreamConfig], int]:
+    """Each domain's model config, and the embedding dimension they share."""
+    configs = {d: runs.upstream_model_config(r) for d, r in upstream.items()}
+    dims = {c.embedding_dim for c in configs.values()}
+    if len(dims) != 1:
+        raise ValueError(f"--upstream: the runs disagree on the embedding dimension: {dims}")
+    return configs, dims.pop()
+
+
+def _previous_version(cfg: ExportConfig) -> Optional[str]:
+    """--previous as a version name (None: LATEST)."""
+    return None if cfg.previous == "latest" else cfg.previous
+
+
+def validate(cfg: ExportConfig) -> None:
+    """Configuration errors, caught before any worker starts."""
+    _model_configs(upstream_runs(cfg))
+    if cfg.retention_days < 1:
+        raise ValueError(f"--retention-days must be at least 1, got {cfg.retention_days}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
+    version = cfg.version or cfg.cut
+    if version and version in versions(cfg.out) and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.out / version}: version exists; pass --overwrite to replace it")
+    if cfg.previous:
+        resolve(cfg.out, _previous_version(cfg))
+
+
+def run(cfg: ExportConfig) -> Optional[dict]:
+    """One worker's part of an export (every rank runs this); rank 0 returns the manifest."""
+    return derl_dist.run_as_worker(_export, cfg)
+
+
+def _export(cfg: ExportConfig, worker: derl_dist.Worker) -> Optional[dict]:
+    t0 = time.perf_counter()
+    sources = SourceTables(cfg.data)
+    plan = _plan(cfg, sources)
+    writer = SnapshotWriter(cfg.out, plan.version, plan.dim)
+    if worker.is_main:
+        writer.prepare()
+    dist.barrier()
+    previous = Snapshot(cfg.out, _previous_version(cfg)) if cfg.previous else None
+    share = _share(cfg, plan, sources, worker)
+    domains: Dict[str, dict] = {}
+    for domain in plan.runs:
+        domains[domain] = _embed_domain(plan, domain, share, writer, worker)
+        if previous is not None:
+            domains[domain]["refresh"] = refresh_domain(writer, previous, domain, worker.rank, cfg.weight,
+                                                        cfg.align, worker.device)
+    faults.reached("export-parts", worker.rank, worker.world_size)
+    dist.barrier()
+    if not worker.is_main:
+        return None
+    return _publish(cfg, plan, sources, writer, domains, worker.world_size, t0)
+
+
+# --- plan: what every rank works out alike ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    cut: str
+    version: str
+    runs: Dict[str, Path]
+    configs: Dict[str, UpstreamConfig]
+    dim: int
+    users: np.ndarray  # sorted
+    pins: np.ndarray  # in the order of the pins table
+    ads: np.ndarray  # sorted
+    retention: dict  # for the manifest
+
+
+def _plan(cfg: ExportConfig, sources: SourceTables) -> Plan:
+    upstream = upstream_runs(cfg)
+    configs, dim = _model_configs(upstream)
+    cut = cfg.cut or default_split(sources.days("engagements")).cut_day
+    users, pins, ads, retention = _entities(sources, cut, cfg.retention_days)
+    return Plan(cut, cfg.version or cut, upstream, configs, dim, users, pins, np.sort(ads), retention)
 
 
 def _last_activity(sources: SourceTables, cut_s: int, day_before: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
@@ -176,21 +215,77 @@ def _entities(sources: SourceTables, cut: str, retention_days: int):
     return (np.sort(user_ids[keep_users]), pin_ids[keep_pins], pin_ids[keep_pins & is_ad], retention)
 
 
-@torch.no_grad()
-def _write_part(path: Path, chunks, embed, make_batch, device, dim: int) -> int:
-    """Embed this rank's chunks and stream them into one Parquet part; returns rows written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
-    with pq.ParquetWriter(path, embedding_schema(dim)) as writer:
-        for ids, real in chunks:
-            vectors = embed(make_batch(ids).to(device))[:real].float().cpu().numpy()
-            writer.write_table(pa.table({
-                "entity_id": pa.array(ids[:real]),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
-            }, schema=embedding_schema(dim)))
-            rows += real
-    return rows
+# --- embed: each rank its own parts -----------------------------------------------------------
 
+class Share(NamedTuple):
+    """This rank's users and Pins in equal chunks (`rank_chunks`), and their features."""
+    users: List[Chunk]
+    pins: List[Chunk]
+    joiner: FeatureJoiner
+
+
+def _share(cfg: ExportConfig, plan: Plan, sources: SourceTables, worker: derl_dist.Worker) -> Share:
+    users = rank_chunks(plan.users, worker.rank, worker.world_size, cfg.batch_size)
+    pins = rank_chunks(plan.pins, worker.rank, worker.world_size, cfg.batch_size)
+    joiner = FeatureJoiner(sources)
+    seq_len = max(c.seq_len for c in plan.configs.values())
+    my_users = np.unique(np.concatenate([ids for ids, _ in users]))
+    joiner.set_sequences(plan.cut, sequences_as_of(sources, plan.cut, seq_len, my_users))
+    return Share(users, pins, joiner)
+
+
+@torch.no_grad()
+def _embed_part(path: Path, chunks: List[Chunk], embed, make_batch, device: torch.device, dim: int) -> int:
+    """Embed the chunks and stream them into one part; returns the rows written."""
+    with PartWriter(path, dim) as part:
+        for ids, real in chunks:
+            part.write(ids[:real], embed(make_batch(ids).to(device))[:real].float().cpu().numpy())
+    return part.rows
+
+
+def _embed_domain(plan: Plan, domain: str, share: Share, writer: SnapshotWriter,
+                  worker: derl_dist.Worker) -> dict:
+    """Collective. This rank's parts of the domain's users and Pins; the domain's manifest entry."""
+    run, model_cfg = plan.runs[domain], plan.configs[domain]
+    dmp, optimizer, _ = shard_model(DERM(model_cfg, table_device=torch.device("meta")), worker.device, OptimConfig())
+    ckpt = runs.latest_checkpoint(run)
+    checkpoint.load(ckpt, dmp, optimizer)
+    dmp.eval()
+    start = time.perf_counter()
+    n_users = _embed_part(writer.part(domain, "users", worker.rank), share.users,
+                          lambda b: dmp.module.embed_users(b.sparse, b.dense["seq_content"]),
+                          lambda u: share.joiner.user_batch(u, plan.cut), worker.device, plan.dim)
+    n_pins = _embed_part(writer.part(domain, "pins", worker.rank), share.pins,
+                         lambda b: dmp.module.embed_pins(b.sparse, b.dense["content_emb"]),
+                         share.joiner.pin_batch, worker.device, plan.dim)
+    counts = torch.tensor([n_users, n_pins], dtype=torch.long, device=worker.device)
+    dist.all_reduce(counts)
+    seconds = time.perf_counter() - start
+    return {
+        "run": str(run),
+        "checkpoint": str(ckpt),
+        "train_days": runs.read_config(run)["days"],
+        "rows": {"users": int(counts[0]), "pins": int(counts[1])},
+        "entities_per_s": float(counts.sum()) / seconds,
+        "upstream_metrics": _headline(run),
+        # What the dot means: retrieval by P(Pin | user) scores dot / temperature +
+        # retrieval_prior_weight x log(the Pin's share of impressions), as the ads index
+        # does (`ad_prior`); the dot alone is affinity, popularity left out at weight 1.
+        "dot": {"temperature": model_cfg.temperature,
+                "logq_strength": model_cfg.logq_strength,
+                "retrieval_prior_weight": model_cfg.retrieval_prior_weight},
+    }
+
+
+def _headline(run: Path) -> dict:
+    """The run's headline metrics; none for a run that stopped before writing its metrics."""
+    try:
+        return runs.headline(runs.read_metrics(run))
+    except FileNotFoundError:
+        return {}
+
+
+# --- publish: rank 0, once every part is written ----------------------------------------------
 
 def ad_prior(sources: SourceTables, days: Tuple[str, str], ad_ids: np.ndarray,
              temperature: float, weight: float) -> np.ndarray:
@@ -203,157 +298,32 @@ def ad_prior(sources: SourceTables, days: Tuple[str, str], ad_ids: np.ndarray,
     return (temperature * weight * np.log(share)).astype(np.float32)
 
 
-def _ads_index(folder: Path, ad_ids: np.ndarray, dim: int, version: str,
-               prior: Optional[np.ndarray] = None) -> Dict[str, object]:
-    """faiss inner-product index over the ad Pins' vectors (exact while small, HNSW above).
-    With `prior` (per ad of the sorted `ad_ids`) each ad is stored as [vector, prior] and
-    queried as [user, 1], so the index ranks by dot + prior; its dimension is then dim + 1."""
-    import faiss
-
-    t = pa.concat_tables([pq.read_table(p) for p in sorted((folder / "pins").glob("part-*.parquet"))])
-    ids = t.column("entity_id").to_numpy()
-    keep = np.isin(ids, ad_ids)
-    emb = t.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-    vectors, ids = emb[keep], ids[keep]
-    if prior is not None:
-        vectors = np.column_stack([vectors, prior[np.searchsorted(ad_ids, ids)]])
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    width = vectors.shape[1]
-    if len(ids) <= FLAT_INDEX_MAX:
-        index, kind = faiss.IndexFlatIP(width), "flat_ip"
-    else:
-        index, kind = faiss.IndexHNSWFlat(width, 32, faiss.METRIC_INNER_PRODUCT), "hnsw32_ip"
-        index.hnsw.efSearch = HNSW_EF_SEARCH  # stored in ads.faiss
-    index.add(vectors)
-    faiss.write_index(index, str(folder / "ads.faiss"))
-    ids_table = pa.table({"pin_id": pa.array(ids)}).replace_schema_metadata({"snapshot_version": version})
-    pq.write_table(ids_table, folder / "ads_ids.parquet")
-    return {"kind": kind, "size": len(ids), "popularity_prior": prior is not None}
-
-
-def export(args: argparse.Namespace) -> Optional[dict]:
-    """One worker's part of an export (every rank runs this); rank 0 returns the manifest."""
-    return derl_dist.run_as_worker(_export, args)
-
-
-def _export(args: argparse.Namespace, worker: derl_dist.Worker) -> Optional[dict]:
-    t0 = time.perf_counter()
-    runs = _runs(args)
-    sources = SourceTables(args.data)
-    cut = args.cut or default_split(sources.days("engagements")).cut_day
-    version = args.version or cut
-    tmp = args.out / f".{version}.tmp-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
-    if worker.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-
-    users, pins, ads, retention = _entities(sources, cut, args.retention_days)
-    configs = {d: load_model_config(r) for d, r in runs.items()}
-    dims = {c.embedding_dim for c in configs.values()}
-    if len(dims) != 1:
-        raise ValueError(f"upstream runs disagree on the embedding dimension: {dims}")
-    dim = dims.pop()
-    user_chunks = rank_chunks(users, worker.rank, worker.world_size, args.batch_size)
-    pin_chunks = rank_chunks(pins, worker.rank, worker.world_size, args.batch_size)
-    my_users = np.unique(np.concatenate([ids for ids, _ in user_chunks]))
-    joiner = FeatureJoiner(sources)
-    seq_len = max(c.seq_len for c in configs.values())
-    joiner.set_sequences(cut, sequences_as_of(sources, cut, seq_len, my_users))
-
-    previous = None
-    if args.previous:
-        previous = Snapshot(args.out, None if args.previous == "latest" else args.previous)
-    domains: Dict[str, dict] = {}
-    for domain, run in runs.items():
-        model = DERM(configs[domain], table_device=torch.device("meta"))
-        dmp, optimizer, _ = shard_model(model, worker.device, OptimConfig())
-        ckpt = checkpoint.latest(run / "checkpoints")
-        checkpoint.load(ckpt, dmp, optimizer)
-        dmp.eval()
-        part = f"part-{worker.rank:05d}.parquet"
-        start = time.perf_counter()
-        n_users = _write_part(tmp / domain / "users" / part, user_chunks,
-                              lambda b: dmp.module.embed_users(b.sparse, b.dense["seq_content"]),
-                              lambda u: joiner.user_batch(u, cut), worker.device, dim)
-        n_pins = _write_part(tmp / domain / "pins" / part, pin_chunks,
-                             lambda b: dmp.module.embed_pins(b.sparse, b.dense["content_emb"]),
-                             joiner.pin_batch, worker.device, dim)
-        counts = torch.tensor([n_users, n_pins], dtype=torch.long)
-        dist.all_reduce(counts)
-        seconds = time.perf_counter() - start
-        metrics_file = run / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        domains[domain] = {
-            "run": str(run),
-            "checkpoint": str(ckpt),
-            "train_days": json.loads((run / "config.json").read_text())["days"],
-            "rows": {"users": int(counts[0]), "pins": int(counts[1])},
-            "entities_per_s": float(counts.sum()) / seconds,
-            "upstream_metrics": {k: v for k, v in metrics.items() if k.startswith(("recall@", "popularity_recall@", "dot_auc_"))},
-            # What the dot means: retrieval by P(Pin | user) scores dot / temperature +
-            # retrieval_prior_weight x log(the Pin's share of impressions), as the ads index
-            # does (`ad_prior`); the dot alone is affinity, popularity left out at weight 1.
-            "dot": {"temperature": configs[domain].temperature,
-                    "logq_strength": configs[domain].logq_strength,
-                    "retrieval_prior_weight": configs[domain].retrieval_prior_weight},
-        }
-        if previous is not None:
-            domains[domain]["refresh"] = refresh_domain(
-                tmp / domain, previous, domain, worker.rank, args.weight, not args.no_align)
-    if _FAULT and worker.rank == worker.world_size - 1:
-        os.kill(os.getpid(), signal.SIGKILL)  # tests: a rank dies after writing its parts
-    dist.barrier()
-    if not worker.is_main:
-        return None
-
-    ad_ids = np.sort(ads)
+def _publish(cfg: ExportConfig, plan: Plan, sources: SourceTables, writer: SnapshotWriter,
+             domains: Dict[str, dict], world_size: int, t0: float) -> dict:
+    """Each domain's ad index (with its popularity prior where the model asks for one), then
+    the manifest and the commit."""
     for domain, info in domains.items():
-        cfg, prior = configs[domain], None
-        if cfg.retrieval_prior_weight:
-            prior = ad_prior(sources, tuple(info["train_days"]), ad_ids, cfg.temperature,
-                             cfg.retrieval_prior_weight)
-        info["ads_index"] = _ads_index(tmp / domain, ad_ids, dim, version, prior)
+        model_cfg, prior = plan.configs[domain], None
+        if model_cfg.retrieval_prior_weight:
+            prior = ad_prior(sources, tuple(info["train_days"]), plan.ads, model_cfg.temperature,
+                             model_cfg.retrieval_prior_weight)
+        info["ads_index"] = writer.ads_index(domain, plan.ads, prior)
         info["rows"]["ads"] = info["ads_index"]["size"]
-    files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    manifest = {
-        "version": version,
+    manifest = writer.commit({
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cut_day": cut,
-        "data": str(args.data),
-        "dim": dim,
+        "cut_day": plan.cut,
+        "data": str(cfg.data),
+        "dim": plan.dim,
         "normalised": True,
-        **retention,
+        **plan.retention,
         "domains": domains,
-        "world_size": worker.world_size,
+        "world_size": world_size,
         "wall_s": round(time.perf_counter() - t0, 2),
-        "files": files,
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    final = args.out / version
-    if final.exists():
-        if not args.overwrite:
-            raise SnapshotError(f"{final}: version exists; pass --overwrite to replace it")
-        shutil.rmtree(final)
-    tmp.rename(final)
-    latest = args.out / f".{LATEST}.tmp"
-    latest.write_text(version + "\n")
-    latest.rename(args.out / LATEST)
-    idle = retention["dropped_idle"]
-    print(f"snapshot {version}: " + ", ".join(
+    }, replace=cfg.overwrite)
+    idle = plan.retention["dropped_idle"]
+    print(f"snapshot {plan.version}: " + ", ".join(
         f"{d} {i['rows']['users']:,} users, {i['rows']['pins']:,} pins, {i['rows']['ads']:,} ads "
         f"({i['entities_per_s']:,.0f} entities/s)" for d, i in domains.items())
-        + f"; idle over {retention['retention_days']} days, left out: {idle['users']:,} users, "
-        f"{idle['pins']:,} pins ({idle['ads']:,} ads) -> {final}")
+        + f"; idle over {plan.retention['retention_days']} days, left out: {idle['users']:,} users, "
+        f"{idle['pins']:,} pins ({idle['ads']:,} ads) -> {writer.final}")
     return manifest
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    """`python -m` / `torchrun -m` entry: the same as `derl export`."""
-    from derl.launchers import cli
-
-    cli.main(["export", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,25 @@
-"""Shared fixtures: one tiny world per test session, and copies of it to break."""
+"""Shared fixtures: one tiny world per test session, and copies of it to break; and the tiers.
+
+Two tiers (docs/testing.md): `make test` runs everything; `make test-fast` runs the unit tier,
+`-m "not slow"`. A test is slow when it starts processes (the `derl` command, several ranks,
+TorchX) or needs a trained model: it says so with `@pytest.mark.slow`, or it uses one of the
+fixtures below that train or export through the CLI (`SLOW_FIXTURES`), which marks it here.
+"""
 
 import shutil
 from pathlib import Path
 
 import pytest
+
+# Fixtures that run `derl` stages (subprocesses, several ranks): every test using one is slow.
+SLOW_FIXTURES = {"tiny_pipeline", "learned_upstream", "learned_snapshot", "upstream_runs",
+                 "snapshot_root", "trained_once", "local_runner", "upstream_run"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 from derl.datapipes.world import PRESETS, generate
 

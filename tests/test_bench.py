@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from derl.benchmarks import bench, downstream_bench, scaling_bench
 from derl.launchers import cli
 
 
+@pytest.mark.slow
 def test_scaling_trains_and_exports_a_small_sharded_table(tmp_path):
     r = scaling_bench.measure(10_000, tmp_path, dim=16, batch_size=256, steps=2, warmup=1, export_batch=4096)
     assert r["rows"] == 10_000 and r["exported"] == 10_000 and r["world_size"] == 1
@@ -28,6 +31,7 @@ def test_ratios_are_snapshot_over_coupled_per_world_size():
     assert downstream_bench.ratios(rows[:1])["decoupled_vs_coupled_ratio"] is None
 
 
+@pytest.mark.slow
 def test_derl_bench_runs_the_stack_at_its_smallest_and_writes_its_reports(tiny_world, tmp_path):
     """upstream (2 steps per domain) -> export -> the three downstream modes (2 steps each), and
     the scaling stage, through `derl bench` itself."""

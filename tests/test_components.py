@@ -213,6 +213,7 @@ def test_local_train_downstream_on_two_ranks_then_evaluate(local_runner, learned
     assert json.loads((tmp_path / "report" / "report.json").read_text())["runs"]["snapshot"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_local_generate(local_runner, tmp_path):
     handle = local_runner.run_component(_component("generate"), ["--", "--out", str(tmp_path / "w"), "--preset", "tiny"],
                                         "local_cwd", cfg={"log_dir": str(tmp_path / "logs")})

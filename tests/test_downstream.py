@@ -278,6 +278,7 @@ def test_bad_input_is_refused_or_repaired_and_reported(world_copy, learned_snaps
     assert p.returncode == 2 and "checksum mismatch" in p.stderr
 
 
+@pytest.mark.slow
 def test_bad_flags_fail_before_training_with_the_flag_named(tiny_world, tmp_path):
     base = ["train-downstream", "--data", str(tiny_world), "--out", str(tmp_path / "r")]
     p = derl(*base, "--upstream", "snapshot", check=False)

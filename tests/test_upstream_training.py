@@ -69,6 +69,7 @@ def test_run_writes_plan_metrics_checkpoints_and_logs(trained_once):
     assert list((trained_once / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_way_and_resumed_ends_like_an_uninterrupted_one(tiny_world, tmp_path):
     common = ["--data", str(tiny_world), "--nproc", "2", "--max-steps", "12",
               "--checkpoint-every", "6", *SMALL]
@@ -86,6 +87,7 @@ def test_a_run_killed_mid_way_and_resumed_ends_like_an_uninterrupted_one(tiny_wo
     assert resumed["recall@50"] == pytest.approx(straight["recall@50"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_bad_configuration_fails_before_training(tiny_world, tmp_path):
     base = ["train-upstream", "--data", str(tiny_world), "--out", str(tmp_path / "r"), *SMALL]
     p = derl(*base, "--seq-len", "0", check=False)

@@ -5,6 +5,7 @@ import datetime as dt
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import pytest
 
 from derl.datapipes import schema as S
 from derl.datapipes.world import PRESETS, generate
@@ -117,8 +118,6 @@ def test_ad_truth_is_the_generator_own_answer(tiny_world):
 
 
 def test_the_hidden_state_of_a_world_it_cannot_rebuild_is_refused_by_name(tiny_world, tmp_path):
-    import pytest
-
     from derl.datapipes.world import latent_state
 
     with pytest.raises(ValueError, match="not a world made by `derl generate`"):
@@ -127,6 +126,7 @@ def test_the_hidden_state_of_a_world_it_cannot_rebuild_is_refused_by_name(tiny_w
         latent_state(tiny_world, "2031-01-01")
 
 
+@pytest.mark.slow
 def test_the_demo_world_has_conversions_to_measure_and_keeps_the_ad_signal_sparse(tmp_path):
     """The demo preset is ad-heavy so that its evaluation day has enough conversions to tell a
     CVR gain from noise (README "Downstream"); organic actions still outnumber ad clicks."""
