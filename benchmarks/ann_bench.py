@@ -92,12 +92,10 @@ def synthetic(n: int, n_queries: int, dim: int, topics: int, noise: float,
 def from_snapshot(root: Path, version: Optional[str], domain: str, n_queries: int,
                   seed: int) -> Tuple[str, np.ndarray, np.ndarray]:
     """(name, ad vectors, user vectors as queries) of a real snapshot."""
-    import pyarrow.parquet as pq
-
     from derl.datapipes.snapshots import Snapshot
 
     snap = Snapshot(root, version)
-    ad_ids = pq.read_table(snap.path / domain / "ads_ids.parquet").column("pin_id").to_numpy()
+    ad_ids = snap.ad_ids(domain)
     ads, missing = snap.table(domain, "pins").lookup(ad_ids)
     if missing.any():
         raise ValueError(f"{snap.path}: {int(missing.sum())} ads of the index have no Pin vector")

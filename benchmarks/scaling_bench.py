@@ -82,12 +82,10 @@ def _kjt(ids, per_example: int, device):
 def _worker(spec: Dict) -> Dict[str, float]:
     """One rank: shard, train, export (module level: spawned workers unpickle it)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
     import torch.distributed as dist
 
-    from derl.datapipes.snapshots import embedding_schema
+    from derl.datapipes.snapshots import PartWriter, part_name
     from derl.launchers import dist as derl_dist
     from derl.launchers.embedding import rank_chunks
     from derl.models.sharding import OptimConfig, describe_plan, shard_model
@@ -124,22 +122,15 @@ def _worker(spec: Dict) -> Dict[str, float]:
         dmp.eval()
         chunks = rank_chunks(np.arange(rows, dtype=np.int64), worker.rank, worker.world_size,
                              spec["export_batch"])
-        part = Path(spec["out"]) / f"scaling-{rows}" / f"part-{worker.rank:05d}.parquet"
-        part.parent.mkdir(parents=True, exist_ok=True)
+        part = Path(spec["out"]) / f"scaling-{rows}" / part_name(worker.rank)
         dist.barrier()
         t0 = time.perf_counter()
-        written = 0
-        with torch.no_grad(), pq.ParquetWriter(part, embedding_schema(dim)) as writer:
+        with torch.no_grad(), PartWriter(part, dim) as writer:
             for ids, real in chunks:
                 vectors = dmp.module.embed(_kjt(torch.from_numpy(ids), 1, worker.device))
-                vectors = vectors[:real].float().cpu().numpy()
-                writer.write_table(pa.table({
-                    "entity_id": pa.array(ids[:real]),
-                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
-                }, schema=embedding_schema(dim)))
-                written += real
+                writer.write(ids[:real], vectors[:real].float().cpu().numpy())
         export_s = _slowest(time.perf_counter() - t0)
-        total = torch.tensor(written)
+        total = torch.tensor(writer.rows)
         dist.all_reduce(total)
         part_mb = part.stat().st_size / 2**20
         part.unlink()

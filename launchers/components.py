@@ -27,7 +27,7 @@ from torchx.components.structured_arg import StructuredNameArgument
 
 CLI_MODULE = "derl.launchers.cli"
 # The image every role runs on kubernetes / docker (ignored by local_cwd and slurm, which run
-# on the host's Python): one with this repository installed as in README "Set-up".
+# on the host's Python): one with this repository installed as in the README's "Set-up".
 DEFAULT_IMAGE = os.environ.get("DERL_IMAGE", "derl:latest")
 
 _DIST_ARGS_DOC = """

@@ -28,34 +28,17 @@ def derl(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
 def plant_snapshot(root, version: str, cut_day: str, tables: dict, dim: int) -> None:
     """Write a complete, verifiable snapshot version by hand: `tables` maps "domain/entity" to
     (ids, [n, dim] vectors). Every domain gets an (empty) ad index. LATEST names it."""
-    import json
-    from pathlib import Path
-
-    import faiss
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from derl.datapipes.snapshots import embedding_schema, sha256
+    from derl.datapipes.snapshots import SnapshotWriter, write_part
 
-    folder = Path(root) / version
+    writer = SnapshotWriter(root, version, dim).prepare()
     domains: dict = {}
     for key, (ids, vectors) in tables.items():
         domain, entity = key.split("/")
-        (folder / domain / entity).mkdir(parents=True, exist_ok=True)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        pq.write_table(pa.table({
-            "entity_id": pa.array(np.asarray(ids, dtype=np.int64)),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
-        }, schema=embedding_schema(dim)), folder / domain / entity / "part-00000.parquet")
+        write_part(writer.part(domain, entity, 0), ids, vectors)
         domains.setdefault(domain, {"rows": {"users": 0, "pins": 0, "ads": 0},
                                     "dot": {"temperature": 0.05}})["rows"][entity] = len(ids)
     for domain in domains:
-        faiss.write_index(faiss.IndexFlatIP(dim), str(folder / domain / "ads.faiss"))
-        ids = pa.table({"pin_id": pa.array([], pa.int64())}).replace_schema_metadata({"snapshot_version": version})
-        pq.write_table(ids, folder / domain / "ads_ids.parquet")
-    files = {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-    (folder / "manifest.json").write_text(json.dumps(
-        {"version": version, "cut_day": cut_day, "dim": dim, "normalised": False,
-         "domains": domains, "files": files}))
-    (Path(root) / "LATEST").write_text(version + "\n")
+        writer.ads_index(domain, np.zeros(0, np.int64))
+    writer.commit({"cut_day": cut_day, "dim": dim, "normalised": False, "domains": domains})

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from derl.datapipes.sequences import sequences_as_of
-from derl.datapipes.snapshots import EmbeddingTable, Snapshot, SnapshotError, embedding_schema, pin, versions
+from derl.datapipes.snapshots import EmbeddingTable, Snapshot, SnapshotError, SnapshotWriter, pin, versions, write_part
+from derl.datapipes.snapshots.refresh import procrustes
 from derl.datapipes.sources import SourceTables
-from derl.launchers.refresh import procrustes
 from derl.datapipes.splits import default_split
 from helpers import SMALL, derl
 
@@ -152,7 +152,7 @@ def test_an_export_killed_mid_way_leaves_no_version_and_latest_untouched(
     shutil.copytree(snapshot_root, root)
     before = (root / "LATEST").read_text()
     p = _export(tiny_world, upstream_runs, root, "--nproc", "2", "--version", "v-killed",
-                env={"DERL_EXPORT_FAULT": "1"}, check=False)
+                env={"DERL_FAULT": "export-parts"}, check=False)
     assert p.returncode != 0
     assert versions(root) == [before.strip()]
     assert (root / "LATEST").read_text() == before
@@ -166,6 +166,33 @@ def test_lookup_returns_vectors_by_id_and_a_default_with_a_flag_for_unknown_ids(
     vectors, missing = table.lookup(np.array([20, 99, 10, 5]), default=np.array([-1.0, -1.0]))
     np.testing.assert_array_equal(vectors, [[2, 0], [-1, -1], [1, 0], [-1, -1]])
     np.testing.assert_array_equal(missing, [False, True, False, True])
+
+
+def test_a_written_version_reads_back_verified_and_replaces_only_when_asked(tmp_path):
+    rng = np.random.default_rng(0)
+    ids, vectors = rng.permutation(100), rng.standard_normal((100, 4)).astype(np.float32)
+
+    def write(version: str, scale: float, replace: bool = False) -> dict:
+        writer = SnapshotWriter(tmp_path, version, 4).prepare()
+        for rank, rows in enumerate((slice(0, 60), slice(60, 100))):  # two ranks' parts
+            write_part(writer.part("d", "users", rank), ids[rows], vectors[rows] * scale)
+            write_part(writer.part("d", "pins", rank), ids[rows] + 1000, vectors[rows])
+        info = {"rows": {"users": 100, "pins": 100}}
+        info["ads_index"] = writer.ads_index("d", np.arange(1000, 1010))
+        info["rows"]["ads"] = info["ads_index"]["size"]
+        return writer.commit({"cut_day": "2026-01-06", "dim": 4, "domains": {"d": info}}, replace=replace)
+
+    manifest = write("v1", 1.0)
+    assert list(manifest)[0] == "version" and list(manifest)[-1] == "files"
+    snap = Snapshot(tmp_path)  # verifies
+    assert snap.manifest == manifest and versions(tmp_path) == ["v1"]
+    np.testing.assert_array_equal(snap.table("d", "users").lookup(ids)[0], vectors)
+    assert snap.ads_index("d")[0].ntotal == 10
+    with pytest.raises(SnapshotError, match="version exists"):
+        write("v1", 2.0)
+    write("v1", 2.0, replace=True)
+    np.testing.assert_array_equal(Snapshot(tmp_path).table("d", "users").lookup(ids)[0], 2 * vectors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "v1"] and (tmp_path / "LATEST").read_text() == "v1\n"
 
 
 def test_sequences_as_of_a_day_match_that_days_partition(tiny_world):
@@ -187,8 +214,7 @@ def test_retrieve_answers_top_k_ads_from_the_same_version(snapshot_root, tiny_wo
     assert len(lines) == 6 and f"top 5 ads for user {uid}" in lines[0]
     pins, scores, missing = snap.retrieve_ads("engagement", [uid], 5)
     assert not missing[0] and (np.diff(scores[0]) <= 1e-6).all()
-    ads = set(pq.read_table(snap.path / "engagement" / "ads_ids.parquet").column("pin_id").to_pylist())
-    assert set(pins[0]) <= ads
+    assert set(pins[0]) <= set(snap.ad_ids("engagement"))
     # Exact search: the index agrees with brute force over the ad vectors plus each ad's
     # popularity prior (temperature x log of its impression share; the model trained without logQ).
     info = snap.manifest["domains"]["engagement"]
@@ -322,20 +348,18 @@ def test_ann_bench_measures_a_real_snapshot(snapshot_root, tmp_path):
 def test_ad_catalogues_above_the_flat_limit_get_an_hnsw_index(monkeypatch, tmp_path):
     import faiss
 
-    from derl.launchers import export
+    from derl.datapipes.snapshots import index as ad_index
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((300, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    (tmp_path / "pins").mkdir()
-    pq.write_table(pa.table({
-        "entity_id": pa.array(np.arange(300, dtype=np.int64)),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8),
-    }, schema=embedding_schema(8)), tmp_path / "pins" / "part-00000.parquet")
+    writer = SnapshotWriter(tmp_path, "v", 8).prepare()
+    write_part(writer.part("d", "pins", 0), np.arange(300), vectors)
     ads = np.arange(0, 300, 2)
-    assert export._ads_index(tmp_path, ads, 8, "v")["kind"] == "flat_ip"
-    monkeypatch.setattr(export, "FLAT_INDEX_MAX", 100)
-    assert export._ads_index(tmp_path, ads, 8, "v") == {"kind": "hnsw32_ip", "size": 150, "popularity_prior": False}
-    index = faiss.read_index(str(tmp_path / "ads.faiss"))
-    assert index.ntotal == 150 and index.hnsw.efSearch == export.HNSW_EF_SEARCH
-    np.testing.assert_array_equal(pq.read_table(tmp_path / "ads_ids.parquet").column("pin_id").to_numpy(), ads)
+    assert writer.ads_index("d", ads)["kind"] == "flat_ip"
+    monkeypatch.setattr(ad_index, "FLAT_INDEX_MAX", 100)
+    assert writer.ads_index("d", ads) == {"kind": "hnsw32_ip", "size": 150, "popularity_prior": False}
+    index = faiss.read_index(str(writer.folder / "d" / "ads.faiss"))
+    assert index.ntotal == 150 and index.hnsw.efSearch == ad_index.HNSW_EF_SEARCH
+    np.testing.assert_array_equal(ad_index.read_ad_ids(writer.folder / "d")[0], ads)
+    assert ad_index.read_ads_index(writer.folder / "d", k=500).hnsw.efSearch == 500  # never below k

@@ -25,8 +25,8 @@ from `derl.datapipes.snapshots.refresh`).
 
 from derl.datapipes.snapshots.index import FLAT_INDEX_MAX, HNSW_EF_SEARCH
 from derl.datapipes.snapshots.join import SnapshotJoin
-from derl.datapipes.snapshots.parts import (PartWriter, embedding_schema, part_paths, read_part, read_parts,
-                                            write_part)
+from derl.datapipes.snapshots.parts import (PartWriter, embedding_schema, part_name, part_paths, read_part,
+                                            read_parts, write_part)
 from derl.datapipes.snapshots.reader import EmbeddingTable, Snapshot
 from derl.datapipes.snapshots.store import (ADS_IDS, ADS_INDEX, ENTITIES, LATEST, MANIFEST, PINS, SnapshotError,
                                             cut_days, gc, latest, pin, pinned, resolve, sha256, verify, versions)
@@ -35,6 +35,6 @@ from derl.datapipes.snapshots.writer import SnapshotWriter
 __all__ = [
     "ADS_IDS", "ADS_INDEX", "ENTITIES", "FLAT_INDEX_MAX", "HNSW_EF_SEARCH", "LATEST", "MANIFEST", "PINS",
     "EmbeddingTable", "PartWriter", "Snapshot", "SnapshotError", "SnapshotJoin", "SnapshotWriter",
-    "cut_days", "embedding_schema", "gc", "latest", "part_paths", "pin", "pinned", "read_part", "read_parts",
+    "cut_days", "embedding_schema", "gc", "latest", "part_name", "part_paths", "pin", "pinned", "read_part", "read_parts",
     "resolve", "sha256", "verify", "versions", "write_part",
 ]
