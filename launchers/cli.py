@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, SnapshotError, gc, pinned, versions
+from derl.datapipes.snapshots import MANIFEST, Snapshot, SnapshotError, gc, latest, pinned, versions
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
 from derl.launchers import evaluate, export, pipeline, score, settings, train_downstream, train_upstream
@@ -103,13 +103,13 @@ def _snapshots(args: argparse.Namespace) -> None:
               f"{len(done['leftovers_removed'])} unfinished export folder(s) {verb}")
         return
     if args.action == "list":
-        latest = (args.root / LATEST).read_text().strip() if (args.root / LATEST).is_file() else None
+        newest = latest(args.root)
         for v in versions(args.root):
             m = json.loads((args.root / v / MANIFEST).read_text())
             rows = ", ".join(f"{d}: {i['rows']['users']:,} users {i['rows']['pins']:,} pins"
                              for d, i in m["domains"].items())
             pins = pinned(args.root).get(v, [])
-            print(f"{v}{' (LATEST)' if v == latest else ''}{' (pinned)' if pins else ''}"
+            print(f"{v}{' (LATEST)' if v == newest else ''}{' (pinned)' if pins else ''}"
                   f"  dim {m['dim']}  {rows}")
         return
     snap = Snapshot(args.root, args.version, check=args.action == "verify")
