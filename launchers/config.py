@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
@@ -80,6 +81,36 @@ def flag_name(cls: type, name: str) -> str:
 
 def _hints(cls: type) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _is_day(v: str) -> bool:
+    try:
+        return dt.date.fromisoformat(v).isoformat() == v
+    except ValueError:
+        return False
+
+
+# What `check` can require of a setting: (test, what the message says it must be).
+RULES = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "non_negative": (lambda v: v >= 0, "must be 0 or more"),
+    "fraction": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+    "below_one": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+    "widths": (lambda v: len(v) > 0 and all(x > 0 for x in v), "must be positive widths, e.g. 256,128"),
+    "day": (_is_day, "must be a day written YYYY-MM-DD"),
+}
+
+
+def check(config: Any, **rules: Sequence[str]) -> None:
+    """Refuse a setting that breaks its rule, naming its flag: `check(cfg, positive=("batch_size",))`.
+    Unset (None) settings pass."""
+    for rule, names in rules.items():
+        ok, need = RULES[rule]
+        for name in names:
+            v = getattr(config, name)
+            if v is not None and not ok(v):
+                shown = ",".join(map(str, v)) if isinstance(v, tuple) else v
+                raise ValueError(f"{flag_name(type(config), name)} {need}, got {shown!r}")
 
 
 def _comma_list(item: Any):

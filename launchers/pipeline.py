@@ -42,7 +42,6 @@ from derl.launchers.config import to_flags
 from derl.launchers.presets import PRESETS, Preset
 from derl.launchers.settings import (EvaluateConfig, ExportConfig, PipelineConfig, ScoreConfig,
                                      TrainDownstreamConfig, TrainUpstreamConfig)
-from derl.models import checkpoint
 
 REFRESH_ROOT = Path("refresh") / "snapshots"  # under W: the refresh's raw and aligned-only versions
 
@@ -186,13 +185,11 @@ class Runner:
             self.timings[stage.name] = {"skipped": True, "seconds": old.get("seconds")}
             return
         args = list(stage.args)
-        if same and stage.resumable and checkpoint.latest(stage.output / "checkpoints") is not None:
+        if same and stage.resumable and runs.latest_checkpoint(stage.output) is not None:
             args.append("--resume")
             print(f"[pipeline] {stage.name}: resuming from its last checkpoint")
-        elif stage.output is not None and stage.output.exists() and not stage.resumable:
-            shutil.rmtree(stage.output)
-        elif stage.output is not None and stage.output.exists() and not same:
-            shutil.rmtree(stage.output)
+        elif stage.output is not None and stage.output.exists():
+            args.append("--overwrite")  # the stage replaces its earlier run, and only that
         path.write_text(json.dumps({"digest": digest, **want, "finished": False}, indent=2))
         print(f"[pipeline] {stage.name}: derl {stage.subcommand} {' '.join(args)}", flush=True)
         t0 = time.perf_counter()
@@ -228,8 +225,8 @@ class Runner:
 
 
 def validate(cfg: PipelineConfig) -> None:
-    if cfg.nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {cfg.nproc}")
+    if cfg.workdir.exists() and not cfg.workdir.is_dir():
+        raise FileExistsError(f"--workdir {cfg.workdir}: a file, not a folder")
 
 
 def run(cfg: PipelineConfig) -> Dict[str, object]:

@@ -11,18 +11,27 @@
 Every stage that reads another stage's run (export reads upstream runs, score and evaluate
 read ranker runs, the pipeline reads both) goes through here, so no entry point imports
 another. docs/runs.md describes the contract.
+
+One run per folder: config.json's `kind` is derl's mark on a run folder and its `settings` are
+the stage config that made it. A stage writes only into a new or empty folder, or into one that
+holds a run of its own kind: resumed (`--resume`, the same settings but for the stage's
+`RUN_CONTROL`, else refused with the differences named) or replaced (`--overwrite`, which removes
+that run's own files and refuses a folder that holds anything else). Nothing of an earlier run
+is ever read into a new one.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Collection, Dict, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from derl.launchers.config import flag_name, to_json
 from derl.models import checkpoint
 from derl.models.downstream import RankerConfig
 from derl.models.upstream import UpstreamConfig
@@ -32,6 +41,12 @@ METRICS = "metrics.json"
 CHECKPOINTS = "checkpoints"
 PREDICTIONS = "predictions"
 TRAIN_NE = "train_ne.json"  # a ranker's windowed training NE per step, for the NE-over-steps plot
+LOSS_HISTORY = "loss_history.json"
+TENSORBOARD = "tb"
+# Everything derl writes into a run folder; config.json, the mark, goes last when a run is replaced.
+OWN_FILES = (CHECKPOINTS, PREDICTIONS, METRICS, TRAIN_NE, LOSS_HISTORY, TENSORBOARD, CONFIG)
+# The kinds of run folder (config.json's `kind`).
+UPSTREAM, RANKER, SCORES = "upstream", "ranker", "scores"
 # Upstream metrics that travel with the vectors: into the snapshot manifest and the pipeline report.
 HEADLINE_METRICS = ("recall@", "popularity_recall@", "dot_auc_")
 
@@ -41,6 +56,62 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=list))
     tmp.rename(path)
+
+
+def claim(cfg: Any, kind: str, resume: bool = False) -> None:
+    """May `cfg.out` take this run? Read-only: every rank may call it, before any work."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        if resume:
+            raise FileNotFoundError(f"--resume: {out} holds no run to continue")
+        return
+    if not (out / CONFIG).is_file():
+        raise FileExistsError(f"--out {out}: holds files but no derl run ({CONFIG}); derl writes a "
+                              f"run only into a new or empty folder, or over a run of its own")
+    old = read_config(out)
+    if old.get("kind") != kind:
+        raise FileExistsError(f"--out {out}: holds a {old.get('kind', 'older derl')} run, not a {kind} run")
+    if resume:
+        _same_settings(cfg, old, out)
+        return
+    if not getattr(cfg, "overwrite", False):
+        raise FileExistsError(f"--out {out}: holds an earlier {kind} run; pass --resume to continue "
+                              f"it or --overwrite to start afresh")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
+    if foreign:
+        raise FileExistsError(f"--overwrite: {out} also holds {', '.join(foreign[:5])}, which derl did "
+                              f"not write; move them away first")
+
+
+def _same_settings(cfg: Any, old: Dict[str, Any], out: Path) -> None:
+    """--resume: the settings that shape the run must be the earlier run's."""
+    if "settings" not in old:
+        raise ValueError(f"--resume: {out} was written by an older derl without its settings; "
+                         f"start afresh with --overwrite")
+    may_change: Collection[str] = getattr(type(cfg), "RUN_CONTROL", ())
+    now = to_json(cfg)
+    changed = [f"{flag_name(type(cfg), k)} {old['settings'].get(k)!r} then, {v!r} now"
+               for k, v in now.items() if k not in may_change and old["settings"].get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: {out} was trained with other settings ({'; '.join(changed)}); "
+                         f"resume with the same ones, or start afresh with --overwrite")
+
+
+def start(cfg: Any, kind: str, record: Dict[str, Any]) -> None:
+    """Rank 0, after `claim`: clear an earlier run when replacing it, then write config.json
+    (`kind`, `settings` and the stage's `record`)."""
+    out = Path(cfg.out)
+    if getattr(cfg, "overwrite", False) and out.is_dir():
+        for name in OWN_FILES:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG, {"kind": kind, "settings": to_json(cfg), **record})
 
 
 def read_config(run: Path) -> Dict[str, Any]:

@@ -31,6 +31,7 @@ TRAINING_SUMMARY = ("upstream", "vectors", "projection_dim", "steps", "train_day
 def validate(cfg: ScoreConfig) -> None:
     if not (cfg.ranker / runs.CONFIG).is_file() or runs.latest_checkpoint(cfg.ranker) is None:
         raise FileNotFoundError(f"--run {cfg.ranker}: not a finished ranker run (config.json, checkpoints)")
+    runs.claim(cfg, runs.SCORES)
 
 
 def run(cfg: ScoreConfig) -> Dict[str, object]:
@@ -54,7 +55,7 @@ def _run(cfg: ScoreConfig, worker: derl_dist.Worker) -> Dict[str, object]:
     eval_day = cfg.eval_day or meta["eval_day"]
     summary.update(world_size=worker.world_size, eval_day=eval_day, rescored_from=str(cfg.ranker))
     if worker.is_main:
-        cfg.out.mkdir(parents=True, exist_ok=True)
+        runs.start(cfg, runs.SCORES, {"ranker": str(cfg.ranker), "eval_day": eval_day})
     make_join = (lambda: SnapshotJoin(snapshots, model_cfg.vectors, cfg.snapshot_version,
                                       model_cfg.upstream_dim)) if model_cfg.upstream == "snapshot" else None
     data = Path(cfg.data or meta["data"])

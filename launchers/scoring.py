@@ -18,7 +18,7 @@ import torch.distributed as dist
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.snapshots import SnapshotJoin
 from derl.launchers import dist as derl_dist
-from derl.launchers import runs
+from derl.launchers import finite, runs
 from derl.models.metrics import ranker_metrics
 
 SCORE_BATCH = 4096
@@ -90,6 +90,9 @@ def score_and_report(dmp, worker: derl_dist.Worker, data: Path, eval_day: str, v
                            [join] if join else [])
     t0 = time.perf_counter()
     rows = score(dmp, reader, worker.device)
+    for column in ("p_ctr", "p_cvr"):
+        finite.require_finite(f"{out}: the ranker's {column} on {eval_day}",
+                              rows.get(column, np.zeros(0)), worker.device)
     seconds = slowest(time.perf_counter() - t0)
     runs.write_predictions(out, worker.rank, rows)
     eval_versions = summed(dict(join.rows_by_version) if join else {})

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from derl.datapipes.domains import DOMAINS, VECTOR_SETS
-from derl.launchers.config import default_of, setting
+from derl.launchers.config import check, default_of, setting
 from derl.models.downstream import UPSTREAM_MODES, RankerConfig
 from derl.models.sharding import OptimConfig
 from derl.models.upstream import UpstreamConfig
@@ -26,6 +26,10 @@ def _upstream(name: str) -> Any:
 
 def _ranker(name: str) -> Any:
     return default_of(RankerConfig, name)
+
+
+OVERWRITE_HELP = ("start afresh in a folder that holds an earlier run of this stage (derl removes "
+                  "that run's own files; anything else there is refused)")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,28 @@ class TrainUpstreamConfig:
     eval_batch_size: int = setting(2048, "entities per forward in evaluation")
     memory_per_rank_gb: Optional[float] = setting(None, "planner memory cap (default: the host's)")
     seed: int = setting(0, "seed of the model and the data order")
+    overwrite: bool = setting(False, OVERWRITE_HELP)
+
+    # What a resumed run may change: where, how long and how it runs, not what it trains.
+    RUN_CONTROL: ClassVar[Tuple[str, ...]] = (
+        "out", "nproc", "max_steps", "epochs", "resume", "overwrite", "from_day", "until",
+        "checkpoint_every", "eval_every", "eval_batch_size", "memory_per_rank_gb")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("nproc", "max_steps", "epochs", "batch_size", "embedding_dim", "seq_len",
+                              "seq_layers", "temperature", "embedding_lr", "dense_lr", "checkpoint_every",
+                              "eval_batch_size", "memory_per_rank_gb"),
+              non_negative=("eval_every", "contrastive_weight"), below_one=("seq_dropout",),
+              fraction=("logq_strength",), widths=("tower_dims", "interaction_dims"),
+              day=("from_day", "until"))
+        heads = _upstream("seq_heads")
+        if self.embedding_dim % heads:
+            raise ValueError(f"--embedding-dim must be a multiple of the {heads} attention heads, "
+                             f"got {self.embedding_dim}")
+        if self.from_day and self.until and self.from_day > self.until:
+            raise ValueError(f"--from-day {self.from_day} is after --until {self.until}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one")
 
     def model_config(self, vocab: Dict[str, int]) -> UpstreamConfig:
         extra = {"contrastive_positives": self.contrastive_positives} if self.contrastive_positives else {}
@@ -123,6 +149,17 @@ class TrainDownstreamConfig:
     ne_window: int = setting(20, "batches in the training-NE window")
     checkpoint_every: int = setting(0, "steps between checkpoints (0: at the end only)")
     seed: int = setting(0, "seed of the model and the data order")
+    overwrite: bool = setting(False, OVERWRITE_HELP)
+
+    def __post_init__(self) -> None:
+        check(self, positive=("nproc", "epochs", "max_steps", "batch_size", "embedding_dim", "embedding_lr",
+                              "dense_lr", "ne_window", "projection_dim"),
+              non_negative=("checkpoint_every",), widths=("over_arch",),
+              day=("from_day", "until", "eval_day"))
+        if any(w <= 0 for w in self.dense_arch):
+            raise ValueError(f"--dense-arch must be positive widths, got {','.join(map(str, self.dense_arch))!r}")
+        if self.from_day and self.until and self.from_day > self.until:
+            raise ValueError(f"--from-day {self.from_day} is after --until {self.until}")
 
     @property
     def vector_names(self) -> Tuple[str, ...]:
@@ -139,6 +176,10 @@ class ScoreConfig:
     data: Optional[Path] = setting(None, "source folder (default: the run's)")
     eval_day: Optional[str] = setting(None, "day to score (default: the run's evaluation day)")
     nproc: int = setting(1, "local worker processes (ranks)")
+    overwrite: bool = setting(False, "replace an earlier `derl score` output in --out")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("nproc",), day=("eval_day",))
 
 
 @dataclass(frozen=True)
@@ -150,6 +191,9 @@ class EvaluateConfig:
     data: Optional[Path] = setting(None, "source folder (for ad retrieval recall)")
     snapshots: Optional[Path] = setting(None, "snapshot root (cold start, ad retrieval)")
     resamples: int = setting(1000, "bootstrap resamples")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("resamples",))
 
 
 @dataclass(frozen=True)
@@ -163,3 +207,6 @@ class PipelineConfig:
                             choices=("local", "torchx"))
     refresh: bool = setting(False, "then run one more day: incremental upstream, a refreshed "
                                    "snapshot, the old ranker scored with it")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("nproc",))

@@ -35,7 +35,7 @@ from derl.datapipes.snapshots import SnapshotJoin, pin
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers import dist as derl_dist
-from derl.launchers import runs, scoring
+from derl.launchers import finite, runs, scoring
 from derl.launchers.settings import TrainDownstreamConfig
 from derl.models import checkpoint
 from derl.models.downstream import Ranker, RankerConfig, dot_pairs
@@ -48,10 +48,7 @@ def validate(cfg: TrainDownstreamConfig) -> None:
     """Configuration errors, caught before any worker starts."""
     if cfg.upstream != "none" and cfg.snapshots is None:
         raise ValueError(f"--upstream {cfg.upstream} needs --snapshots")
-    if cfg.batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
-    if cfg.projection_dim is not None and cfg.projection_dim <= 0:
-        raise ValueError(f"--projection-dim must be positive, got {cfg.projection_dim}")
+    runs.claim(cfg, runs.RANKER)
     if cfg.snapshots is not None and cfg.upstream != "none":
         SnapshotJoin(cfg.snapshots, cfg.vector_names, cfg.snapshot_version)
     SourceTables(cfg.data).units("ad_events")
@@ -175,17 +172,16 @@ def _start_run_folder(t: RankerTraining) -> None:
     """config.json, and pins on the snapshot versions this ranker is trained with, before
     training starts, so that `snapshots gc` never takes them away."""
     cfg, out = t.cfg, t.cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"train-downstream ({cfg.upstream}{', ' + cfg.vectors if cfg.upstream != 'none' else ''}): "
-          f"days {t.days[0]}..{t.days[1]}, {t.steps} steps of {cfg.batch_size} x "
-          f"{t.worker.world_size} rank(s), evaluation on {t.eval_day}")
-    print("sharding plan:\n  " + "\n  ".join(describe_plan(t.plan)))
-    runs.write_json(out / runs.CONFIG, {
+    runs.start(cfg, runs.RANKER, {
         "upstream": cfg.upstream, "vectors": cfg.vectors, "model": dataclasses.asdict(t.model_cfg),
         "days": t.days, "eval_day": t.eval_day, "data": str(cfg.data),
         "snapshots": str(cfg.snapshots) if cfg.snapshots else None, "snapshot_versions": t.versions,
         "coupled_checkpoints": {d: c["checkpoint"] for d, c in t.coupled.items()},
         "world_size": t.worker.world_size})
+    print(f"train-downstream ({cfg.upstream}{', ' + cfg.vectors if cfg.upstream != 'none' else ''}): "
+          f"days {t.days[0]}..{t.days[1]}, {t.steps} steps of {cfg.batch_size} x "
+          f"{t.worker.world_size} rank(s), evaluation on {t.eval_day}")
+    print("sharding plan:\n  " + "\n  ".join(describe_plan(t.plan)))
     for v in t.versions:
         pin(cfg.snapshots, v, str(out.resolve()))
 
@@ -212,6 +208,7 @@ def train_loop(t: RankerTraining) -> Tuple[List[Dict[str, float]], float]:
         if step == 1 and t.steps > 1:  # the first step traces the model and fills the pipeline
             t0 = time.perf_counter()
         losses = {k: float(v) for k, v in output["losses"].items()}
+        finite.check_losses(step, losses, worker.device)
         clicked = output["clicked"]
         ne.update(predictions={"ctr": output["ctr"]}, labels={"ctr": clicked},
                   weights={"ctr": torch.ones_like(clicked)})

@@ -29,7 +29,7 @@ from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers import dist as derl_dist
-from derl.launchers import faults, runs
+from derl.launchers import faults, finite, runs
 from derl.launchers.settings import TrainUpstreamConfig
 from derl.launchers.upstream_eval import AUC_TASKS, evaluate_recall
 from derl.models import checkpoint
@@ -39,10 +39,7 @@ from derl.models.upstream import DERM, UpstreamConfig
 
 def validate(cfg: TrainUpstreamConfig) -> None:
     """Configuration errors, caught before any worker starts."""
-    if cfg.seq_len <= 0:
-        raise ValueError(f"--seq-len must be at least 1, got {cfg.seq_len}")
-    if cfg.batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
+    runs.claim(cfg, runs.UPSTREAM, resume=cfg.resume)
     if cfg.resume and runs.latest_checkpoint(cfg.out) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {cfg.out / runs.CHECKPOINTS}")
     SourceTables(cfg.data).units("engagements")  # the source exists and is readable
@@ -130,13 +127,12 @@ def _run(cfg: TrainUpstreamConfig, worker: derl_dist.Worker) -> Dict[str, object
 
 def _start_run_folder(t: Training) -> None:
     cfg = t.cfg
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    runs.start(cfg, runs.UPSTREAM, {
+        "domain": cfg.domain, "model": dataclasses.asdict(t.model_cfg), "days": t.days,
+        "eval_day": t.eval_day, "data": str(cfg.data), "world_size": t.worker.world_size})
     print(f"train-upstream {cfg.domain}: days {t.days[0]}..{t.days[1]}, {t.steps} steps of "
           f"{cfg.batch_size} x {t.worker.world_size} rank(s), evaluation on {t.eval_day}")
     print("sharding plan:\n  " + "\n  ".join(describe_plan(t.plan)))
-    runs.write_json(cfg.out / runs.CONFIG, {
-        "domain": cfg.domain, "model": dataclasses.asdict(t.model_cfg), "days": t.days,
-        "eval_day": t.eval_day, "data": str(cfg.data), "world_size": t.worker.world_size})
 
 
 @dataclass
@@ -175,7 +171,7 @@ def train_loop(t: Training, resume_from: Optional[Path]) -> Loop:
                   f"{'' if offset != step else ' (new days: an incremental run)'}")
     pipeline = TrainPipelineSparseDist(dmp, optimizer, worker.device)
     batches = t.stream.iterate(start_step=step - offset)
-    writer = SummaryWriter(str(cfg.out / "tb")) if worker.is_main else None
+    writer = SummaryWriter(str(cfg.out / runs.TENSORBOARD)) if worker.is_main else None
     history: List[Dict[str, float]] = []
     evals: List[Dict[str, object]] = []
     bar = tqdm(total=steps, initial=step, desc=f"upstream {cfg.domain}", disable=not worker.is_main)
@@ -186,6 +182,7 @@ def train_loop(t: Training, resume_from: Optional[Path]) -> Loop:
         step += 1
         examples += cfg.batch_size * worker.world_size
         losses = {k: float(v) for k, v in output["losses"].items()}
+        finite.check_losses(step, losses, worker.device)
         if worker.is_main:
             rate = examples / (time.perf_counter() - t_start)
             bar.set_postfix(loss=f"{sum(losses.values()):.3f}", ex_s=f"{rate:,.0f}")
@@ -248,7 +245,7 @@ def report(t: Training, loop: Loop) -> Dict[str, object]:
     if t.worker.is_main:
         out = t.cfg.out
         runs.write_json(out / runs.METRICS, metrics)
-        runs.write_json(out / "loss_history.json", loop.history)
+        runs.write_json(out / runs.LOSS_HISTORY, loop.history)
         loop.writer.close()
         print(f"recall@50 {metrics['recall@50']:.4f} vs popularity {metrics['popularity_recall@50']:.4f}"
               f" on {t.eval_day}; dot AUC among impressions: " + ", ".join(
