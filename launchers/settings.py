@@ -72,7 +72,7 @@ class TrainUpstreamConfig:
 
     # What a resumed run may change: where, how long and how it runs, not what it trains.
     RUN_CONTROL: ClassVar[Tuple[str, ...]] = (
-        "out", "nproc", "max_steps", "epochs", "resume", "overwrite", "from_day", "until",
+        "data", "out", "nproc", "max_steps", "epochs", "resume", "overwrite", "from_day", "until",
         "checkpoint_every", "eval_every", "eval_batch_size", "memory_per_rank_gb")
 
     def __post_init__(self) -> None:

@@ -279,6 +279,30 @@ def test_bad_input_is_refused_or_repaired_and_reported(world_copy, learned_snaps
 
 
 @pytest.mark.slow
+def test_a_folder_takes_one_ranker_run_and_overwrite_leaves_nothing_of_the_earlier_one(tiny_world, tmp_path):
+    """A 1-rank ranker over a 2-rank one: refused without --overwrite; with it, the earlier run's
+    second prediction part is gone and the metrics count the evaluation day's rows once."""
+    run = tmp_path / "run"
+    _train(tiny_world, run, "none", None, "--max-steps", "2", "--nproc", "2")
+    assert len(list((run / "predictions").glob("part-*.parquet"))) == 2
+    p = _train(tiny_world, run, "none", None, "--max-steps", "2", check=False)
+    assert p.returncode == 2 and "holds an earlier ranker run; pass --resume" in p.stderr
+    _train(tiny_world, run, "none", None, "--max-steps", "2", "--overwrite")
+    m = _metrics(run)
+    eval_rows = SourceTables(tiny_world).read("ad_events", (m["eval_day"], m["eval_day"])).num_rows
+    assert m["world_size"] == 1 and m["eval"]["ctr"]["rows"] == eval_rows
+    assert [p.name for p in (run / "predictions").iterdir()] == ["part-00000.parquet"]
+
+
+@pytest.mark.slow
+def test_a_ranker_whose_loss_turns_non_finite_stops_and_writes_no_metrics(tiny_world, tmp_path):
+    p = _train(tiny_world, tmp_path / "run", "none", None, "--max-steps", "6", "--dense-lr", "1e30",
+               "--embedding-lr", "1e30", check=False)
+    assert p.returncode == 2 and "the loss is not finite" in p.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.slow
 def test_bad_flags_fail_before_training_with_the_flag_named(tiny_world, tmp_path):
     base = ["train-downstream", "--data", str(tiny_world), "--out", str(tmp_path / "r")]
     p = derl(*base, "--upstream", "snapshot", check=False)

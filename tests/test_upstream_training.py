@@ -11,11 +11,15 @@ import torch
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.sources import DataError
 from derl.launchers import dist as derl_dist
+from derl.launchers.config import to_flags
+from derl.launchers.presets import PRESETS
 from derl.launchers.runs import upstream_model_config
+from derl.launchers.settings import TrainUpstreamConfig
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, shard_model
 from derl.models.upstream import DERM
 from helpers import SMALL, derl
+
 
 def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
@@ -91,11 +95,25 @@ def test_a_run_killed_mid_way_and_resumed_ends_like_an_uninterrupted_one(tiny_wo
 def test_bad_configuration_fails_before_training(tiny_world, tmp_path):
     base = ["train-upstream", "--data", str(tiny_world), "--out", str(tmp_path / "r"), *SMALL]
     p = derl(*base, "--seq-len", "0", check=False)
-    assert p.returncode == 2 and "--seq-len must be at least 1" in p.stderr
+    assert p.returncode == 2 and "--seq-len must be positive, got 0" in p.stderr
     p = derl(*base, "--resume", check=False)
-    assert p.returncode == 2 and "--resume: no checkpoint under" in p.stderr
+    assert p.returncode == 2 and "--resume: " in p.stderr and "holds no run to continue" in p.stderr
     p = derl(*base, "--memory-per-rank-gb", "0.0001", "--max-steps", "1", check=False)
     assert p.returncode == 2 and "no sharding plan fits 1 rank(s)" in p.stderr and "t_pin_id" in p.stderr
+
+
+@pytest.mark.slow
+def test_a_run_whose_loss_turns_non_finite_stops_with_the_step_and_ships_nothing(tiny_world, tmp_path):
+    """Learning rates of 1e30 blow the loss up at the second step: the run exits 2 naming the
+    step and the losses, and writes no metrics (nor checkpoint) for export to pick up."""
+    run = tmp_path / "run"
+    p = derl("train-upstream", "--data", str(tiny_world), "--out", str(run), "--max-steps", "8",
+             "--dense-lr", "1e30", "--embedding-lr", "1e30", *SMALL, check=False)
+    assert p.returncode == 2 and "error: step 2: the loss is not finite (" in p.stderr
+    assert not (run / "metrics.json").exists() and checkpoint.latest(run / "checkpoints") is None
+    p = derl("train-upstream", "--data", str(tiny_world), "--out", str(run), "--max-steps", "8", *SMALL,
+             check=False)
+    assert p.returncode == 2 and "holds an earlier upstream run; pass --resume" in p.stderr
 
 
 def test_more_ranks_than_row_groups_is_refused(tiny_world):
@@ -123,7 +141,8 @@ def test_an_incremental_run_on_a_new_day_continues_from_the_checkpoint(learned_u
     shutil.copytree(learned_upstream["engagement"], run)
     before = checkpoint.latest(run / "checkpoints")
     derl("train-upstream", "--data", str(tiny_world), "--out", str(run), "--resume",
-         "--from-day", "2026-01-06", "--until", "2026-01-06", "--max-steps", "3", *SMALL)
+         "--from-day", "2026-01-06", "--until", "2026-01-06", "--max-steps", "3",
+         *to_flags(TrainUpstreamConfig, PRESETS["tiny"].upstream))
     m = _metrics(run)
     assert m["steps"] == int(before.name[5:]) + 3 and m["eval"]["day"] == "2026-01-07"
     assert checkpoint.latest(run / "checkpoints").name == f"step-{m['steps']:06d}"
