@@ -69,9 +69,7 @@ class _Entities:
         self.category = pins.column("category").to_numpy().astype(np.int64)
         self.advertiser = pins.column("advertiser_id").fill_null(-1).to_numpy()
         self.campaign = pins.column("campaign_id").fill_null(-1).to_numpy()
-        emb = pins.column("content_emb").combine_chunks()
-        if emb.null_count:
-            raise DataError(f"{pins_path}: column 'content_emb' has {emb.null_count} null rows")
+        emb = pins.column("content_emb").combine_chunks()  # no nulls: read_checked refuses them
         content = emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), S.CONTENT_DIM)
         nan = ~np.isfinite(content)
         if nan.any():
@@ -96,8 +94,6 @@ class _Sequences:
         self.pin = np.asarray(cols["seq_pin_id"].values)
         self.action = np.asarray(cols["seq_action"].values).astype(np.int64)
         self.ts = np.asarray(cols["seq_ts"].values)
-        if len(self.pin) and self.pin.min() < 0:
-            raise DataError(f"{path}: column 'seq_pin_id' has negative ids")
         if len(self.ts) and self.ts.max() >= day_start:
             raise DataError(
                 f"{path}: column 'seq_ts' holds engagements at or after the day's start "

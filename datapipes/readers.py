@@ -7,13 +7,14 @@ in their event table:
 Each row is joined with its user's profile (`users`), its Pin's features (`pins`) and its user's
 sequence as of the start of the row's day (`user_sequences` of the same `ds`).
 
-Policies (each counted in `ReaderStats` on the first pass over the data, none silent):
-- a NaN in a dense feature (`content_emb`) is replaced by 0 and counted;
-- an id beyond the model's vocabulary is hashed into it (id mod size) and counted;
-- a user or Pin missing from its table keeps its row, with empty features, and is counted;
-- `converted` on an unclicked ad row is a data error: repaired to 0 and counted;
-- a label outside {0, 1}, a negative id, a missing or mistyped column, a corrupt file, a
-  sequence with an engagement at or after its day's start: `DataError` naming file and column.
+Bad input (docs/data.md, "Bad input") is either a `DataError` naming table, file and column, or
+a repair counted in `ReaderStats` on the first pass over the data; none is silent:
+- refused: what `SourceTables` and `read_checked` refuse (partitions, nulls, codes outside
+  their range, timestamps outside their day, ...), a label outside {0, 1}, a `request_id` seen
+  twice in the day range, a sequence with an engagement at or after its day's start;
+- repaired and counted: a NaN in `content_emb` (set to 0), an id beyond the model's vocabulary
+  (hashed into it, id mod size), a user or Pin missing from its table (kept, with empty
+  features), `converted` on an unclicked ad row (set to 0).
 Rows are dropped only by `drop_last` (the final partial batch), and that is counted too.
 """
 
@@ -38,6 +39,7 @@ from derl.datapipes.sources import (
     SourceTables,
     read_checked,
     shard_units,
+    unique_order,
 )
 
 # A join adds dense features to a batch from its rows (user_id, pin_id, ts, day_start, ...);
@@ -122,17 +124,27 @@ class ExampleReader:
         self.stats = self.joiner.stats
         self.joins = list(joins)
         self._epoch = 0
-        self.pin_prob = self._pin_sampling_prob(self.sources.units(table, days))
+        self.pin_prob = self._scan(self.sources.units(table, days))
 
-    def _pin_sampling_prob(self, units: Sequence[ReadUnit]) -> np.ndarray:
-        """P(a row of this table in the day range, on any rank, shows Pin p), per Pin row (and a
-        last slot for Pins missing from `pins`): the q of the contrastive logQ correction."""
+    def _scan(self, units: Sequence[ReadUnit]) -> np.ndarray:
+        """One pass over the whole day range (every rank's units, so all ranks agree): refuses a
+        `request_id` seen twice (the impression would count twice), and returns P(a row shows
+        Pin p) per Pin row, plus a last slot for Pins missing from `pins`: the q of the
+        contrastive logQ correction."""
         pins = self.joiner.entities.pins
         counts = np.zeros(len(pins.sorted) + 1, dtype=np.int64)  # slot -1: unknown Pins
-        for path in dict.fromkeys(u.path for u in units):
-            ids = read_checked(path, self.spec, columns=["pin_id"]).column("pin_id").to_numpy()
-            row, found = pins.rows(ids)
+        files = list(dict.fromkeys((u.path, u.day) for u in units))
+        ads = self.table == "ad_events"
+        requests = []
+        for path, day in files:
+            t = read_checked(path, self.spec, columns=["pin_id", "request_id"] if ads else ["pin_id"], day=day)
+            row, found = pins.rows(t.column("pin_id").to_numpy())
             counts += np.bincount(np.where(found, row, len(counts) - 1), minlength=len(counts))
+            if ads:
+                requests.append(t.column("request_id").to_numpy())
+        if ads:
+            file_of = np.repeat(np.arange(len(files)), [len(r) for r in requests])
+            unique_order(np.concatenate(requests), "request_id", [p for p, _ in files], file_of)
         return counts / max(counts.sum(), 1)
 
     @property
@@ -161,7 +173,7 @@ class ExampleReader:
 
     def _read_unit(self, unit: ReadUnit) -> Dict[str, np.ndarray]:
         columns = self.spec.schema.names
-        table = read_checked(unit.path, self.spec, unit.row_group, columns)
+        table = read_checked(unit.path, self.spec, unit.row_group, columns, unit.day)
         rows = {c: table.column(c).to_numpy() for c in columns}
         if self.table == "ad_events":
             for c in AD_LABELS:

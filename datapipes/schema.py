@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 
@@ -45,12 +45,22 @@ CONTENT_DIM = 32
 
 @dataclass(frozen=True)
 class TableSpec:
-    """One source table: its folder name, required columns, and whether it is split by day."""
+    """One source table: its folder name, required columns, and whether it is split by day.
+
+    Readers check every row against the rest (sources.read_checked): `codes` are the integer
+    columns (ids and enum codes, list columns included) whose values must lie in [0, n), n None
+    where the table's own data sizes the vocabulary; only `nullable` columns may hold nulls; a
+    day (or an unpartitioned table) without rows is an error unless `may_be_empty`.
+    `id_columns` are the ids `derl inspect` shows.
+    """
 
     name: str
     schema: pa.Schema
     partitioned_by_day: bool
     id_columns: Tuple[str, ...]
+    codes: Dict[str, Optional[int]]
+    nullable: Tuple[str, ...] = ()
+    may_be_empty: bool = False
 
 
 def _schema(**fields: pa.DataType) -> pa.Schema:
@@ -68,6 +78,7 @@ USERS = TableSpec(
     ),
     partitioned_by_day=False,
     id_columns=("user_id",),
+    codes={"user_id": None, "country": None, "age_bucket": None, "gender": None},
 )
 
 PINS = TableSpec(
@@ -82,7 +93,9 @@ PINS = TableSpec(
         created_ds=pa.date32(),
     ),
     partitioned_by_day=False,
-    id_columns=("pin_id",),  # advertiser_id / campaign_id are null for organic Pins
+    id_columns=("pin_id",),
+    codes={"pin_id": None, "category": None, "advertiser_id": None, "campaign_id": None},
+    nullable=("advertiser_id", "campaign_id"),  # null for organic Pins
 )
 
 ENGAGEMENTS = TableSpec(
@@ -96,6 +109,7 @@ ENGAGEMENTS = TableSpec(
     ),
     partitioned_by_day=True,
     id_columns=("user_id", "pin_id"),
+    codes={"user_id": None, "pin_id": None, "action": NUM_ACTIONS, "surface": NUM_SURFACES},
 )
 
 AD_EVENTS = TableSpec(
@@ -114,6 +128,8 @@ AD_EVENTS = TableSpec(
     ),
     partitioned_by_day=True,
     id_columns=("request_id", "user_id", "pin_id", "advertiser_id", "campaign_id"),
+    codes={"request_id": None, "user_id": None, "pin_id": None, "advertiser_id": None,
+           "campaign_id": None, "surface": NUM_SURFACES, "position": None},
 )
 
 # Last L engagements (oldest first) of each user active that day, as of the day's start.
@@ -127,6 +143,8 @@ USER_SEQUENCES = TableSpec(
     ),
     partitioned_by_day=True,
     id_columns=("user_id",),
+    codes={"user_id": None, "seq_pin_id": None, "seq_action": NUM_ACTIONS},
+    may_be_empty=True,  # a day whose active users have no history yet (the first day)
 )
 
 TABLES: Dict[str, TableSpec] = {
@@ -137,10 +155,38 @@ DAY_FORMAT = "%Y-%m-%d"
 
 
 def parse_day(day: str) -> dt.date:
+    """The date of a canonical `YYYY-MM-DD`; other spellings of a date (`2026-1-5`, `20260105`)
+    are refused, so that days compare as strings in date order."""
     try:
-        return dt.datetime.strptime(day, DAY_FORMAT).date()
-    except ValueError as e:
-        raise ValueError(f"day {day!r} is not of the form YYYY-MM-DD") from e
+        date = dt.datetime.strptime(day, DAY_FORMAT).date()
+    except ValueError:
+        date = None
+    if date is None or date.isoformat() != day:
+        raise ValueError(f"day {day!r} is not of the form YYYY-MM-DD")
+    return date
+
+
+def day_range(first: str, last: str) -> List[str]:
+    """Every day from `first` to `last`, both included; none if `last` comes first."""
+    a, b = parse_day(first), parse_day(last)
+    return [(a + dt.timedelta(days=k)).isoformat() for k in range((b - a).days + 1)]
+
+
+def gaps(days: Sequence[str]) -> List[str]:
+    """The days missing between the first and the last of sorted `days`."""
+    have = set(days)
+    return [d for d in day_range(days[0], days[-1]) if d not in have] if days else []
+
+
+def day_runs(days: Sequence[str]) -> str:
+    """Sorted days as runs of consecutive days, for messages: `2026-01-03, 2026-01-05..2026-01-07`."""
+    runs: List[List[str]] = []  # [first, last] of each run
+    for d in days:
+        if runs and parse_day(d) - parse_day(runs[-1][1]) == dt.timedelta(days=1):
+            runs[-1][1] = d
+        else:
+            runs.append([d, d])
+    return ", ".join(a if a == b else f"{a}..{b}" for a, b in runs)
 
 
 def day_start_ts(day: dt.date) -> int:

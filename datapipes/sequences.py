@@ -72,8 +72,6 @@ class SequenceBuffer:
         self.ts[users] = np.take_along_axis(cat_ts, squeeze, axis=1)
 
 
-
-
 def sequences_as_of(sources: SourceTables, day: str, length: int, users: np.ndarray) -> pa.Table:
     """The user_sequences rows `users` would have on `day`: each one's last `length`
     engagements other than plain impressions, strictly before the day's start."""
@@ -81,8 +79,8 @@ def sequences_as_of(sources: SourceTables, day: str, length: int, users: np.ndar
     buffer = SequenceBuffer(len(users), length)
     before = [d for d in sources.days("engagements") if d < day]
     if before:
-        for _, path in sources.files("engagements", (before[0], before[-1])):
-            t = read_checked(path, S.ENGAGEMENTS, columns=["user_id", "pin_id", "action", "ts"])
+        for d, path in sources.files("engagements", (before[0], before[-1])):
+            t = read_checked(path, S.ENGAGEMENTS, columns=["user_id", "pin_id", "action", "ts"], day=d)
             t = t.filter(pc.not_equal(t.column("action"), S.Action.IMPRESSION))
             row, found = index.rows(t.column("user_id").to_numpy())
             if found.any():

@@ -1,13 +1,12 @@
 """Opening a source folder: finding each table's files by day, checking them, splitting them.
 
-Every check here fails with a `DataError` that names the file and the column, before any row is
-trusted. Readers work on `ReadUnit`s (one Parquet row group of one day), the grain at which the
-W ranks split a day range between them.
+Every check here fails with a `DataError` that names the table, the file or folder and the
+column, before any row is trusted (docs/data.md, "Bad input"). Readers work on `ReadUnit`s (one
+Parquet row group of one day), the grain at which the W ranks split a day range between them.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -57,9 +56,17 @@ def _parquet(path: Path) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from e
 
 
+def _values(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A column's values, those of a list column flattened."""
+    t = column.type
+    return pc.list_flatten(column) if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) else column
+
+
 def read_checked(path: Path, spec: S.TableSpec, row_group: Optional[int] = None,
-                 columns: Optional[Sequence[str]] = None) -> pa.Table:
-    """Read a file (or one row group of it), checking schema and that no id is negative."""
+                 columns: Optional[Sequence[str]] = None, day: Optional[str] = None) -> pa.Table:
+    """Read a file (or one row group of it), checking its schema and every value read: no null
+    outside `spec.nullable`, every code in its range (`spec.codes`), and with `day` (the file's
+    partition), every `ts` within that day, UTC."""
     f = _parquet(path)
     check_schema(path, f.schema_arrow, spec)
     columns = list(columns or spec.schema.names)
@@ -67,13 +74,63 @@ def read_checked(path: Path, spec: S.TableSpec, row_group: Optional[int] = None,
         table = f.read(columns) if row_group is None else f.read_row_group(row_group, columns)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: corrupt Parquet data ({e})") from e
-    for col in spec.id_columns:
-        if col in columns:
-            smallest = pc.min(table.column(col)).as_py()
-            if smallest is not None and smallest < 0:
-                bad = pc.sum(pc.less(table.column(col), 0)).as_py()
-                raise DataError(f"{path}: column {col!r} has {bad} negative ids (min {smallest})")
+
+    def refuse(column: str, count: int, what: str) -> DataError:
+        return DataError(f"{path}: column {column!r} has {count} {what} (table {spec.name})")
+
+    for name in columns:
+        col = table.column(name)
+        values = _values(col)
+        nulls = col.null_count + (values.null_count if values is not col else 0)
+        if nulls and name not in spec.nullable:
+            raise refuse(name, nulls, "nulls")
+        if name in spec.codes:
+            size = spec.codes[name]
+            lo, hi = pc.min_max(values).as_py().values()
+            if lo is not None and (lo < 0 or (size is not None and hi >= size)):
+                outside = pc.less(values, 0)
+                if size is not None:
+                    outside = pc.or_(outside, pc.greater_equal(values, size))
+                raise refuse(name, pc.sum(outside).as_py(),
+                             "negative values" if size is None else f"values outside 0..{size - 1}")
+    if day is not None and "ts" in columns:
+        start = S.day_start_ts(S.parse_day(day))
+        ts = table.column("ts")
+        outside = pc.or_(pc.less(ts, start), pc.greater_equal(ts, start + S.SECONDS_PER_DAY))
+        if pc.any(outside).as_py():
+            raise refuse("ts", pc.sum(outside).as_py(), f"rows outside their partition's day {day} (UTC)")
     return table
+
+
+def _visible(folder: Path) -> List[Path]:
+    """A folder's entries less hidden ones (`.x`, and `_x` such as a writer's `_SUCCESS`: ignored
+    as Hive and Arrow ignore them)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith((".", "_")))
+
+
+def _day_of(partition: Path) -> Optional[str]:
+    """The day a partition folder is named for; None unless it is named exactly ds=YYYY-MM-DD."""
+    day = partition.name[3:]
+    try:
+        S.parse_day(day)
+    except ValueError:
+        return None
+    return day if partition.is_dir() and partition.name.startswith("ds=") else None
+
+
+def _parquet_files(folder: Path, spec: S.TableSpec) -> List[Path]:
+    """The Parquet files of an unpartitioned table or of one day partition: anything else in the
+    folder, no file, or no row (unless the table `may_be_empty`) is an error naming it."""
+    files = _visible(folder)
+    for p in files:
+        if not (p.is_file() and p.suffix == ".parquet"):
+            raise DataError(f"{p}: not a Parquet file, in table {spec.name}")
+    if not files:
+        raise DataError(f"{folder}: no Parquet files (table {spec.name})")
+    if not spec.may_be_empty and not sum(_parquet(p).metadata.num_rows for p in files):
+        raise DataError(f"{folder}: no rows (table {spec.name}): an empty "
+                        f"{'day' if spec.partitioned_by_day else 'table'} is refused, not skipped")
+    return files
 
 
 class SourceTables:
@@ -84,33 +141,54 @@ class SourceTables:
         if not self.root.is_dir():
             raise DataError(f"{self.root}: source folder does not exist")
 
-    def files(self, table: str, days: DayRange = (None, None)) -> List[Tuple[Optional[str], Path]]:
-        """(day, file) pairs of a table, in day order, restricted to `days` (inclusive)."""
-        spec = S.TABLES[table]
+    def _folder(self, table: str) -> Path:
         folder = self.root / table
         if not folder.is_dir():
             raise DataError(f"{folder}: table {table!r} is missing from the source folder")
+        return folder
+
+    def _partitions(self, table: str) -> Dict[str, List[Path]]:
+        """Day -> Parquet files of a partitioned table. Days are dates: a partition named other
+        than `ds=YYYY-MM-DD`, or a day missing between the first and the last (a gap would shift
+        the time split), is an error naming the table and the folder or day."""
+        spec = S.TABLES[table]
+        folder = self._folder(table)
+        parts = {}
+        for p in _visible(folder):
+            day = _day_of(p)
+            if day is None:
+                raise DataError(f"{p}: not a day partition named ds=YYYY-MM-DD (table {table})")
+            parts[day] = _parquet_files(p, spec)
+        if not parts:
+            raise DataError(f"{folder}: no day partitions (table {table})")
+        have = sorted(parts)  # canonical names sort as dates
+        gaps = S.gaps(have)
+        if gaps:
+            raise DataError(f"{folder}: no partition for {S.day_runs(gaps)}, between the table's first "
+                            f"day {have[0]} and its last {have[-1]} (table {table})")
+        return parts
+
+    def files(self, table: str, days: DayRange = (None, None)) -> List[Tuple[Optional[str], Path]]:
+        """(day, file) pairs of a table, in day order, restricted to `days` (inclusive; None: the
+        table's first or last day). Every day of the range must have its partition."""
+        spec = S.TABLES[table]
         if not spec.partitioned_by_day:
-            return [(None, p) for p in sorted(folder.glob("*.parquet"))]
+            return [(None, p) for p in _parquet_files(self._folder(table), spec)]
+        parts = self._partitions(table)
+        have = sorted(parts)
         first, last = days
-        lo = S.parse_day(first) if first else dt.date.min
-        hi = S.parse_day(last) if last else dt.date.max
-        found = []
-        for part in sorted(folder.glob("ds=*")):
-            day = part.name[3:]
-            if lo <= S.parse_day(day) <= hi:
-                found.extend((day, p) for p in sorted(part.glob("*.parquet")))
-        if not found:
-            have = self.days(table)
-            span = f"{have[0]}..{have[-1]}" if have else "none"
+        wanted = S.day_range(first or have[0], last or have[-1])
+        missing = [d for d in wanted if d not in parts]
+        if missing or not wanted:
             raise DataError(
-                f"{folder}: no partitions in day range [{first or 'start'}, {last or 'end'}] "
-                f"(available: {span})"
+                f"{self.root / table}: no partitions for {S.day_runs(missing) or 'any day'} of day range "
+                f"[{first or 'start'}, {last or 'end'}] (available: {have[0]}..{have[-1]})"
             )
-        return found
+        return [(d, p) for d in wanted for p in parts[d]]
 
     def days(self, table: str) -> List[str]:
-        return sorted(p.name[3:] for p in (self.root / table).glob("ds=*"))
+        """The days of a partitioned table, in date order: consecutive, each holding rows."""
+        return sorted(self._partitions(table))
 
     def units(self, table: str, days: DayRange = (None, None)) -> List[ReadUnit]:
         """Every row group of the table in the day range, schema-checked, in day order."""
@@ -127,23 +205,29 @@ class SourceTables:
              columns: Optional[Sequence[str]] = None) -> pa.Table:
         """A whole table (or day range of it), checked file by file."""
         spec = S.TABLES[table]
-        parts = [read_checked(p, spec, columns=columns) for _, p in self.files(table, days)]
-        if not parts:
-            raise DataError(f"{self.root / table}: no Parquet files")
-        return pa.concat_tables(parts)
+        return pa.concat_tables([read_checked(p, spec, columns=columns, day=d)
+                                 for d, p in self.files(table, days)])
 
     def column_range(self, table: str, column: str) -> Tuple[Optional[int], Optional[int]]:
-        """(min, max) of a column from Parquet statistics, without reading the data."""
+        """(min, max) of a column from Parquet statistics, reading the column only from row groups
+        written without them (a vocabulary sized from missing statistics would be too small)."""
+        spec = S.TABLES[table]
         lo, hi = None, None
-        for _, path in self.files(table):
-            meta = _parquet(path).metadata
-            idx = meta.schema.to_arrow_schema().get_field_index(column)
+        for day, path in self.files(table):
+            f = _parquet(path)
+            check_schema(path, f.schema_arrow, spec)
+            meta = f.metadata
+            leaf = [meta.schema.column(i).path for i in range(meta.num_columns)].index(column)
             for rg in range(meta.num_row_groups):
-                st = meta.row_group(rg).column(idx).statistics
-                if st is None or not st.has_min_max:
-                    continue
-                lo = st.min if lo is None else min(lo, st.min)
-                hi = st.max if hi is None else max(hi, st.max)
+                st = meta.row_group(rg).column(leaf).statistics
+                if st is not None and st.has_min_max:
+                    rg_lo, rg_hi = st.min, st.max
+                else:  # no statistics, or only nulls
+                    rg_lo, rg_hi = pc.min_max(read_checked(path, spec, rg, [column], day)
+                                              .column(column)).as_py().values()
+                if rg_lo is not None:
+                    lo = rg_lo if lo is None else min(lo, rg_lo)
+                    hi = rg_hi if hi is None else max(hi, rg_hi)
         return lo, hi
 
     def num_rows(self, table: str) -> int:
@@ -203,15 +287,28 @@ def shard_units(units: Sequence[ReadUnit], rank: int, world_size: int) -> List[R
     return list(units[rank::world_size])
 
 
+def unique_order(ids: np.ndarray, column: str, files: Sequence[Path],
+                 file_of: Optional[np.ndarray] = None) -> np.ndarray:
+    """The stable argsort of `ids`, refusing an id that occurs twice: a DataError naming the
+    column, how many rows repeat an earlier row's id, and the file(s) of the first repeat
+    (`file_of`: each row's index into `files`; None: every row is from `files[0]`)."""
+    order = np.argsort(ids, kind="stable")
+    in_order = ids[order]
+    repeat = np.flatnonzero(in_order[1:] == in_order[:-1])
+    if len(repeat):
+        pair = order[[repeat[0], repeat[0] + 1]]
+        owners = [0] if file_of is None else sorted(set(file_of[pair].tolist()))
+        raise DataError(f"{', '.join(str(files[k]) for k in owners)}: column {column!r} repeats an "
+                        f"earlier row's id in {len(repeat)} rows (e.g. {ids[pair[0]]})")
+    return order
+
+
 class IdIndex:
     """Vectorised id -> row position over an id column (any int64 ids, not only 0..N-1)."""
 
     def __init__(self, ids: np.ndarray, path: Path, column: str):
-        self.order = np.argsort(ids, kind="stable")
+        self.order = unique_order(ids, column, [path])
         self.sorted = ids[self.order]
-        if len(ids) and np.any(self.sorted[1:] == self.sorted[:-1]):
-            dup = self.sorted[1:][self.sorted[1:] == self.sorted[:-1]][0]
-            raise DataError(f"{path}: column {column!r} repeats id {dup}")
         # Ids 0..n-1 (as an id-mapped source has) need no search: the id is its sorted position.
         self.dense = bool(len(ids)) and self.sorted[0] == 0 and self.sorted[-1] == len(ids) - 1
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Tuple
 
+from derl.datapipes import schema as S
+
 
 @dataclass(frozen=True)
 class TimeSplit:
@@ -22,8 +24,13 @@ class TimeSplit:
 
 def default_split(days: List[str], downstream_days: int = 2) -> TimeSplit:
     """Upstream on all but the last `downstream_days + 1` days, downstream on the next ones,
-    evaluation on the last day."""
-    days = sorted(days)
+    evaluation on the last day. The days must be consecutive dates (`SourceTables.days` gives
+    them so): a gap would move the cut and the evaluation day by position, unannounced."""
+    days = sorted(set(days), key=S.parse_day)
+    gaps = S.gaps(days)
+    if gaps:
+        raise ValueError(f"a time split needs consecutive days: {S.day_runs(gaps)} missing "
+                         f"between {days[0]} and {days[-1]}")
     if len(days) < downstream_days + 2:
         raise ValueError(
             f"a time split needs at least {downstream_days + 2} days, the source has {len(days)}"

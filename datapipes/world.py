@@ -10,7 +10,8 @@ the best estimate of a user's ad affinity comes from their organic behaviour: th
 decoupled upstream embeddings pay off.
 
 Generation is vectorised and streams day by day: memory is bounded by the static tables and one
-day of events. The whole world is written into a temporary folder and renamed into place.
+day of events. The whole world is written into a hidden folder beside its destination and renamed
+into place; `overwrite` replaces only an earlier world (one holding `_world.json`).
 """
 
 from __future__ import annotations
@@ -433,12 +434,36 @@ def _simulate_day(cfg: WorldConfig, e: _Entities, campaign: np.ndarray, day_inde
 
 def generate(out: Path, cfg: WorldConfig, seed: int, overwrite: bool = False,
              progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Write the world into `out` (atomically: a temporary folder renamed at the end)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    """Write the world into `out`: into a hidden folder beside it, renamed into place once
+    complete. `overwrite` replaces only a world (a folder holding `_world.json`) or an empty
+    folder, and the old world goes only once the new one is in place."""
+    out = Path(out).resolve()  # `--out .` names no folder to write beside
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        if not (out.is_dir() and ((out / WORLD_META).is_file() or not any(out.iterdir()))):
+            raise FileExistsError(f"--overwrite: {out} holds no {WORLD_META}, so it is not a world "
+                                  f"`derl generate` wrote; refusing to replace it")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        meta = _write_world(tmp, cfg, seed, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return meta
+
+
+def _write_world(tmp: Path, cfg: WorldConfig, seed: int,
+                 progress: Optional[Callable[[str], None]]) -> dict:
+    """Every table and `_world.json` into `tmp`, day by day."""
     t0 = time.time()
     rng = np.random.default_rng([seed, 0])
     e = _make_entities(cfg, rng)
@@ -492,7 +517,4 @@ def generate(out: Path, cfg: WorldConfig, seed: int, overwrite: bool = False,
         "generate_seconds": round(time.time() - t0, 1),
     }
     (tmp / WORLD_META).write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return meta

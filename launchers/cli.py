@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from derl.datapipes.snapshots import MANIFEST, Snapshot, SnapshotError, gc, latest, pinned, versions
+from derl.datapipes.snapshots import Snapshot, SnapshotError, catalogue, gc, latest, pinned
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
 from derl.launchers import evaluate, export, pipeline, score, settings, train_downstream, train_upstream
@@ -101,30 +101,39 @@ def _snapshots(args: argparse.Namespace) -> None:
         print(f"{verb} {len(done['removed'])} version(s): {', '.join(done['removed']) or '-'}; "
               f"kept {', '.join(done['kept']) or '-'} (pinned: {', '.join(done['pinned']) or '-'}); "
               f"{len(done['leftovers_removed'])} unfinished export folder(s) {verb}")
+        for name, why in done["skipped"].items():
+            print(f"skipped {name}: {why}")
         return
     if args.action == "list":
-        newest = latest(args.root)
-        for v in versions(args.root):
-            m = json.loads((args.root / v / MANIFEST).read_text())
+        newest, pins = latest(args.root), pinned(args.root)
+        found, skipped = catalogue(args.root)
+        for v, m in found:
             rows = ", ".join(f"{d}: {i['rows']['users']:,} users {i['rows']['pins']:,} pins"
                              for d, i in m["domains"].items())
-            pins = pinned(args.root).get(v, [])
-            print(f"{v}{' (LATEST)' if v == newest else ''}{' (pinned)' if pins else ''}"
-                  f"  dim {m['dim']}  {rows}")
+            print(f"{v}{' (LATEST)' if v == newest else ''}{' (pinned)' if v in pins else ''}"
+                  f"  cut {m['cut_day']}  dim {m['dim']}  {rows}")
+        for name, why in skipped.items():
+            print(f"not a version: {name} ({why})")
         return
     snap = Snapshot(args.root, args.version, check=args.action == "verify")
     if args.action == "verify":
-        print(f"{snap.path}: OK ({len(snap.manifest['files'])} files, sha256 verified)")
+        rows = ", ".join(f"{d} {i['rows']['users']:,} users {i['rows']['pins']:,} pins {i['rows']['ads']:,} ads"
+                         for d, i in snap.manifest["domains"].items())
+        print(f"{snap.path}: OK ({len(snap.manifest['files'])} files, sha256 verified; rows as stated, "
+              f"vectors finite: {rows})")
     else:
         print(json.dumps({k: v for k, v in snap.manifest.items() if k != "files"}, indent=2))
 
 
 def _retrieve(args: argparse.Namespace) -> None:
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1, got {args.k}")
     snap = Snapshot(args.snapshots, args.version)
     pins, scores, missing = snap.retrieve_ads(args.domain, [args.user], args.k)
     if missing[0]:
         raise SnapshotError(f"user {args.user} is not in snapshot {snap.version} ({args.domain})")
-    print(f"top {args.k} ads for user {args.user} ({args.domain}, snapshot {snap.version}):")
+    fewer = f" (the catalogue holds only {pins.shape[1]} ads)" if pins.shape[1] < args.k else ""
+    print(f"top {pins.shape[1]} ads for user {args.user} ({args.domain}, snapshot {snap.version}){fewer}:")
     for rank, (pin, value) in enumerate(zip(pins[0], scores[0]), 1):
         print(f"{rank:>4}  pin {pin:<10} score {value:.4f}")
 
@@ -161,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show", "verify", "gc"])
     p.add_argument("root", type=Path, help="snapshot root (derl export --out)")
     p.add_argument("--version", help="default: LATEST")
-    p.add_argument("--keep", type=int, help="gc: how many newest versions to keep")
+    p.add_argument("--keep", type=int, help="gc: how many newest versions to keep (at least 1; newest by "
+                   "cut day, then creation)")
     p.add_argument("--dry-run", action="store_true", help="gc: say what would go")
     p.set_defaults(handler=_snapshots)
 
@@ -170,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="default: LATEST")
     p.add_argument("--domain", default="engagement")
     p.add_argument("--user", type=int, required=True)
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="how many ads (at least 1; at most the catalogue)")
     p.set_defaults(handler=_retrieve)
 
     p = sub.add_parser("inspect", help="summarise a source folder: tables, rows, days, id ranges")

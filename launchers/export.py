@@ -11,6 +11,12 @@ rank 0 builds each domain's ad index and commits the version with its manifest (
 window, checkpoints, throughput, the upstream runs' headline metrics). The snapshot format, and
 what a run that dies half-way leaves behind, is `derl.datapipes.snapshots`'.
 
+Refused before any worker starts: a version or --previous that is not a plain name, an --out
+that is a file, a cut on or before a day an upstream run trained on (its vectors would know the
+days they are joined to), a snapshot whose users or Pins would be empty, and an --overwrite of
+anything but derl's own, unpinned version. Vectors that are not finite stop the export before
+its commit (`_embed_domain`), and the commit checks the tables again (`SnapshotWriter.commit`).
+
 Retention: an entity's last activity is the latest `ts` of its rows in `engagements` and
 `ad_events` before the cut day (user_id for users, pin_id for Pins). One with no activity in the
 logs counts from the later of its `signup_ds` / `created_ds` and the first day the logs hold
@@ -22,7 +28,6 @@ for ads); the manifest records `retention_days`, `idle_before`, the days of acti
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +41,15 @@ import torch.distributed as dist
 
 from derl.datapipes.features import FeatureJoiner
 from derl.datapipes.sequences import sequences_as_of
-from derl.datapipes.snapshots import PartWriter, Snapshot, SnapshotWriter, resolve, versions
+from derl.datapipes.snapshots import (PartWriter, Snapshot, SnapshotError, SnapshotWriter, nonfinite_rows, plain_name,
+                                     refuse_replacing, resolve)
 from derl.datapipes.snapshots.refresh import refresh_domain
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers import dist as derl_dist
 from derl.launchers import faults, runs
 from derl.launchers.embedding import Chunk, rank_chunks
+from derl.launchers.finite import NonFiniteError
 from derl.launchers.settings import ExportConfig
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, shard_model
@@ -80,15 +87,20 @@ def _previous_version(cfg: ExportConfig) -> Optional[str]:
 
 
 def validate(cfg: ExportConfig) -> None:
-    """Configuration errors, caught before any worker starts."""
-    _model_configs(upstream_runs(cfg))
-    if cfg.retention_days < 1:
-        raise ValueError(f"--retention-days must be at least 1, got {cfg.retention_days}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
-    version = cfg.version or cfg.cut
-    if version and version in versions(cfg.out) and not cfg.overwrite:
-        raise FileExistsError(f"{cfg.out / version}: version exists; pass --overwrite to replace it")
+    """Configuration errors, caught before any worker starts (the values themselves are
+    `ExportConfig`'s): names, the root, the plan, what --overwrite would replace, --previous."""
+    if cfg.version is not None:
+        plain_name(cfg.version, "--version")
+    if cfg.previous not in (None, "latest"):
+        plain_name(cfg.previous, "--previous")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise FileExistsError(f"--out {cfg.out}: a file, not a snapshot root")
+    plan = _plan(cfg, SourceTables(cfg.data))
+    final = cfg.out / plan.version
+    if final.exists() or final.is_symlink():
+        if not cfg.overwrite:
+            raise FileExistsError(f"{final}: version exists; pass --overwrite to replace it")
+        refuse_replacing(cfg.out, plan.version)
     if cfg.previous:
         resolve(cfg.out, _previous_version(cfg))
 
@@ -140,7 +152,18 @@ def _plan(cfg: ExportConfig, sources: SourceTables) -> Plan:
     upstream = upstream_runs(cfg)
     configs, dim = _model_configs(upstream)
     cut = cfg.cut or default_split(sources.days("engagements")).cut_day
+    cut_name = f"--cut {cut}" if cfg.cut else f"the default cut {cut}"
+    for domain, run in upstream.items():
+        first, last = runs.read_config(run)["days"]
+        if cut <= last:
+            raise ValueError(f"{cut_name}: --upstream {domain}={run} trained on {first}..{last}; a snapshot's "
+                             f"cut must come after every day its upstream runs trained on")
     users, pins, ads, retention = _entities(sources, cut, cfg.retention_days)
+    if not len(users) or not len(pins):
+        raise SnapshotError(
+            f"{cut_name}: the snapshot would hold {len(users):,} users and {len(pins):,} Pins (activity "
+            f"read: {retention['activity_days'] or 'none before the cut'}; idle over --retention-days "
+            f"{cfg.retention_days}: {retention['dropped_idle']}); an empty snapshot is never published")
     return Plan(cut, cfg.version or cut, upstream, configs, dim, users, pins, np.sort(ads), retention)
 
 
@@ -235,38 +258,47 @@ def _share(cfg: ExportConfig, plan: Plan, sources: SourceTables, worker: derl_di
 
 
 @torch.no_grad()
-def _embed_part(path: Path, chunks: List[Chunk], embed, make_batch, device: torch.device, dim: int) -> int:
-    """Embed the chunks and stream them into one part; returns the rows written."""
+def _embed_part(path: Path, chunks: List[Chunk], embed, make_batch, device: torch.device,
+                dim: int) -> Tuple[int, int]:
+    """Embed the chunks and stream them into one part; returns (rows written, rows not finite)."""
+    bad = 0
     with PartWriter(path, dim) as part:
         for ids, real in chunks:
-            part.write(ids[:real], embed(make_batch(ids).to(device))[:real].float().cpu().numpy())
-    return part.rows
+            vectors = embed(make_batch(ids).to(device))[:real].float().cpu().numpy()
+            bad += nonfinite_rows(vectors)
+            part.write(ids[:real], vectors)
+    return part.rows, bad
 
 
 def _embed_domain(plan: Plan, domain: str, share: Share, writer: SnapshotWriter,
                   worker: derl_dist.Worker) -> dict:
-    """Collective. This rank's parts of the domain's users and Pins; the domain's manifest entry."""
+    """Collective. This rank's parts of the domain's users and Pins; the domain's manifest entry.
+    Stops every rank, before anything is published, when any vector is not finite."""
     run, model_cfg = plan.runs[domain], plan.configs[domain]
     dmp, optimizer, _ = shard_model(DERM(model_cfg, table_device=torch.device("meta")), worker.device, OptimConfig())
     ckpt = runs.latest_checkpoint(run)
     checkpoint.load(ckpt, dmp, optimizer)
     dmp.eval()
     start = time.perf_counter()
-    n_users = _embed_part(writer.part(domain, "users", worker.rank), share.users,
-                          lambda b: dmp.module.embed_users(b.sparse, b.dense["seq_content"]),
-                          lambda u: share.joiner.user_batch(u, plan.cut), worker.device, plan.dim)
-    n_pins = _embed_part(writer.part(domain, "pins", worker.rank), share.pins,
-                         lambda b: dmp.module.embed_pins(b.sparse, b.dense["content_emb"]),
-                         share.joiner.pin_batch, worker.device, plan.dim)
-    counts = torch.tensor([n_users, n_pins], dtype=torch.long, device=worker.device)
+    users = _embed_part(writer.part(domain, "users", worker.rank), share.users,
+                        lambda b: dmp.module.embed_users(b.sparse, b.dense["seq_content"]),
+                        lambda u: share.joiner.user_batch(u, plan.cut), worker.device, plan.dim)
+    pins = _embed_part(writer.part(domain, "pins", worker.rank), share.pins,
+                       lambda b: dmp.module.embed_pins(b.sparse, b.dense["content_emb"]),
+                       share.joiner.pin_batch, worker.device, plan.dim)
+    counts = torch.tensor([users[0], pins[0], users[1], pins[1]], dtype=torch.long, device=worker.device)
     dist.all_reduce(counts)
+    n_users, n_pins, bad_users, bad_pins = (int(c) for c in counts)
+    if bad_users or bad_pins:
+        raise NonFiniteError(f"--upstream {domain}={run}: {bad_users:,} of {n_users:,} user and {bad_pins:,} of "
+                             f"{n_pins:,} Pin vectors are not finite (NaN or inf), from {ckpt}; nothing was published")
     seconds = time.perf_counter() - start
     return {
         "run": str(run),
         "checkpoint": str(ckpt),
         "train_days": runs.read_config(run)["days"],
-        "rows": {"users": int(counts[0]), "pins": int(counts[1])},
-        "entities_per_s": float(counts.sum()) / seconds,
+        "rows": {"users": n_users, "pins": n_pins},
+        "entities_per_s": (n_users + n_pins) / seconds,
         "upstream_metrics": _headline(run),
         # What the dot means: retrieval by P(Pin | user) scores dot / temperature +
         # retrieval_prior_weight x log(the Pin's share of impressions), as the ads index
@@ -310,7 +342,6 @@ def _publish(cfg: ExportConfig, plan: Plan, sources: SourceTables, writer: Snaps
         info["ads_index"] = writer.ads_index(domain, plan.ads, prior)
         info["rows"]["ads"] = info["ads_index"]["size"]
     manifest = writer.commit({
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cut_day": plan.cut,
         "data": str(cfg.data),
         "dim": plan.dim,
@@ -319,7 +350,7 @@ def _publish(cfg: ExportConfig, plan: Plan, sources: SourceTables, writer: Snaps
         "domains": domains,
         "world_size": world_size,
         "wall_s": round(time.perf_counter() - t0, 2),
-    }, replace=cfg.overwrite)
+    }, replace=cfg.overwrite, reached=faults.reached)
     idle = plan.retention["dropped_idle"]
     print(f"snapshot {plan.version}: " + ", ".join(
         f"{d} {i['rows']['users']:,} users, {i['rows']['pins']:,} pins, {i['rows']['ads']:,} ads "

@@ -3,7 +3,11 @@
 `DERL_FAULT=<point>[:<n>]` in a stage's environment makes its last rank kill itself (SIGKILL,
 no clean-up, as a lost host would) when it reaches `point` for the n-th time (default: the
 first). The stages name their points: `upstream-step` after each training step, `export-parts`
-once every part of a snapshot is written. Unset, `reached` is a dictionary lookup.
+once every part of a snapshot is written, and the snapshot commit's filesystem steps
+(`snapshot-manifest`, `snapshot-in-place`, `snapshot-latest-beside`, `snapshot-latest`,
+`snapshot-old-removed`; datapipes/snapshots/writer.py). A process that is not one of several
+ranks (the commit runs in rank 0 alone) calls `reached(point)`: it is its own last rank. Unset,
+`reached` is a dictionary lookup.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ _PLAN = os.environ.get("DERL_FAULT", "")
 _seen: Counter = Counter()
 
 
-def reached(point: str, rank: int, world_size: int) -> None:
+def reached(point: str, rank: int = 0, world_size: int = 1) -> None:
     if not _PLAN:
         return
     name, _, n = _PLAN.partition(":")

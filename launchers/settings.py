@@ -111,13 +111,16 @@ class ExportConfig:
     version: Optional[str] = setting(None, "version name (default: the cut day)")
     nproc: int = setting(1, "local worker processes (ranks)")
     batch_size: int = setting(4096, "entities per forward, per rank")
-    overwrite: bool = setting(False, "replace an existing version")
+    overwrite: bool = setting(False, "replace an existing version (derl's own, unpinned)")
     previous: Optional[str] = setting(None, "refresh: smooth with this version ('latest': LATEST)")
     weight: float = setting(0.8, "refresh: w in w*E(t-1) + (1-w)*E(t)")
     align: bool = setting(True, "refresh: average without Procrustes")
     retention_days: int = setting(90, "leave out users and Pins idle longer than this before the cut "
                                       "(no engagement or ad event; with none at all, counted from "
                                       "signup / creation)")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("nproc", "batch_size", "retention_days"), fraction=("weight",), day=("cut",))
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,16 @@ def derl(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
     return proc
 
 
-def plant_snapshot(root, version: str, cut_day: str, tables: dict, dim: int) -> None:
+def plant_snapshot(root, version: str, cut_day: str, tables: dict, dim: int, ads=(), replace: bool = False,
+                   reached=None) -> dict:
     """Write a complete, verifiable snapshot version by hand: `tables` maps "domain/entity" to
-    (ids, [n, dim] vectors). Every domain gets an (empty) ad index. LATEST names it."""
+    (ids, [n, dim] vectors). Every domain gets an ad index over the `ads` among its Pins (empty
+    by default). LATEST names it. `replace` and `reached` go to the commit (`reached` defaults
+    to the fault hook, so that DERL_FAULT kills a planting process at a commit step)."""
     import numpy as np
 
     from derl.datapipes.snapshots import SnapshotWriter, write_part
+    from derl.launchers import faults
 
     writer = SnapshotWriter(root, version, dim).prepare()
     domains: dict = {}
@@ -39,6 +43,7 @@ def plant_snapshot(root, version: str, cut_day: str, tables: dict, dim: int) -> 
         write_part(writer.part(domain, entity, 0), ids, vectors)
         domains.setdefault(domain, {"rows": {"users": 0, "pins": 0, "ads": 0},
                                     "dot": {"temperature": 0.05}})["rows"][entity] = len(ids)
-    for domain in domains:
-        writer.ads_index(domain, np.zeros(0, np.int64))
-    writer.commit({"cut_day": cut_day, "dim": dim, "normalised": False, "domains": domains})
+    for domain, info in domains.items():
+        info["rows"]["ads"] = writer.ads_index(domain, np.sort(np.asarray(ads, np.int64)))["size"]
+    return writer.commit({"cut_day": cut_day, "dim": dim, "normalised": False, "domains": domains},
+                         replace=replace, reached=reached or faults.reached)

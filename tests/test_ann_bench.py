@@ -26,9 +26,13 @@ def test_ann_bench_on_a_tiny_catalogue_writes_its_reports(tmp_path):
     assert len(exact) == 1 and exact[0]["recall@10_%"] == 100.0 and exact[0]["recall@100_%"] == 100.0
     hnsw = [r for r in rows if r["index"] == "hnsw32"]
     assert [r["param"] for r in hnsw] == [f"efSearch={ef}" for ef in ann_bench.HNSW_EF]
-    for r in rows:
-        assert r["ads"] == 5000 and r["qps_k10"] > 0 and r["qps_k100"] > 0 and r["index_mb"] > 0
-        assert 0 < r["recall@10_%"] <= 100 and 0 < r["recall@100_%"] <= 100
+    assert all(r["ads"] == 5000 for r in rows)
+    # The synthetic catalogue is seeded. Measured: HNSW at the largest efSearch finds 99.85 % of
+    # the exact top 100, IVF with one probe 27.4 %; the graph costs twice the flat index (2.5 MB
+    # against 1.2).
+    ivf = [r for r in rows if r["index"] == "ivf_flat"]
+    assert hnsw[-1]["recall@100_%"] > 95 and ivf[0]["recall@100_%"] < 50 < ivf[-1]["recall@100_%"]
+    assert all(r["index_mb"] > 1.5 * exact[0]["index_mb"] for r in hnsw)
     # More search effort never finds less (on 100 queries, within one query's worth of noise).
     r10 = [r["recall@10_%"] for r in hnsw]
     assert r10[-1] >= r10[0] and hnsw[-1]["recall@100_%"] > hnsw[0]["recall@100_%"]

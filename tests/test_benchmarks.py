@@ -13,10 +13,12 @@ def test_upstream_worker_times_and_breaks_down_a_plain_step(tiny_world, tmp_path
     spec = {"config": config, "seq_len": 8, "loop": "plain", "steps": 1, "warmup": 1,
             "profile_steps": 1}
     r = derl_dist.launch(upstream_bench._worker, 1, spec)
-    assert r["seconds"] > 0 and 0 < r["mean_seq"] <= 8 and r["peak_rss_mb"] > 0
-    shares = [r[k] for k in ("embedding_%", "transformer_%", "data_%", "rest_%")]
-    assert r["embedding_%"] > 0 and r["transformer_%"] > 0 and min(shares) >= 0
-    assert abs(sum(shares) - 100) < 1e-6
+    assert 0 < r["mean_seq"] <= 8 and r["peak_rss_mb"] > 100  # torch and torchrec alone take more
+    # Measured on this model (d 16, 1 layer, sequences of up to 8): embedding 19-20 %, transformer
+    # 15 %, waiting for data 1-7 %, the rest (towers, loss, optimizer) about 60 %. The scopes are
+    # disjoint, so the three named shares leave a real remainder.
+    assert r["embedding_%"] > 5 and r["transformer_%"] > 5 and 0 <= r["data_%"] < 30
+    assert r["embedding_%"] + r["transformer_%"] + r["data_%"] < 80
 
 
 def test_headroom_sets_the_snapshot_between_base_rate_and_the_world_truth(tiny_pipeline, tmp_path):

@@ -197,7 +197,9 @@ def test_each_mode_trains_and_scores_the_held_out_day(mode, nproc, tiny_world, l
     preds = read_predictions(run)
     assert len(preds["request_id"]) == eval_rows.num_rows == m["eval"]["ctr"]["rows"]
     assert set(preds["request_id"]) == set(eval_rows.column("request_id").to_pylist())
-    assert 0 < preds["p_ctr"].min() and preds["p_ctr"].max() < 1 and 0 < m["eval"]["ctr"]["ne"] < 2
+    assert 0 < preds["p_ctr"].min() and preds["p_ctr"].max() < 1
+    # Three steps from the training days' base rate (the heads' prior): measured NE 0.9992-1.0003.
+    assert abs(m["eval"]["ctr"]["ne"] - 1) < 0.01
     assert (run / "checkpoints" / "step-000003").is_dir()
     version = Snapshot(learned_snapshot).version
     if mode == "snapshot":  # training rows joined with the one live version (read-ahead too), pinned

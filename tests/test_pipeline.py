@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from helpers import derl
 
@@ -13,15 +12,16 @@ RANKERS = {"none", "snapshot", "snapshot-user", "snapshot-user_pin", "snapshot-p
 def test_the_pipeline_writes_one_report_of_every_stage(tiny_pipeline):
     report = json.loads((tiny_pipeline / "report.json").read_text())
     assert set(report["runs"]) == RANKERS and report["preset"] == "tiny"
+    # Measured: every ranker's CTR NE 0.9956-0.9987 (below the base rate's 1), AUC 0.600-0.613.
     for name, run in report["runs"].items():
-        assert 0 < run["ctr"]["ne"] < 2 and 0 < run["ctr"]["auc"] < 1 and run["train_examples_per_s"] > 0
+        assert run["ctr"]["ne"] < 1.0 and run["ctr"]["auc"] > 0.57, name
     assert report["runs"]["snapshot-projected"]["projection_dim"] == 16
     assert report["runs"]["snapshot-user"]["vectors"] == "user"
     gains = report["ne_gain_over_baseline"]
     assert gains["baseline"] == "none" and set(gains) == (RANKERS - {"none"}) | {"baseline"}
     for g in (v for k, v in gains.items() if k != "baseline"):
         assert g["ctr"]["ci_low"] <= g["ctr"]["gain"] <= g["ctr"]["ci_high"]
-    assert report["coupled_vs_snapshot"]["train_throughput_ratio"] > 0
+    assert report["coupled_vs_snapshot"]["train_throughput_ratio"] < 0.5  # measured 0.11: the towers' cost
     # The interface later checks read: each mode's numbers, the headline gains with bounds.
     assert set(report["modes"]) == {"none", "snapshot", "coupled"}
     assert report["modes"]["snapshot"]["run"] == "snapshot"
@@ -31,8 +31,10 @@ def test_the_pipeline_writes_one_report_of_every_stage(tiny_pipeline):
         assert report[f"{task}_ne_gain"] == gains["snapshot"][task]["gain"]
         assert report[f"{task}_ne_gain_ci_low"] <= report[f"{task}_ne_gain"] <= report[f"{task}_ne_gain_ci_high"]
     assert {"new_user", "new_ad", "warm"} == set(report["cold_start"])
-    assert report["cold_start"]["new_user"]["rows"] > 0  # the world's cold users arrive late
-    assert 0 <= report["ad_retrieval"]["engagement"]["recall@100"] <= 1
+    assert report["cold_start"]["new_user"]["rows"] > 100  # the world's cold users arrive late: 248
+    # Measured on the 92 clicked pairs: recall@50 0.640 through the engagement index, 0.446 popularity.
+    retrieval = report["ad_retrieval"]
+    assert retrieval["engagement"]["recall@50"] > retrieval["popularity"]["recall@50"] + 0.05
     assert set(report["upstream"]) == {"engagement", "conversion"}
     assert report["snapshot"]["version"] == report["snapshot"]["cut_day"]
     assert all(not s["skipped"] for s in report["stages"].values())
@@ -48,7 +50,6 @@ def test_a_rerun_skips_finished_stages_and_redoes_an_unfinished_one(tiny_pipelin
     s = json.loads(stamp.read_text())
     stamp.write_text(json.dumps({**s, "finished": False}))
     (tiny_pipeline / "evaluate" / "report.json").unlink()
-    t0 = time.perf_counter()
     p = derl("pipeline", "--workdir", str(tiny_pipeline), "--preset", "tiny")
     assert p.stdout.count("up to date, skipped") == 10  # generate, 2 upstream, export, 6 rankers
     assert "[pipeline] evaluate: derl evaluate" in p.stdout
@@ -57,4 +58,3 @@ def test_a_rerun_skips_finished_stages_and_redoes_an_unfinished_one(tiny_pipelin
     assert not report["stages"]["evaluate"]["skipped"] and report["stages"]["downstream-coupled"]["skipped"]
     # The report's time is all the stages', the skipped ones' as first measured, not this re-run's.
     assert report["stages_s"] == round(sum(t["seconds"] for t in report["stages"].values()), 1) > report["wall_s"]
-    assert time.perf_counter() - t0 < 120

@@ -171,7 +171,7 @@ def test_negative_id_is_an_error(world_copy):
     path = _first_file(world_copy, "ad_events")
     _rewrite(path, lambda t: t.set_column(t.schema.get_field_index("pin_id"), "pin_id",
                                           pa.array(np.where(np.arange(t.num_rows) == 3, -7, t.column("pin_id").to_numpy()))))
-    with pytest.raises(DataError, match=rf"{path}: column 'pin_id' has 1 negative ids"):
+    with pytest.raises(DataError, match=rf"{path}: column 'pin_id' has 1 negative values \(table ad_events\)"):
         _read_all(world_copy)
 
 
@@ -192,7 +192,7 @@ def test_nan_content_embedding_is_replaced_and_counted(world_copy):
 
 
 def test_empty_day_range_names_the_table_and_what_exists(tiny_world):
-    with pytest.raises(DataError, match=r"ad_events: no partitions in day range \[2027-01-01, 2027-01-31\] \(available: 2026-01-01..2026-01-08\)"):
+    with pytest.raises(DataError, match=r"ad_events: no partitions for 2027-01-01..2027-01-31 of day range \[2027-01-01, 2027-01-31\] \(available: 2026-01-01..2026-01-08\)"):
         ExampleReader(tiny_world, "ad_events", ("2027-01-01", "2027-01-31"))
 
 
@@ -238,11 +238,17 @@ def test_leaking_sequence_is_refused(world_copy):
         _read_all(world_copy, "engagements")
 
 
-def test_errors_in_the_prefetch_thread_reach_the_caller(world_copy):
+def test_corrupt_data_in_the_prefetch_thread_reaches_the_caller(world_copy):
     path = _first_file(world_copy, "ad_events", "2026-01-05")
-    path.write_bytes(b"garbage")
-    with pytest.raises(DataError, match="not a readable Parquet file"):
-        _read_all(world_copy)
+    chunk = pq.read_metadata(path).row_group(0).column(S.AD_EVENTS.schema.get_field_index("ts"))
+    at = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[at : at + 20] = b"\xff" * 20  # the page header of a column only batches read
+    path.write_bytes(bytes(data))
+    r = ExampleReader(world_copy, "ad_events", config=SMALL)  # the footer is intact: no error yet
+    with pytest.raises(DataError, match=rf"{path}: corrupt Parquet data"):
+        for _ in r:
+            pass
 
 
 def test_every_batch_has_one_key_layout_and_the_pin_sampling_probability(tiny_world):

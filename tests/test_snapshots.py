@@ -14,21 +14,24 @@ import pyarrow.parquet as pq
 import pytest
 
 from derl.datapipes.sequences import sequences_as_of
-from derl.datapipes.snapshots import EmbeddingTable, Snapshot, SnapshotError, SnapshotWriter, pin, versions, write_part
+from derl.datapipes.snapshots import (EmbeddingTable, Snapshot, SnapshotError, SnapshotWriter, gc, pin, versions,
+                                     write_part)
 from derl.datapipes.snapshots.refresh import procrustes
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
-from helpers import SMALL, derl
+from helpers import SMALL, derl, plant_snapshot
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def upstream_runs(tiny_world, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("runs")
-    runs = {}
-    for domain in ("engagement", "conversion"):
-        runs[domain] = root / domain
-        derl("train-upstream", "--data", str(tiny_world), "--out", str(runs[domain]),
-             "--domain", domain, "--max-steps", "3", *SMALL)
+    """Both domains, 3 steps each, trained once per session: under a fixed name in the session's
+    temporary folder, so that a module importing this fixture (test_snapshot_safety) finds them."""
+    root = tmp_path_factory.getbasetemp() / "snapshot-upstream-runs"
+    runs = {domain: root / domain for domain in ("engagement", "conversion")}
+    for domain, run in runs.items():
+        if not (run / "metrics.json").is_file():
+            derl("train-upstream", "--data", str(tiny_world), "--out", str(run),
+                 "--domain", domain, "--max-steps", "3", *SMALL)
     return runs
 
 
@@ -67,10 +70,12 @@ def _retained(world: Path, cut: str, days: int) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def snapshot_root(tiny_world, upstream_runs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("snapshots") / "s"
-    _export(tiny_world, upstream_runs, out, "--nproc", "2", "--batch-size", "512")
+    """A 2-rank export of both runs, once per session (as `upstream_runs`); tests copy it to damage it."""
+    out = tmp_path_factory.getbasetemp() / "snapshot-root" / "s"
+    if not (out / "LATEST").is_file():
+        _export(tiny_world, upstream_runs, out, "--nproc", "2", "--batch-size", "512")
     return out
 
 
@@ -159,6 +164,10 @@ def test_an_export_killed_mid_way_leaves_no_version_and_latest_untouched(
     assert not (root / "v-killed").exists()
     with pytest.raises(SnapshotError, match="no such snapshot version"):
         Snapshot(root, "v-killed")
+    # The killed run's lock died with it: gc takes its hidden folder, and only that.
+    [leftover] = [p.name for p in root.glob(".v-killed.tmp-*") if p.is_dir()]
+    assert gc(root, keep=1)["leftovers_removed"] == [leftover]
+    assert sorted(p.name for p in root.iterdir()) == sorted(["LATEST", before.strip()])
 
 
 def test_lookup_returns_vectors_by_id_and_a_default_with_a_flag_for_unknown_ids():
@@ -248,21 +257,20 @@ def test_retrieve_for_a_user_the_snapshot_does_not_hold_is_a_clear_error(snapsho
     assert p.returncode == 2 and "user 99999999 is not in snapshot" in p.stderr
 
 
-def test_gc_keeps_the_newest_latest_and_pinned_versions_and_clears_killed_exports(snapshot_root, tmp_path):
+def test_gc_keeps_the_newest_latest_and_pinned_versions_and_clears_killed_exports(tmp_path):
     root = tmp_path / "s"
-    root.mkdir()
-    source = snapshot_root / (snapshot_root / "LATEST").read_text().strip()
-    for v in ("2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"):
-        shutil.copytree(source, root / v)
+    ids = np.arange(3)
+    for day in ("2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"):
+        plant_snapshot(root, day, day, {"d/users": (ids, np.eye(3, 4))}, dim=4)
     (root / "LATEST").write_text("2026-01-03\n")  # an older version may be LATEST after a rollback
-    (root / ".2026-01-05.tmp-123").mkdir()  # what a killed export leaves
+    # What a killed export leaves: its hidden folder and its lock file, which nobody holds any more.
+    killed = SnapshotWriter(root, "2026-01-05", 4, run_id="123").prepare().folder
     pin(root, "2026-01-01", "ranker run A")
-    p = derl("snapshots", "gc", str(root), "--keep", "1")
-    assert "removed 1 version(s): 2026-01-02" in p.stdout
+    done = gc(root, keep=1)
+    assert done["removed"] == ["2026-01-02"] and done["pinned"] == ["2026-01-01"]
     assert versions(root) == ["2026-01-01", "2026-01-03", "2026-01-04"]
-    assert not (root / ".2026-01-05.tmp-123").exists()
-    assert "(pinned)" in derl("snapshots", "list", str(root)).stdout
-    assert derl("snapshots", "gc", str(root), "--keep", "0", check=False).returncode == 2
+    assert done["leftovers_removed"] == [killed.name] and not killed.exists()
+    assert sorted(p.name for p in root.iterdir()) == ["2026-01-01", "2026-01-03", "2026-01-04", "LATEST", "pins"]
 
 
 def test_procrustes_recovers_a_rotation():
@@ -329,7 +337,7 @@ def test_retention_window_drops_exactly_the_idle_entities_and_refresh_still_smoo
         assert refresh["previous_version"] == first.version
         assert refresh["shared_entities"] == len(want["users"]) + len(want["pins"])
     p = _export(tiny_world, upstream_runs, root, "--retention-days", "0", check=False)
-    assert p.returncode == 2 and "--retention-days must be at least 1" in p.stderr
+    assert p.returncode == 2 and "--retention-days must be positive, got 0" in p.stderr
 
 
 def test_ann_bench_measures_a_real_snapshot(snapshot_root, tmp_path):

@@ -64,9 +64,13 @@ def test_run_writes_plan_metrics_checkpoints_and_logs(trained_once):
     m = _metrics(trained_once)
     assert m["steps"] == 4 and m["world_size"] == 1
     assert {"recall@50", "popularity_recall@50", "dot_auc_save", "dot_auc_click", "dot_auc_ad_click"} <= set(m)
+    # Four steps barely train: measured dot AUCs 0.507-0.528 and recall@50 0.197, below
+    # popularity's 0.468 (the learned run of test_the_model_learns_on_the_tiny_world beats it).
     for task in ("save", "click", "ad_click"):
         auc = m["eval"]["dot_auc"][task]
-        assert auc["impressions"] > auc["positives"] > 0 and 0.0 <= auc["auc"] <= 1.0
+        assert auc["impressions"] > auc["positives"] > 0 and auc["auc"] == m[f"dot_auc_{task}"]
+        assert abs(auc["auc"] - 0.5) < 0.1
+    assert m["recall@10"] < m["recall@50"] < m["recall@100"] and m["recall@50"] < m["popularity_recall@50"]
     assert set(m["eval"]["tasks"]) == {"save", "click"}
     assert any("t_pin_id" in line for line in m["plan"])
     assert checkpoint.latest(trained_once / "checkpoints").name == "step-000004"
@@ -128,7 +132,7 @@ def test_the_model_learns_on_the_tiny_world(learned_upstream):
     the one the downstream tests build on.)"""
     m = _metrics(learned_upstream["engagement"])
     assert m["recall@50"] > m["popularity_recall@50"] + 0.05
-    assert m["recall@100"] > m["recall@50"] > m["recall@10"] > 0
+    assert m["recall@100"] > m["recall@50"] > m["recall@10"] > m["popularity_recall@10"]  # 0.374 vs 0.261
     assert m["dot_auc_save"] > 0.6
 
 

@@ -1,6 +1,9 @@
 """The synthetic world: deterministic, shaped like the ads regime of the paper, and leak-free."""
 
+import dataclasses
 import datetime as dt
+import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -8,7 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from derl.datapipes import schema as S
-from derl.datapipes.world import PRESETS, generate
+from derl.datapipes import world
+from derl.datapipes.world import PRESETS, WORLD_META, generate
+
+# Small enough to make several times in one test.
+SMALL = dataclasses.replace(PRESETS["tiny"], num_users=200, num_pins=600, num_days=3)
 
 
 def _table(root, name):
@@ -124,6 +131,62 @@ def test_the_hidden_state_of_a_world_it_cannot_rebuild_is_refused_by_name(tiny_w
         latent_state(tmp_path, "2026-01-01")
     with pytest.raises(ValueError, match="day 2031-01-01 is not one of the world's days"):
         latent_state(tiny_world, "2031-01-01")
+
+
+def test_overwrite_replaces_only_a_world_and_refuses_anything_else_by_name(tmp_path, monkeypatch):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=rf"--overwrite: {notes} holds no {WORLD_META}, so it is not a world"):
+        generate(notes, SMALL, seed=0, overwrite=True)
+    monkeypatch.chdir(notes)  # `derl generate --out . --overwrite`
+    with pytest.raises(FileExistsError, match=rf"--overwrite: {notes} holds no {WORLD_META}"):
+        generate(Path("."), SMALL, seed=0, overwrite=True)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(FileExistsError, match="a-file holds no"):
+        generate(tmp_path / "a-file", SMALL, seed=0, overwrite=True)
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        generate(notes, SMALL, seed=0)
+    assert (notes / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "empty").mkdir()  # an empty folder loses nothing
+    generate(tmp_path / "empty", SMALL, seed=0, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "empty", "notes"]  # nothing left beside
+
+
+def test_overwrite_puts_the_new_world_in_place_before_the_old_one_goes(tmp_path, monkeypatch):
+    out = tmp_path / "w"
+    generate(out, SMALL, seed=0)
+    write = world._write_world
+    old_while_writing = []
+
+    def spy(tmp, *args):
+        meta = write(tmp, *args)
+        old_while_writing.append(json.loads((out / WORLD_META).read_text())["seed"])
+        return meta
+
+    monkeypatch.setattr(world, "_write_world", spy)
+    generate(out, SMALL, seed=1, overwrite=True)
+    assert old_while_writing == [0]  # the old world stood whole until the new one was complete
+    assert json.loads((out / WORLD_META).read_text())["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_a_failed_generation_leaves_the_old_world_whole_and_nothing_beside_it(tmp_path, monkeypatch):
+    out = tmp_path / "w"
+    generate(out, SMALL, seed=0)
+    before = _table(out, "engagements")
+    simulate = world._simulate_day
+
+    def killed_on_day_2(cfg, e, campaign, day_index, *args):
+        if day_index == 1:
+            raise KeyboardInterrupt
+        return simulate(cfg, e, campaign, day_index, *args)
+
+    monkeypatch.setattr(world, "_simulate_day", killed_on_day_2)
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, SMALL, seed=1, overwrite=True)
+    assert _table(out, "engagements").equals(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
 
 @pytest.mark.slow

@@ -8,13 +8,19 @@
     <root>/LATEST                                  the version readers get by default
     <root>/pins/<owner>.json                       versions a downstream model depends on
     <root>/.<version>.tmp-<run id>/                a version being written (or a killed export's)
+    <root>/.<version>.tmp-<run id>.lock            flocked by the export writing that folder
 
-Guarantees. A version folder appears whole or not at all: it is written hidden and renamed into
-place once its manifest is written, and LATEST is rewritten (beside, then renamed) only after
-that. Opening a version verifies it against its manifest first (every file present with its
-sha256, no unlisted file, every part of the stated dimension, the index the size of its id
-map): a half-written or tampered snapshot is refused with `SnapshotError` naming what is wrong.
-An ad index names the version it was built for and is refused with any other.
+Guarantees. A version folder appears whole or not at all, and LATEST names a complete version
+at every instant: a version is written hidden, checked, and renamed into place (or swapped with
+the version it replaces in one atomic exchange) before LATEST is rewritten (beside, then
+renamed). Opening a version verifies it against its manifest first (every file present with its
+sha256, no unlisted file, no symlink, every part of the stated dimension with the stated rows
+and finite vectors, the index the size of its id map): a half-written or tampered snapshot is
+refused with `SnapshotError` naming what is wrong. Every name from a flag, LATEST, a manifest
+or a pin is one plain path component, so no path leaves the root. An ad index names the
+version it was built for and is refused with any other. `gc` removes only what it can name as
+derl's: verifying versions that are not LATEST, pinned or among the newest, and the folders of
+exports whose lock is free.
 
 Modules: `parts` (the part schema, its one writer and reader), `store` (layout, versions,
 verification, pins, gc), `index` (the ad index), `reader` (`Snapshot`, `EmbeddingTable`),
@@ -29,12 +35,13 @@ from derl.datapipes.snapshots.parts import (PartWriter, embedding_schema, part_n
                                             read_parts, write_part)
 from derl.datapipes.snapshots.reader import EmbeddingTable, Snapshot
 from derl.datapipes.snapshots.store import (ADS_IDS, ADS_INDEX, ENTITIES, LATEST, MANIFEST, PINS, SnapshotError,
-                                            cut_days, gc, latest, pin, pinned, resolve, sha256, verify, versions)
+                                            catalogue, cut_days, gc, latest, nonfinite_rows, pin, pinned, plain_name, refuse_replacing,
+                                            resolve, sha256, verify, versions)
 from derl.datapipes.snapshots.writer import SnapshotWriter
 
 __all__ = [
     "ADS_IDS", "ADS_INDEX", "ENTITIES", "FLAT_INDEX_MAX", "HNSW_EF_SEARCH", "LATEST", "MANIFEST", "PINS",
     "EmbeddingTable", "PartWriter", "Snapshot", "SnapshotError", "SnapshotJoin", "SnapshotWriter",
-    "cut_days", "embedding_schema", "gc", "latest", "part_name", "part_paths", "pin", "pinned", "read_part", "read_parts",
-    "resolve", "sha256", "verify", "versions", "write_part",
+    "catalogue", "cut_days", "embedding_schema", "gc", "latest", "nonfinite_rows", "part_name", "part_paths", "pin", "pinned",
+    "plain_name", "read_part", "read_parts", "refuse_replacing", "resolve", "sha256", "verify", "versions", "write_part",
 ]

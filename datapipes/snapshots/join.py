@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from derl.datapipes.snapshots.reader import Snapshot
-from derl.datapipes.snapshots.store import ENTITIES, SnapshotError, cut_days
+from derl.datapipes.snapshots.store import ENTITIES, SnapshotError, cut_days, resolve
 
 
 class SnapshotJoin:
@@ -34,6 +34,8 @@ class SnapshotJoin:
             if entity not in ENTITIES:
                 raise ValueError(f"vector {v!r}: expected <domain>/users or <domain>/pins")
         self.pinned = version
+        if version is not None:
+            resolve(self.root, version)  # a name that is no version of this root is refused now, by name
         self.timeline = cut_days(self.root)
         if not self.timeline:
             raise SnapshotError(f"{self.root}: no complete snapshot version")

@@ -1,21 +1,27 @@
 """The snapshot root on disk: its layout, its versions, their verification, pins and clean-up.
 
-Everything here works on files and manifests only (no vectors in memory): what `derl snapshots
-list / verify / gc` needs, what the reader checks before it opens a version, and what the writer
-fills in when it commits one.
+Everything here works on files and manifests (no model state): what `derl snapshots list /
+verify / gc` needs, what the reader checks before it opens a version, and what the writer checks
+before it commits one. Every path built from a name that comes from outside (a flag, LATEST, a
+manifest, a pin file) stays inside the root: names are single plain path components, manifest
+entries relative and normalised, and a symlink anywhere inside a snapshot is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import re
 import shutil
-from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path, PurePosixPath
+from typing import IO, Dict, List, Optional, Tuple
 
+import numpy as np
 import pyarrow.parquet as pq
 
-from derl.datapipes.snapshots.parts import embedding_type, part_paths, stored_type
+from derl.datapipes.snapshots.parts import embedding_type, part_paths, read_parts, stored_type
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -23,10 +29,23 @@ ENTITIES = ("users", "pins")
 ADS_INDEX = "ads.faiss"
 ADS_IDS = "ads_ids.parquet"
 PINS = "pins"  # <root>/pins/<owner>.json: {"version": ..., "owner": ...}
+TMP = ".tmp-"  # <root>/.<version>.tmp-<run id>/: a version being written
+LOCK = ".lock"  # <root>/.<version>.tmp-<run id>.lock: flocked by the export writing that folder
+BESIDE = ".LATEST"  # <root>/.<version>.tmp-<run id>.LATEST: the new LATEST, written beside, then renamed
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 
 
 class SnapshotError(ValueError):
     """A snapshot that is missing, incomplete, tampered with, or of the wrong shape."""
+
+
+def plain_name(name: str, what: str = "version") -> str:
+    """`name` if it is one plain path component (letters, digits, `._+-`, not hidden, not LATEST
+    or pins): a version or domain name only ever names a folder directly inside its parent."""
+    if not isinstance(name, str) or not _PLAIN.fullmatch(name) or name in (LATEST, PINS) or len(name) > 200:
+        raise SnapshotError(f"{what} {name!r}: not a plain name (one path component of letters, digits "
+                            f"and ._+-, not hidden, not {LATEST} or {PINS})")
+    return name
 
 
 def sha256(path: Path) -> str:
@@ -37,74 +56,154 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def files_of(folder: Path) -> List[str]:
+    """Every file under `folder` but its manifest, relative, sorted. A symlink or special file
+    anywhere is refused: it could lead outside the snapshot or hide files from the checks."""
+    folder, out = Path(folder), []
+    for top, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            p = Path(top) / name
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                raise SnapshotError(f"{p}: a symlink or special file inside a snapshot; refused")
+        out += [(Path(top) / n).relative_to(folder).as_posix() for n in names]
+    return sorted(f for f in out if f != MANIFEST)
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise SnapshotError(f"{Path(path) / MANIFEST}: unreadable manifest ({e})") from e
+
+
+def catalogue(root: Path) -> Tuple[List[Tuple[str, dict]], Dict[str, str]]:
+    """([(version, manifest)] oldest first by the manifests, cut day then created_at, never by
+    name), and {entry: why it is not a version} for the other visible entries of the root."""
+    root, found, skipped = Path(root), [], {}
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.name.startswith(".") or p.name in (LATEST, PINS):
+            continue
+        if p.is_symlink():
+            skipped[p.name] = "a symlink, not a version folder"
+        elif not (p / MANIFEST).is_file():
+            skipped[p.name] = f"no {MANIFEST}"
+        else:
+            try:
+                m = read_manifest(p)
+                found.append(((str(m["cut_day"]), str(m.get("created_at", ""))), plain_name(p.name), m))
+            except (SnapshotError, KeyError, TypeError) as e:
+                skipped[p.name] = f"not a readable version ({e})"
+    return [(v, m) for _, v, m in sorted(found, key=lambda f: f[0])], skipped
+
+
 def versions(root: Path) -> List[str]:
-    """Complete versions under `root` (folders with a manifest), oldest first."""
-    return sorted(p.name for p in Path(root).iterdir() if (p / MANIFEST).is_file()) if Path(root).is_dir() else []
+    """Complete versions under `root` (folders with a manifest), oldest first (`catalogue`)."""
+    return [v for v, _ in catalogue(root)[0]]
+
+
+def cut_days(root: Path) -> List[Tuple[str, str]]:
+    """(cut day, version) of every complete version, oldest first (`catalogue`)."""
+    return [(m["cut_day"], v) for v, m in catalogue(root)[0]]
+
+
+def _no_symlink(path: Path) -> Path:
+    if path.is_symlink():
+        raise SnapshotError(f"{path}: a symlink inside a snapshot root; refused")
+    return path
 
 
 def latest(root: Path) -> Optional[str]:
     """The version LATEST names, or None without a LATEST file."""
-    path = Path(root) / LATEST
-    return path.read_text().strip() if path.is_file() else None
+    path = _no_symlink(Path(root) / LATEST)
+    return plain_name(path.read_text().strip(), f"{path} names") if path.is_file() else None
 
 
 def resolve(root: Path, version: Optional[str] = None) -> Path:
-    """The folder of `version`, or of the one LATEST names."""
+    """The folder of `version`, or of the one LATEST names: always a folder directly inside root."""
     root = Path(root)
     if version is None:
         version = latest(root)
         if version is None:
             raise SnapshotError(f"{root}: no {LATEST} file, so no complete snapshot")
-    path = root / version
+    path = _no_symlink(root / plain_name(version))
     if not (path / MANIFEST).is_file():
         raise SnapshotError(f"{path}: no such snapshot version (no {MANIFEST})")
     return path
 
 
+def _listed(path: Path, rel: str) -> str:
+    p = PurePosixPath(rel)
+    if p.is_absolute() or str(p) != rel or ".." in p.parts or "\\" in rel or rel == MANIFEST:
+        raise SnapshotError(f"{path / MANIFEST}: file entry {rel!r} is not a relative, normalised path "
+                            f"inside the version; refused")
+    return rel
+
+
 def verify(path: Path) -> dict:
-    """Check a snapshot folder against its manifest; return the manifest."""
+    """Check a version folder against its manifest; return the manifest. Refused: a symlink, a
+    listed file missing or changed, an unlisted file, a manifest of another version, and what
+    `check_tables` refuses."""
     path = Path(path)
+    present = files_of(path)
+    manifest = read_manifest(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SnapshotError(f"{path / MANIFEST}: unreadable manifest ({e})") from e
-    listed = manifest.get("files", {})
-    for rel, digest in listed.items():
-        f = path / rel
-        if not f.is_file():
-            raise SnapshotError(f"{path}: manifest names {rel}, which is not there")
-        if sha256(f) != digest:
-            raise SnapshotError(f"{f}: checksum mismatch (manifest {digest[:12]}…): the file changed")
-    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST}
-    extra = sorted(present - set(listed))
-    if extra:
-        raise SnapshotError(f"{path}: files not in the manifest: {', '.join(extra[:5])}")
-    dim = manifest["dim"]
-    for domain, info in manifest["domains"].items():
-        for entity in ENTITIES:
-            for part in part_paths(path / domain / entity):
-                got = stored_type(part)
-                if got != embedding_type(dim):
-                    raise SnapshotError(f"{part}: embedding type {got}, manifest says dimension {dim}")
-        ids = pq.read_metadata(path / domain / ADS_IDS).num_rows
-        if ids != info["rows"]["ads"]:
-            raise SnapshotError(f"{path / domain}: ads_ids has {ids} rows, manifest says {info['rows']['ads']}")
+        if manifest["version"] != path.name:
+            raise SnapshotError(f"{path}: the manifest is version {manifest['version']!r}'s, not {path.name!r}'s")
+        listed = {_listed(path, rel): digest for rel, digest in manifest["files"].items()}
+        missing = sorted(set(listed) - set(present))
+        if missing:
+            raise SnapshotError(f"{path}: manifest names {', '.join(missing[:5])}, which is not there")
+        extra = sorted(set(present) - set(listed))
+        if extra:
+            raise SnapshotError(f"{path}: files not in the manifest: {', '.join(extra[:5])}")
+        for rel, digest in listed.items():
+            if sha256(path / rel) != digest:
+                raise SnapshotError(f"{path / rel}: checksum mismatch (manifest {digest[:12]}…): the file changed")
+        check_tables(path, manifest)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise SnapshotError(f"{path / MANIFEST}: malformed manifest ({type(e).__name__}: {e})") from e
     return manifest
 
 
-def cut_days(root: Path) -> List[Tuple[str, str]]:
-    """(cut day, version) of every complete version, by cut day."""
-    out = []
-    for v in versions(root):
-        manifest = json.loads((Path(root) / v / MANIFEST).read_text())
-        out.append((manifest["cut_day"], v))
-    return sorted(out)
+def nonfinite_rows(vectors: np.ndarray) -> int:
+    """How many rows of [n, d] `vectors` hold a NaN or an infinity."""
+    return int(np.count_nonzero(~np.isfinite(vectors).all(axis=1))) if len(vectors) else 0
+
+
+def check_finite(what: str, vectors: np.ndarray) -> None:
+    """Refuse vectors holding a NaN or an infinity, saying how many rows."""
+    bad = nonfinite_rows(vectors)
+    if bad:
+        raise SnapshotError(f"{what}: {bad:,} of {len(vectors):,} vectors are not finite (NaN or inf)")
+
+
+def check_tables(path: Path, manifest: dict) -> None:
+    """Every part of the manifest's dimension, its vectors finite, each table the rows the
+    manifest states, each ad id map the stated size. The writer checks this before a commit."""
+    dim = manifest["dim"]
+    for domain, info in manifest["domains"].items():
+        folder = path / plain_name(domain, "domain")
+        for entity in ENTITIES:
+            parts = part_paths(folder / entity)
+            for part in parts:
+                got = stored_type(part)
+                if got != embedding_type(dim):
+                    raise SnapshotError(f"{part}: embedding type {got}, manifest says dimension {dim}")
+            ids, vectors = read_parts(parts, dim)
+            check_finite(f"{path}: {domain}/{entity}", vectors)
+            if len(ids) != info["rows"][entity]:
+                raise SnapshotError(f"{path}: {domain}/{entity} holds {len(ids):,} rows, the manifest says "
+                                    f"{info['rows'][entity]:,}")
+        ads = pq.read_metadata(folder / ADS_IDS).num_rows
+        if ads != info["rows"]["ads"]:
+            raise SnapshotError(f"{folder}: ads_ids has {ads} rows, manifest says {info['rows']['ads']}")
 
 
 def pin(root: Path, version: str, owner: str) -> Path:
-    """Record that `owner` (e.g. a downstream model) depends on `version`: gc keeps it."""
+    """Record that `owner` (e.g. a downstream model) depends on `version`: gc keeps it and
+    `--overwrite` never replaces it."""
     resolve(root, version)
-    folder = Path(root) / PINS
+    folder = _no_symlink(Path(root) / PINS)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(owner.encode()).hexdigest()[:16]}.json"
     path.write_text(json.dumps({"version": version, "owner": owner}))
@@ -112,27 +211,99 @@ def pin(root: Path, version: str, owner: str) -> Path:
 
 
 def pinned(root: Path) -> Dict[str, List[str]]:
-    """version -> owners that pin it."""
+    """version -> owners that pin it. An unreadable pin is an error, not an absent one: what it
+    protects is unknown."""
     out: Dict[str, List[str]] = {}
-    for f in sorted((Path(root) / PINS).glob("*.json")):
-        p = json.loads(f.read_text())
-        out.setdefault(p["version"], []).append(p["owner"])
+    for f in sorted(_no_symlink(Path(root) / PINS).glob("*.json")):
+        try:
+            p = json.loads(_no_symlink(f).read_text())
+            out.setdefault(plain_name(p["version"], f"{f}: version"), []).append(str(p["owner"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SnapshotError(f"{f}: unreadable pin ({e})") from e
     return out
 
 
-def gc(root: Path, keep: int, dry_run: bool = False) -> Dict[str, List[str]]:
-    """Remove all but the `keep` newest versions, never LATEST nor a pinned one, and the
-    leftovers of killed exports (hidden `.*.tmp-*` folders)."""
+def refuse_replacing(root: Path, version: str) -> None:
+    """`--overwrite` replaces only derl's own version (a manifest that verifies as `version`)
+    that nobody pins; anything else is never deleted."""
+    try:
+        path = resolve(root, version)
+        verify(path)
+    except SnapshotError as e:
+        raise SnapshotError(f"--overwrite: {Path(root) / version} is not a derl snapshot version that "
+                            f"verifies ({e}); derl never deletes it: move it away first") from None
+    owners = pinned(root).get(version)
+    if owners:
+        raise SnapshotError(f"--overwrite: {path} is pinned by {', '.join(owners)}; a pinned version is "
+                            f"never replaced: export under another --version")
+
+
+def take_lock(path: Path, create: bool = False) -> Optional[IO]:
+    """The open file holding an exclusive flock on `path`, or None when another process holds it
+    (or, unless `create`, the file is gone). The lock dies with its process, however it dies."""
+    try:
+        f = open(path, "a" if create else "r")
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def _leftovers(root: Path, dry_run: bool, skipped: Dict[str, str]) -> List[str]:
+    """Remove what exports that no longer run left: each entry named after a hidden folder
+    (the folder, its LATEST beside, its lock file) once that lock, derl's, is free. A folder
+    without a lock file is not derl's; one whose lock is held is being written."""
+    removed = []
+    for name in sorted({p.name.removesuffix(LOCK).removesuffix(BESIDE) for p in root.glob(f".*{TMP}*")}):
+        folder, beside, lock = root / name, root / (name + BESIDE), root / (name + LOCK)
+        if folder.is_symlink():
+            skipped[name] = "a symlink, left in place"
+            continue
+        if not lock.is_file():
+            skipped[name] = "no derl lock file beside it: not derl's, left in place"
+            continue
+        held = take_lock(lock)
+        if held is None:
+            skipped[name] = "an export is still writing it"
+            continue
+        try:
+            if not dry_run:
+                if folder.is_dir():
+                    shutil.rmtree(folder)
+                beside.unlink(missing_ok=True)
+                lock.unlink()
+            removed.append(name)
+        except OSError as e:
+            skipped[name] = f"could not remove it ({e})"
+        finally:
+            held.close()
+    return removed
+
+
+def gc(root: Path, keep: int, dry_run: bool = False) -> Dict[str, object]:
+    """Remove all but the `keep` newest versions (by their manifests), never LATEST nor a pinned
+    one nor one that does not verify as derl's, and the folders of exports that died. What it
+    passes over, and why, is in `skipped`; nothing stops it half-way."""
     if keep < 1:
         raise ValueError(f"--keep must be at least 1, got {keep}")
     root = Path(root)
-    all_versions = versions(root)
-    current = latest(root)
-    protected = set(all_versions[-keep:]) | set(pinned(root)) | ({current} if current else set())
-    removed = [v for v in all_versions if v not in protected]
-    leftovers = sorted(p.name for p in root.glob(".*.tmp-*") if p.is_dir())
-    if not dry_run:
-        for name in removed + leftovers:
-            shutil.rmtree(root / name)
-    return {"removed": removed, "kept": [v for v in all_versions if v in protected],
-            "pinned": sorted(set(pinned(root)) & set(all_versions)), "leftovers_removed": leftovers}
+    found, skipped = catalogue(root)
+    names = [v for v, _ in found]
+    pins, current = pinned(root), latest(root)  # an unreadable pin or LATEST stops gc before it removes anything
+    protected = set(names[-keep:]) | set(pins) | {current}
+    removed = []
+    for v in (v for v in names if v not in protected):
+        try:
+            verify(root / v)
+            if not dry_run:
+                shutil.rmtree(root / v)
+            removed.append(v)
+        except (SnapshotError, OSError) as e:
+            skipped[v] = f"not removed: {e}"
+    return {"removed": removed, "kept": [v for v in names if v in protected],
+            "pinned": sorted(set(pins) & set(names)), "leftovers_removed": _leftovers(root, dry_run, skipped),
+            "skipped": skipped}

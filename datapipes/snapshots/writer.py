@@ -1,41 +1,83 @@
-"""Writing a snapshot version so that a reader sees all of it or none of it.
+"""Writing a snapshot version so that a reader sees all of it or none of it, and LATEST always
+names a complete version.
 
 Every rank of a run writes its parts into one hidden folder, `<root>/.<version>.tmp-<run id>`
-(the launcher's run id, so all ranks agree on it; the process id when run alone). Once every
-part is there, one process builds the ad indexes and commits: the sha256 of every file goes into
-the manifest, the manifest is written, the folder is renamed into place, and LATEST is written
-last (beside, then renamed). A run that dies before the commit leaves only the hidden folder
-(which `gc` clears) and the old LATEST.
+(the launcher's run id, so all ranks agree on it; the process id when run alone). The process
+that prepares it holds an flock on `<that folder>.lock` until the commit is over, so `gc` never
+touches a folder that is still being written, and takes it (with everything named after it)
+once that process is gone, however it died. The commit, one filesystem step at a time (each a
+fault point, `reached`):
+
+1. the tables are checked (dimension, finite vectors, rows) and the manifest is written into the
+   hidden folder (`snapshot-manifest`);
+2. the folder takes its version's name: renamed into place, or, replacing a version, swapped
+   with the old one in one atomic exchange, so the name holds a whole version at every instant
+   and the old one is left under the hidden name (`snapshot-in-place`);
+3. LATEST is written beside (`<folder>.LATEST`, `snapshot-latest-beside`) and renamed over the
+   old one (`snapshot-latest`);
+4. when replacing, the old version is removed from the hidden name (`snapshot-old-removed`),
+   then the lock file.
+
+A run killed anywhere leaves LATEST naming a complete version, and at most a hidden folder that
+gc clears.
 """
 
 from __future__ import annotations
 
+import ctypes
+import datetime as dt
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import IO, Callable, Dict, Optional
 
 import numpy as np
 
 from derl.datapipes.snapshots.index import build_ads_index
 from derl.datapipes.snapshots.parts import part_name
-from derl.datapipes.snapshots.store import LATEST, MANIFEST, SnapshotError, sha256
+from derl.datapipes.snapshots.store import (BESIDE, LATEST, LOCK, MANIFEST, TMP, SnapshotError, check_tables,
+                                            files_of, plain_name, refuse_replacing, sha256, take_lock)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np
+    RENAME_SWAP): a reader of either name sees one whole folder or the other, never neither."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sys.platform == "darwin":
+        rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2)
+    else:
+        rc = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+    if rc != 0:
+        code = ctypes.get_errno()
+        raise SnapshotError(f"cannot swap {a} with {b} atomically here ({errno.errorcode.get(code, code)}: "
+                            f"{os.strerror(code)}); nothing was replaced: export under another --version")
 
 
 class SnapshotWriter:
     """Version `version` of dimension `dim` under `root`, being written in `folder`."""
 
     def __init__(self, root: Path, version: str, dim: int, run_id: Optional[str] = None):
-        self.root, self.version, self.dim = Path(root), version, dim
+        self.root, self.version, self.dim = Path(root), plain_name(version), dim
         run_id = run_id or os.environ.get("TORCHELASTIC_RUN_ID", str(os.getpid()))
-        self.folder = self.root / f".{version}.tmp-{run_id}"
+        self.run_id = re.sub(r"[^A-Za-z0-9_-]", "_", run_id)
+        self.folder = self.root / f".{version}{TMP}{self.run_id}"
+        self.lock = self.folder.with_name(self.folder.name + LOCK)
         self.final = self.root / version
+        self._lock: Optional[IO] = None
 
     def prepare(self) -> "SnapshotWriter":
-        """An empty `folder` (one process, before any rank writes into it)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
+        """An empty `folder`, locked by this process until the commit (one process, before any
+        rank writes into it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = take_lock(self.lock, create=True)
+        if self._lock is None:
+            raise SnapshotError(f"{self.folder}: another export with run id {self.run_id} is writing it")
+        shutil.rmtree(self.folder, ignore_errors=True)  # a killed run's, with this run id
+        self.folder.mkdir()
         return self
 
     def part(self, domain: str, entity: str, rank: int) -> Path:
@@ -46,19 +88,46 @@ class SnapshotWriter:
         """The domain's ad index over the sorted `ad_ids`, from its Pin parts (all written)."""
         return build_ads_index(self.folder / domain, ad_ids, self.dim, self.version, prior)
 
-    def commit(self, manifest: dict, replace: bool = False) -> dict:
-        """Publish the version: `manifest` with its version first and the sha256 of every file
-        last, renamed into place (over an existing version only with `replace`), then LATEST.
-        Returns the manifest as written."""
-        files = {str(p.relative_to(self.folder)): sha256(p) for p in sorted(self.folder.rglob("*")) if p.is_file()}
-        manifest = {"version": self.version, **manifest, "files": files}
+    def commit(self, manifest: dict, replace: bool = False,
+               reached: Callable[[str], object] = lambda point: None) -> dict:
+        """Publish the version (module docstring): `manifest` with its version and created_at
+        first and the sha256 of every file last; over an existing version only with `replace`,
+        and only over derl's own, unpinned one. `reached(point)` is called after each step (the
+        fault hook). Returns the manifest as written. The lock is released however it ends."""
+        try:
+            return self._commit(manifest, replace, reached)
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+
+    def _commit(self, manifest: dict, replace: bool, reached: Callable[[str], object]) -> dict:
+        files = {rel: sha256(self.folder / rel) for rel in files_of(self.folder)}
+        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+        manifest = {"version": self.version, "created_at": created, **manifest, "files": files}
+        try:
+            check_tables(self.folder, manifest)
+        except SnapshotError as e:
+            raise SnapshotError(f"version {self.version} not published: {e}") from None
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if self.final.exists():
+        reached("snapshot-manifest")
+        replacing = self.final.exists() or self.final.is_symlink()
+        if replacing:
             if not replace:
                 raise SnapshotError(f"{self.final}: version exists; pass --overwrite to replace it")
-            shutil.rmtree(self.final)
-        self.folder.rename(self.final)
-        latest = self.root / f".{LATEST}.tmp"
-        latest.write_text(self.version + "\n")
-        latest.rename(self.root / LATEST)
+            refuse_replacing(self.root, self.version)
+            _exchange(self.folder, self.final)
+        else:
+            self.folder.rename(self.final)
+        reached("snapshot-in-place")
+        beside = self.folder.with_name(self.folder.name + BESIDE)
+        beside.write_text(self.version + "\n")
+        reached("snapshot-latest-beside")
+        beside.rename(self.root / LATEST)
+        reached("snapshot-latest")
+        if replacing:
+            shutil.rmtree(self.folder)
+            reached("snapshot-old-removed")
+        if self._lock is not None:
+            self.lock.unlink()
         return manifest
