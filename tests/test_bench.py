@@ -8,6 +8,7 @@ import json
 import pytest
 
 from derl.benchmarks import bench, downstream_bench, scaling_bench
+from derl.datapipes.sources import SourceTables
 from derl.launchers import cli
 
 
@@ -15,9 +16,10 @@ from derl.launchers import cli
 def test_scaling_trains_and_exports_a_small_sharded_table(tmp_path):
     r = scaling_bench.measure(10_000, tmp_path, dim=16, batch_size=256, steps=2, warmup=1, export_batch=4096)
     assert r["rows"] == 10_000 and r["exported"] == 10_000 and r["world_size"] == 1
-    assert r["train_steps_per_s"] > 0 and r["train_examples_per_s"] > 0
-    assert r["export_entities_per_s"] > 0 and r["export_part_mb"] > 0
-    assert r["peak_rss_mb"] >= r["train_peak_rss_mb"] > 0
+    assert r["train_examples_per_s"] == pytest.approx(256 * r["train_steps_per_s"], rel=1e-4)  # rounded
+    # 10^4 rows x 16 random float32 are 0.61 MiB of vectors; ids and Parquet's framing add a little.
+    assert 0.6 < r["export_part_mb"] < 1.0
+    assert r["peak_rss_mb"] >= r["train_peak_rss_mb"] > 100  # torch and torchrec alone take more
     assert "t_ids" in r["plan"]
     assert not list((tmp_path / "scaling-10000").glob("*.parquet"))  # the part is removed after
 
@@ -43,25 +45,26 @@ def test_derl_bench_runs_the_stack_at_its_smallest_and_writes_its_reports(tiny_w
     result = json.loads((out / "bench.json").read_text())
     assert result["suite"] == "quick" and result["command"] == "derl " + " ".join(argv)
     assert result["device"] == result["machine"]["device"] and result["errors"] == {}
-    assert result["decoupled_vs_coupled_ratio"] > 0 and result["decoupled_vs_coupled_scoring_ratio"] > 0
+    # The headline ratio is snapshot over coupled throughput (checked exactly below); coupled
+    # runs the upstream towers in every step, so it is the slower (16.6x in the reference run).
+    assert result["decoupled_vs_coupled_ratio"] > 1 and result["decoupled_vs_coupled_scoring_ratio"] > 1
     stages = result["stages"]
     assert [r["domain"] for r in stages["upstream"]["rows"]] == ["engagement", "conversion"]
-    assert all(r["steps"] == 2 and r["train_examples_per_s"] > 0 for r in stages["upstream"]["rows"])
+    assert all(r["steps"] == 2 for r in stages["upstream"]["rows"])
     assert [r["domain"] for r in stages["export"]["rows"]] == ["engagement", "conversion"]
-    assert all(r["entities_per_s"] > 0 and r["users"] > 0 for r in stages["export"]["rows"])
+    users = len(SourceTables(tiny_world).read("users", columns=["user_id"]))
+    assert all(0 < r["users"] <= users for r in stages["export"]["rows"])
     assert result["snapshots"] == str(out / "snapshots")
     down = stages["downstream"]["rows"]
     assert [r["mode"] for r in down] == list(downstream_bench.MODES)
     for r in down:
-        assert r["world_size"] == 1 and r["steps"] == 2 and r["peak_rss_mb"] > 0
-        assert r["train_examples_per_s"] > 0 and r["score_examples_per_s"] > 0
+        assert r["world_size"] == 1 and r["steps"] == 2 and r["peak_rss_mb"] > 100
     snap, coupled = down[1], down[2]
     assert result["decoupled_vs_coupled_ratio"] == round(
         snap["train_examples_per_s"] / coupled["train_examples_per_s"], 3)
     scaling = stages["scaling"]["rows"]
-    assert [r["rows"] for r in scaling] == [10_000] and scaling[0]["export_entities_per_s"] > 0
+    assert [r["rows"] for r in scaling] == [10_000]
     assert {r["stage"] for r in result["table"]} == {"upstream", "export", "downstream", "scaling"}
-    assert all(r["throughput"] > 0 and r["peak_rss_mb"] > 0 for r in result["table"])
     md = (out / "bench.md").read_text()
     assert "derl " + " ".join(argv) in md and "decoupled_vs_coupled_ratio" in md
     assert "| downstream | train-downstream coupled, all vectors, 2 steps | 1 |" in md
