@@ -119,12 +119,13 @@ class ExampleReader:
         self.spec = S.TABLES[table]
         self.sources = SourceTables(root)
         self.rank, self.world_size = rank, world_size
-        self.units: List[ReadUnit] = shard_units(self.sources.units(table, days), rank, world_size)
+        every = self.sources.units(table, days)
+        self.units: List[ReadUnit] = shard_units(every, rank, world_size)
         self.joiner = FeatureJoiner(self.sources, vocab)
         self.stats = self.joiner.stats
         self.joins = list(joins)
         self._epoch = 0
-        self.pin_prob = self._scan(self.sources.units(table, days))
+        self.pin_prob = self._scan(every)
 
     def _scan(self, units: Sequence[ReadUnit]) -> np.ndarray:
         """One pass over the whole day range (every rank's units, so all ranks agree): refuses a
