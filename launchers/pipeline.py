@@ -129,8 +129,8 @@ def refresh_stages(cfg: PipelineConfig) -> List[Stage]:
     for d in DOMAINS:
         run = w / "upstream" / d
         flags = to_flags(TrainUpstreamConfig, {
-            "data": world, "out": run, "domain": d, "resume": True, "from_day": cut, "until": cut,
-            "epochs": 1, **incremental_upstream(PRESETS[cfg.preset])})
+            "data": world, "out": run, "domain": d, "seed": cfg.seed, "resume": True, "from_day": cut,
+            "until": cut, "epochs": 1, **incremental_upstream(PRESETS[cfg.preset])})
         out.append(Stage(f"refresh-upstream-{d}", "train-upstream", flags, done=run / runs.METRICS,
                          inputs=("evaluate",), distributed=True))
     # The real refresh (smoothed) goes into the snapshot root and becomes LATEST; the two
