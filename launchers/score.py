@@ -15,7 +15,6 @@ from typing import Dict
 import torch
 
 from derl.datapipes.snapshots import SnapshotJoin
-from derl.datapipes.sources import SourceTables
 from derl.launchers import dist as derl_dist
 from derl.launchers import runs, scoring
 from derl.launchers.settings import ScoreConfig
@@ -59,5 +58,6 @@ def _run(cfg: ScoreConfig, worker: derl_dist.Worker) -> Dict[str, object]:
     make_join = (lambda: SnapshotJoin(snapshots, model_cfg.vectors, cfg.snapshot_version,
                                       model_cfg.upstream_dim)) if model_cfg.upstream == "snapshot" else None
     data = Path(cfg.data or meta["data"])
-    return scoring.score_and_report(dmp, worker, data, eval_day, SourceTables(data).vocab(), make_join,
+    # The model's own table sizes: ids the scoring day adds beyond them are hashed and counted.
+    return scoring.score_and_report(dmp, worker, data, eval_day, dict(model_cfg.num_embeddings), make_join,
                                     cfg.out, summary)

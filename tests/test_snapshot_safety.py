@@ -288,8 +288,10 @@ def test_gc_never_touches_the_folder_of_a_running_export(tmp_path):
 
 
 def _hold_a_lock(root: Path) -> None:
-    SnapshotWriter(root, "v2", 4).prepare()
-    time.sleep(600)
+    """In a forked child: an export that has prepared its folder and is still working."""
+    writer = SnapshotWriter(root, "v2", 4).prepare()  # the lock lives as long as the writer
+    time.sleep(600)  # killed in here
+    return writer
 
 
 @pytest.mark.slow
