@@ -57,6 +57,8 @@ def _run(cfg: ScoreConfig, worker: derl_dist.Worker) -> Dict[str, object]:
         runs.start(cfg, runs.SCORES, {"ranker": str(cfg.ranker), "eval_day": eval_day})
     make_join = (lambda: SnapshotJoin(snapshots, model_cfg.vectors, cfg.snapshot_version,
                                       model_cfg.upstream_dim)) if model_cfg.upstream == "snapshot" else None
+    if make_join:
+        make_join().require_after_upstream(eval_day)
     data = Path(cfg.data or meta["data"])
     # The model's own table sizes: ids the scoring day adds beyond them are hashed and counted.
     return scoring.score_and_report(dmp, worker, data, eval_day, dict(model_cfg.num_embeddings), make_join,

@@ -134,8 +134,11 @@ def build(cfg: TrainDownstreamConfig, worker: derl_dist.Worker) -> RankerTrainin
     join = (SnapshotJoin(cfg.snapshots, cfg.vector_names, cfg.snapshot_version)
             if cfg.upstream != "none" else None)
     model_cfg, coupled = model_config(cfg, vocab, join, days, sources)
-    versions = sorted({join.version_on(d) for d in sources.days("ad_events") if days[0] <= d <= days[1]}) \
-        if join else []
+    train_days = [d for d in sources.days("ad_events") if days[0] <= d <= days[1]]
+    versions = sorted({join.version_on(d) for d in train_days}) if join else []
+    if join:
+        for day in train_days + [eval_day]:
+            join.require_after_upstream(day)
     reader = ExampleReader(cfg.data, "ad_events", days, worker.rank, worker.world_size,
                            ReaderConfig(batch_size=cfg.batch_size, seed=cfg.seed, drop_last=True),
                            vocab, [join] if cfg.upstream == "snapshot" else [])

@@ -72,6 +72,27 @@ def test_a_snapshot_of_another_dimension_or_without_the_domain_is_refused(plante
         SnapshotJoin(planted, ("conversion/users",))(_rows([1], [6]))
 
 
+def test_a_version_is_never_used_on_a_day_its_upstream_trained_on(tmp_path):
+    """Pinned to a version (--snapshot-version), rows of a day its upstream trained on are
+    refused, naming the version, the domain and its days; the day after is fine, and so is
+    every day the live version serves (cut after its training)."""
+    ids, vec = np.arange(3), np.eye(3, 4)
+    plant_snapshot(tmp_path, "v1", "2026-01-06", {"engagement/users": (ids, vec)}, dim=4)
+    manifest_path = tmp_path / "v1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["domains"]["engagement"]["train_days"] = ["2026-01-01", "2026-01-07"]
+    manifest_path.write_text(json.dumps(manifest))
+    pinned_join = SnapshotJoin(tmp_path, ("engagement/users",), version="v1")
+    for day in ("2026-01-06", "2026-01-07"):
+        with pytest.raises(SnapshotError, match=f"snapshot v1: its engagement upstream trained on "
+                                                f"2026-01-01..2026-01-07, so its vectors have seen {day}"):
+            pinned_join.require_after_upstream(day)
+    pinned_join.require_after_upstream("2026-01-08")
+    manifest["domains"]["engagement"]["train_days"] = ["2026-01-01", "2026-01-05"]
+    manifest_path.write_text(json.dumps(manifest))
+    SnapshotJoin(tmp_path, ("engagement/users",)).require_after_upstream("2026-01-06")
+
+
 def test_the_reader_joins_each_row_with_its_own_users_and_pins_vectors(tiny_world, tmp_path):
     """Planted vectors that spell their own id and version: every row of every batch must
     carry its user's and its Pin's, from the version of its day."""

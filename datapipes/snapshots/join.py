@@ -53,6 +53,20 @@ class SnapshotJoin:
                 f"{self.timeline[0][0]}); train and evaluate on days from the first cut on")
         return live[-1]
 
+    def require_after_upstream(self, day: str) -> None:
+        """The point-in-time rule, enforced: the version rows of `day` get was trained only on
+        days before `day`. (A version cut on or before `day` always was; a pinned
+        --snapshot-version may not be, and would hand a ranker vectors that saw its own
+        training or evaluation day.)"""
+        version = self.version_on(day)
+        snap = self.snapshot(version)
+        for domain in sorted({v.split("/")[0] for v in self.vectors}):
+            trained = snap.manifest["domains"][domain].get("train_days")
+            if trained and trained[1] >= day:
+                raise SnapshotError(
+                    f"snapshot {version}: its {domain} upstream trained on {trained[0]}..{trained[1]}, "
+                    f"so its vectors have seen {day}; use them only on days after {trained[1]}")
+
     def snapshot(self, version: str) -> Snapshot:
         if version not in self._snapshots:
             snap = Snapshot(self.root, version)
