@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from derl.datapipes.domains import DOMAINS
-from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot
+from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, unpin, versions
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers import runs
@@ -73,7 +73,10 @@ class Stage:
     inputs: Tuple[str, ...] = ()
     distributed: bool = False
     resumable: bool = False  # train-upstream: --resume from its own checkpoints
-    output: Optional[Path] = None  # removed before a run from scratch
+    output: Optional[Path] = None  # replaced (--overwrite) when the stage is redone
+    # (snapshot root, ranker runs): the pins these rankers hold there, dropped before the stage
+    # runs (export: a pinned version is never replaced, and the rankers are redone after it).
+    releases: Optional[Tuple[Path, Tuple[Path, ...]]] = None
 
 
 def upstream_specs(w: Path) -> Tuple[str, ...]:
@@ -97,7 +100,8 @@ def stages(cfg: PipelineConfig) -> List[Stage]:
                      to_flags(ExportConfig, {"data": world, "out": snaps, "overwrite": True,
                                              "upstream": upstream_specs(w)}),
                      done=snaps / LATEST, inputs=tuple(f"upstream-{d}" for d in DOMAINS),
-                     distributed=True))
+                     distributed=True,
+                     releases=(snaps, tuple(w / "downstream" / n for n in rankers(preset)))))
     for name, overrides in rankers(preset).items():
         run = w / "downstream" / name
         flags = to_flags(TrainDownstreamConfig, {"data": world, "snapshots": snaps, "out": run,
@@ -190,6 +194,10 @@ class Runner:
             print(f"[pipeline] {stage.name}: resuming from its last checkpoint")
         elif stage.output is not None and stage.output.exists():
             args.append("--overwrite")  # the stage replaces its earlier run, and only that
+        if stage.releases and not same:  # a changed stage: everything after it is redone
+            root, owners = stage.releases
+            for owner in owners:
+                unpin(root, str(owner.resolve()))
         path.write_text(json.dumps({"digest": digest, **want, "finished": False}, indent=2))
         print(f"[pipeline] {stage.name}: derl {stage.subcommand} {' '.join(args)}", flush=True)
         t0 = time.perf_counter()
@@ -274,8 +282,7 @@ def combined_report(cfg: PipelineConfig, timings: Dict[str, object], wall: float
 
 def _first_version(root: Path) -> str:
     """The version the rankers trained with: the one the evaluate stage saw (the first cut)."""
-    return sorted((json.loads((root / v / MANIFEST).read_text())["cut_day"], v)
-                  for v in [p.name for p in root.iterdir() if (p / MANIFEST).is_file()])[0][1]
+    return versions(root)[0]  # oldest first, by cut day, never a hidden half-written folder
 
 
 def _upstream_md(report: Dict[str, object]) -> str:

@@ -70,6 +70,7 @@ def files_of(folder: Path) -> List[str]:
 
 
 def read_manifest(path: Path) -> dict:
+    """A version folder's manifest, or a SnapshotError naming it."""
     try:
         return json.loads((Path(path) / MANIFEST).read_text())
     except (OSError, ValueError) as e:
@@ -132,6 +133,7 @@ def resolve(root: Path, version: Optional[str] = None) -> Path:
 
 
 def _listed(path: Path, rel: str) -> str:
+    """A manifest's file entry, when it names a file inside the version (relative, normalised)."""
     p = PurePosixPath(rel)
     if p.is_absolute() or str(p) != rel or ".." in p.parts or "\\" in rel or rel == MANIFEST:
         raise SnapshotError(f"{path / MANIFEST}: file entry {rel!r} is not a relative, normalised path "
@@ -205,9 +207,22 @@ def pin(root: Path, version: str, owner: str) -> Path:
     resolve(root, version)
     folder = _no_symlink(Path(root) / PINS)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{hashlib.sha256(owner.encode()).hexdigest()[:16]}.json"
+    path = folder / f"{_owner_key(owner)}-{version}.json"  # one per version the owner uses
     path.write_text(json.dumps({"version": version, "owner": owner}))
     return path
+
+
+def _owner_key(owner: str) -> str:
+    return hashlib.sha256(owner.encode()).hexdigest()[:16]
+
+
+def unpin(root: Path, owner: str) -> List[str]:
+    """Drop every pin `owner` holds (a ranker about to be trained again); the versions freed."""
+    freed = []
+    for f in sorted(_no_symlink(Path(root) / PINS).glob(f"{_owner_key(owner)}*.json")):
+        freed.append(json.loads(_no_symlink(f).read_text())["version"])
+        f.unlink()
+    return freed
 
 
 def pinned(root: Path) -> Dict[str, List[str]]:
