@@ -116,7 +116,7 @@ def _worker(spec: Dict) -> Dict[str, float]:
         for _ in range(spec["steps"]):
             step()
         sync()
-        train_s = _slowest(time.perf_counter() - t0)
+        train_s = _slowest(time.perf_counter() - t0, worker.device)
         train_rss = report.peak_rss_mb()
 
         dmp.eval()
@@ -129,9 +129,8 @@ def _worker(spec: Dict) -> Dict[str, float]:
             for ids, real in chunks:
                 vectors = dmp.module.embed(_kjt(torch.from_numpy(ids), 1, worker.device))
                 writer.write(ids[:real], vectors[:real].float().cpu().numpy())
-        export_s = _slowest(time.perf_counter() - t0)
-        total = torch.tensor(writer.rows)
-        dist.all_reduce(total)
+        export_s = _slowest(time.perf_counter() - t0, worker.device)
+        total = derl_dist.reduced(writer.rows, "sum", worker.device)
         part_mb = part.stat().st_size / 2**20
         part.unlink()
         return {
@@ -151,13 +150,10 @@ def _worker(spec: Dict) -> Dict[str, float]:
         derl_dist.shutdown()
 
 
-def _slowest(seconds: float) -> float:
-    import torch
-    import torch.distributed as dist
+def _slowest(seconds: float, device) -> float:
+    from derl.launchers import dist as derl_dist
 
-    t = torch.tensor(seconds, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return max(float(t), 1e-9)
+    return max(derl_dist.reduced(seconds, "max", device), 1e-9)
 
 
 def _call(conn, fn, args) -> None:

@@ -61,6 +61,17 @@ def init() -> Worker:
     return Worker(rank, world_size, local_rank, device)
 
 
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def reduced(value: float, op: str, device: torch.device) -> float:
+    """Collective: `value` combined over every rank (`op`: sum, max or min). The tensor lives
+    on the worker's device, as nccl requires."""
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=_OPS[op])
+    return float(t)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -24,13 +24,6 @@ from derl.models.metrics import ranker_metrics
 SCORE_BATCH = 4096
 
 
-def slowest(seconds: float) -> float:
-    """The largest of every rank's `seconds` (collective)."""
-    t = torch.tensor(seconds, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
 def gathered(obj) -> list:
     """Every rank's `obj`, in rank order (collective)."""
     out = [None] * dist.get_world_size()
@@ -93,7 +86,7 @@ def score_and_report(dmp, worker: derl_dist.Worker, data: Path, eval_day: str, v
     for column in ("p_ctr", "p_cvr"):
         finite.require_finite(f"{out}: the ranker's {column} on {eval_day}",
                               rows.get(column, np.zeros(0)), worker.device)
-    seconds = slowest(time.perf_counter() - t0)
+    seconds = derl_dist.reduced(time.perf_counter() - t0, "max", worker.device)
     runs.write_predictions(out, worker.rank, rows)
     eval_versions = summed(dict(join.rows_by_version) if join else {})
     eval_stats = gathered(reader.stats.as_dict())

@@ -24,7 +24,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.metrics.metrics_config import RecTaskInfo
@@ -144,9 +143,8 @@ def build(cfg: TrainDownstreamConfig, worker: derl_dist.Worker) -> RankerTrainin
                            vocab, [join] if cfg.upstream == "snapshot" else [])
     steps = cfg.max_steps
     if steps is None:
-        steps_t = torch.tensor(int(cfg.epochs * (reader.num_rows // cfg.batch_size)))
-        dist.all_reduce(steps_t, op=dist.ReduceOp.MIN)
-        steps = int(steps_t)
+        steps = int(derl_dist.reduced(int(cfg.epochs * (reader.num_rows // cfg.batch_size)), "min",
+                                      worker.device))
     if steps <= 0:
         raise ValueError(f"{cfg.data}: too few ad events on {days[0]}..{days[1]} for one batch "
                          f"of {cfg.batch_size} per rank")
@@ -245,7 +243,7 @@ def report(t: RankerTraining, history: List[Dict[str, float]], seconds: float) -
         "eval_day": t.eval_day,
         # Steady state: the steps after the first (all of them in a one-step run).
         "train_examples_per_s": max(t.steps - 1, 1) * cfg.batch_size * t.worker.world_size
-        / scoring.slowest(seconds),
+        / derl_dist.reduced(seconds, "max", t.worker.device),
         "snapshot_dim": t.model_cfg.upstream_dim or None,
         "coupled_checkpoints": {d: c["checkpoint"] for d, c in t.coupled.items()},
     }

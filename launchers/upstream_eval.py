@@ -137,7 +137,8 @@ def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: Sour
                          torch.from_numpy(owners), ks)
         pop_pos = _positions(popular, p[mine])
         counts = torch.tensor([int(mine.sum())] + [hits[k] for k in ks]
-                              + [int((pop_pos < k).sum()) for k in ks], dtype=torch.float64)
+                              + [int((pop_pos < k).sum()) for k in ks], dtype=torch.float64,
+                              device=worker.device)  # nccl reduces device tensors only
         dist.all_reduce(counts)
         n = max(counts[0].item(), 1.0)
         result["tasks"][task] = {
