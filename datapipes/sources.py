@@ -140,6 +140,7 @@ class SourceTables:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: source folder does not exist")
+        self._checked: Dict[str, Dict[str, List[Path]]] = {}  # table -> its checked partitions
 
     def _folder(self, table: str) -> Path:
         folder = self.root / table
@@ -150,7 +151,10 @@ class SourceTables:
     def _partitions(self, table: str) -> Dict[str, List[Path]]:
         """Day -> Parquet files of a partitioned table. Days are dates: a partition named other
         than `ds=YYYY-MM-DD`, or a day missing between the first and the last (a gap would shift
-        the time split), is an error naming the table and the folder or day."""
+        the time split), is an error naming the table and the folder or day. Listed and checked
+        once per table: every stage asks for the days several times."""
+        if table in self._checked:
+            return self._checked[table]
         spec = S.TABLES[table]
         folder = self._folder(table)
         parts = {}
@@ -166,6 +170,7 @@ class SourceTables:
         if gaps:
             raise DataError(f"{folder}: no partition for {S.day_runs(gaps)}, between the table's first "
                             f"day {have[0]} and its last {have[-1]} (table {table})")
+        self._checked[table] = parts
         return parts
 
     def files(self, table: str, days: DayRange = (None, None)) -> List[Tuple[Optional[str], Path]]:

@@ -55,10 +55,11 @@ def _run(cfg: ScoreConfig, worker: derl_dist.Worker) -> Dict[str, object]:
     summary.update(world_size=worker.world_size, eval_day=eval_day, rescored_from=str(cfg.ranker))
     if worker.is_main:
         runs.start(cfg, runs.SCORES, {"ranker": str(cfg.ranker), "eval_day": eval_day})
-    make_join = (lambda: SnapshotJoin(snapshots, model_cfg.vectors, cfg.snapshot_version,
-                                      model_cfg.upstream_dim)) if model_cfg.upstream == "snapshot" else None
-    if make_join:
-        make_join().require_after_upstream(eval_day)
+    join = None
+    if model_cfg.upstream == "snapshot":  # opened (and verified) once, for the check and the scoring
+        join = SnapshotJoin(snapshots, model_cfg.vectors, cfg.snapshot_version, model_cfg.upstream_dim)
+        join.require_after_upstream(eval_day)
+    make_join = (lambda: join) if join else None
     data = Path(cfg.data or meta["data"])
     # The model's own table sizes: ids the scoring day adds beyond them are hashed and counted.
     return scoring.score_and_report(dmp, worker, data, eval_day, dict(model_cfg.num_embeddings), make_join,
