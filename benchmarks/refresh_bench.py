@@ -79,7 +79,7 @@ def smoothing_plan(args: argparse.Namespace, cuts: List[str]) -> List[Stage]:
             exports.append(Stage(f"export-{name}-{cut}", "export",
                                  to_flags(ExportConfig, {
                                      "data": world, "out": root, "cut": cut, "overwrite": True, **smooth,
-                                     "upstream": upstream_specs(args.out)}),
+                                     "upstream": upstream_specs(args.out, tuple(DOMAINS))}),
                                  done=root / cut / MANIFEST, inputs=after, distributed=True))
         stages += exports
         after = tuple(s.name for s in exports)

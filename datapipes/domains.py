@@ -8,14 +8,20 @@ Downstream, a ranker takes the domains' vectors by name, `<domain>/<entity>` (`V
 
 Adding a domain is adding an entry here (docs/extending.md): the training stage, the export,
 the pipeline and the benchmarks all iterate over `DOMAINS`.
+
+Not every source supports every domain: an imported world may have no ad impressions (UserBehavior,
+MovieLens) or no conversions (the Taobao display-ad logs). A domain trains on the tables the
+source holds, needs rows of its main table and a positive of its `required_label`, and
+`unsupported` says in one sentence why a source cannot train it (docs/importing.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from derl.datapipes.batch import ENGAGEMENT_LABELS
+from derl.datapipes.sources import SourceTables
 
 # Labels that say the user did not want the Pin: such rows are never contrastive positives.
 NEGATIVE_LABELS: Tuple[str, ...] = ("hide",)
@@ -26,6 +32,8 @@ class Domain:
     name: str
     tables: Tuple[Tuple[str, Optional[float]], ...]
     tasks: Tuple[str, ...]
+    # (table, column) with at least one positive row: what the domain exists to predict.
+    required_label: Optional[Tuple[str, str]] = None
 
     @property
     def contrastive_positives(self) -> Tuple[str, ...]:
@@ -36,6 +44,22 @@ class Domain:
         """The table whose passes count as epochs."""
         return self.tables[0][0]
 
+    def tables_in(self, sources: SourceTables) -> Tuple[Tuple[str, Optional[float]], ...]:
+        """The domain's tables that `sources` holds (its main table always among them)."""
+        return tuple((t, share) for t, share in self.tables if t == self.main_table or sources.has(t))
+
+    def unsupported(self, sources: SourceTables) -> Optional[str]:
+        """Why `sources` cannot train this domain, in one sentence; None if it can."""
+        if not sources.has(self.main_table):
+            return f"{sources.root} has no {self.main_table} table, which the {self.name} domain trains on"
+        if self.required_label:
+            table, column = self.required_label
+            if not sources.has_positive(table, column):
+                where = f"no row of {table} has {column} = 1" if sources.has(table) else f"it has no {table}"
+                return (f"{sources.root} has nothing for the {self.name} domain to learn: {where} "
+                        f"(a world without conversions has no conversion domain and no CVR head)")
+        return None
+
 
 DOMAINS: Dict[str, Domain] = {
     # Organic actions and ad clicks, mixed in proportion to their rows.
@@ -43,7 +67,7 @@ DOMAINS: Dict[str, Domain] = {
                          ENGAGEMENT_LABELS + ("clicked",)),
     # Ad conversions, with saves and long clicks of the organic log as auxiliary tasks.
     "conversion": Domain("conversion", (("ad_events", 0.5), ("engagements", 0.5)),
-                         ("converted", "save", "long_click")),
+                         ("converted", "save", "long_click"), required_label=("ad_events", "converted")),
 }
 
 # The upstream vectors a ranker can take, as "<domain>/<entity>": the paper's ablation sets.
@@ -52,6 +76,16 @@ VECTOR_SETS: Dict[str, Tuple[str, ...]] = {
     "user_pin": ("engagement/users", "engagement/pins"),
     "all": ("engagement/users", "engagement/pins", "conversion/users", "conversion/pins"),
 }
+
+
+def supported(sources: SourceTables) -> List[str]:
+    """The domains `sources` can train, in registry order."""
+    return [name for name, d in DOMAINS.items() if d.unsupported(sources) is None]
+
+
+def vector_sets(domains: List[str]) -> List[str]:
+    """The `VECTOR_SETS` whose every vector comes from one of `domains`."""
+    return [name for name, vs in VECTOR_SETS.items() if all(v.split("/")[0] in domains for v in vs)]
 
 
 def domain(name: str) -> Domain:

@@ -142,6 +142,15 @@ class SourceTables:
             raise DataError(f"{self.root}: source folder does not exist")
         self._checked: Dict[str, Dict[str, List[Path]]] = {}  # table -> its checked partitions
 
+    def has(self, table: str) -> bool:
+        """Whether the source holds `table` at all: an imported world without ad impressions has
+        no `ad_events` (docs/importing.md); every other absence is an error where it is read."""
+        return (self.root / table).is_dir()
+
+    def has_positive(self, table: str, column: str) -> bool:
+        """Whether any row of `table` has `column` > 0 (from Parquet statistics where written)."""
+        return self.has(table) and (self.column_range(table, column)[1] or 0) > 0
+
     def _folder(self, table: str) -> Path:
         folder = self.root / table
         if not folder.is_dir():

@@ -109,9 +109,11 @@ def run(cfg: EvaluateConfig) -> Dict[str, object]:
         raise ValueError(f"runs were evaluated on different days: {sorted(days)}")
     day = days.pop()
     rows = next(iter(preds.values()))
+    # CVR where every ranker has a CVR head (a source without conversions trains none).
+    tasks = ("ctr", "cvr") if all("cvr" in m["eval"] for m in metrics.values()) else ("ctr",)
     report: Dict[str, object] = {"eval_day": day, "rows": int(len(rows["clicked"])),
                                  "clicks": int(rows["clicked"].sum()),
-                                 "conversions": int(rows["converted"].sum()), "runs": {}}
+                                 "conversions": int(rows["converted"].sum()), "tasks": list(tasks), "runs": {}}
     for name, m in metrics.items():
         report["runs"][name] = {
             "path": str(runs[name]), "upstream": m["upstream"], "vectors": m["vectors"],
@@ -124,7 +126,7 @@ def run(cfg: EvaluateConfig) -> Dict[str, object]:
         report["ne_gain_over_baseline"] = {
             "baseline": cfg.baseline,
             **{name: {task: bootstrap_ne_gain(*_task_rows(p, base, task), resamples=cfg.resamples)
-                      for task in ("ctr", "cvr")}
+                      for task in tasks}
                for name, p in preds.items() if name != cfg.baseline}}
     # Each mode's representative run: the one named after it, else its first (the pipeline also
     # runs the vector ablation in snapshot mode, under other names).
@@ -135,12 +137,12 @@ def run(cfg: EvaluateConfig) -> Dict[str, object]:
     report["modes"] = {
         mode: {"run": name, "ctr_ne": report["runs"][name]["ctr"]["ne"],
                "ctr_auc": report["runs"][name]["ctr"]["auc"],
-               "cvr_ne": report["runs"][name]["cvr"]["ne"], "cvr_auc": report["runs"][name]["cvr"]["auc"],
+               **{f"cvr_{k}": report["runs"][name]["cvr"][k] for k in ("ne", "auc") if "cvr" in tasks},
                "train_examples_per_s": report["runs"][name]["train_examples_per_s"]}
         for mode, name in by_mode.items()}
     gains = report.get("ne_gain_over_baseline", {}).get(by_mode.get("snapshot", ""), {})
     if by_mode.get("none") == cfg.baseline and gains:  # the headline: snapshot over none
-        for task in ("ctr", "cvr"):
+        for task in tasks:
             report[f"{task}_ne_gain"] = gains[task]["gain"]
             report[f"{task}_ne_gain_ci_low"] = gains[task]["ci_low"]
             report[f"{task}_ne_gain_ci_high"] = gains[task]["ci_high"]
@@ -204,7 +206,9 @@ def render(report: Dict[str, object]) -> str:
     """report.md: the tables a person reads."""
     lines = [f"# Downstream evaluation on {report['eval_day']}", "",
              f"{report['rows']:,} impressions, {report['clicks']:,} clicks, "
-             f"{report['conversions']:,} conversions.", "",
+             f"{report['conversions']:,} conversions."
+             + ("" if "cvr" in report["tasks"] else " No conversions: the rankers have no CVR head, "
+                "CTR is all there is to compare."), "",
              "| run | upstream | vectors | scored with | CTR NE | CTR AUC | CTR PR-AUC | CTR calibration "
              "| CVR NE | CVR AUC | train ex/s | score ex/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -212,7 +216,8 @@ def render(report: Dict[str, object]) -> str:
         lines.append(f"| {name} | {r['upstream']} | {r['vectors'] or '–'}"
                      f"{' →' + str(r['projection_dim']) if r.get('projection_dim') else ''} "
                      f"| {', '.join(r['eval_versions']) or '–'} | {_f(r['ctr'].get('ne'))} | {_f(r['ctr'].get('auc'))} | {_f(r['ctr'].get('pr_auc'))} "
-                     f"| {_f(r['ctr'].get('calibration'), 3)} | {_f(r['cvr'].get('ne'))} | {_f(r['cvr'].get('auc'))} "
+                     f"| {_f(r['ctr'].get('calibration'), 3)} | {_f(r.get('cvr', {}).get('ne'))} "
+                     f"| {_f(r.get('cvr', {}).get('auc'))} "
                      f"| {r['train_examples_per_s']:,.0f} | {r['score_examples_per_s']:,.0f} |")
     gains = report.get("ne_gain_over_baseline")
     if gains:
@@ -222,10 +227,9 @@ def render(report: Dict[str, object]) -> str:
         for name, g in gains.items():
             if name == "baseline":
                 continue
-            c, v = g["ctr"], g["cvr"]
-            lines.append(f"| {name} | {c['gain']:+.2%} | [{c['ci_low']:+.2%}, {c['ci_high']:+.2%}]"
-                         f"{' *' if c['significant'] else ''} | {v['gain']:+.2%} | "
-                         f"[{v['ci_low']:+.2%}, {v['ci_high']:+.2%}]{' *' if v['significant'] else ''} |")
+            cells = [f"{t['gain']:+.2%} | [{t['ci_low']:+.2%}, {t['ci_high']:+.2%}]{' *' if t['significant'] else ''}"
+                     if t else "– | –" for t in (g["ctr"], g.get("cvr"))]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
         lines.append("\n\\* the interval excludes 0.")
     cost = report.get("coupled_vs_snapshot")
     if cost:

@@ -59,6 +59,10 @@ DAY_S = 86_400
 ACTIVITY_TABLES = ("engagements", "ad_events")  # what counts as activity, for retention
 
 
+def activity_tables(sources: SourceTables) -> List[str]:
+    return [t for t in ACTIVITY_TABLES if sources.has(t)]
+
+
 def upstream_runs(cfg: ExportConfig) -> Dict[str, Path]:
     """domain -> upstream run folder, from --upstream DOMAIN=RUN; each run must hold a checkpoint."""
     out = {}
@@ -172,7 +176,7 @@ def _last_activity(sources: SourceTables, cut_s: int, day_before: str) -> Dict[s
     and `ad_events` strictly before the cut's start. Reads the two id columns and `ts` only, one
     day partition at a time (memory bounded by a day); per-id maxima are Arrow group-bys."""
     maxima: Dict[str, list] = {"user_id": [], "pin_id": []}
-    for table in ACTIVITY_TABLES:
+    for table in activity_tables(sources):
         for day in sources.days(table):
             if day > day_before:
                 continue
@@ -213,7 +217,7 @@ def _entities(sources: SourceTables, cut: str, retention_days: int):
     day_before = str(np.datetime64(cut, "D") - 1)
 
     active = _last_activity(sources, cut_s, day_before)
-    activity_days = sorted(d for t in ACTIVITY_TABLES for d in sources.days(t) if d <= day_before)
+    activity_days = sorted(d for t in activity_tables(sources) for d in sources.days(t) if d <= day_before)
     logs_from = int(np.datetime64(activity_days[0], "s").astype(np.int64)) if activity_days else cut_s
 
     def seconds(dates: pa.ChunkedArray) -> np.ndarray:  # no activity: idle since signup or the logs' start
@@ -235,7 +239,11 @@ def _entities(sources: SourceTables, cut: str, retention_days: int):
         "dropped_idle": {"users": int((~keep_users).sum()), "pins": int((~keep_pins).sum()),
                          "ads": int((~keep_pins & is_ad).sum())},
     }
-    return (np.sort(user_ids[keep_users]), pin_ids[keep_pins], pin_ids[keep_pins & is_ad], retention)
+    # The retrieval catalogue: the ads, or every Pin of a world that has none (an imported
+    # UserBehavior or MovieLens log: its items are what retrieval is for).
+    catalogue = keep_pins & is_ad if is_ad.any() else keep_pins
+    retention["catalogue"] = "ads" if is_ad.any() else "all pins (the source has no ads)"
+    return (np.sort(user_ids[keep_users]), pin_ids[keep_pins], pin_ids[catalogue], retention)
 
 
 # --- embed: each rank its own parts -----------------------------------------------------------
@@ -323,8 +331,12 @@ def ad_prior(sources: SourceTables, days: Tuple[str, str], ad_ids: np.ndarray,
              temperature: float, weight: float) -> np.ndarray:
     """Per ad, temperature x weight x log(its share of the ad impressions in `days`): added to
     the dot, it ranks ads by dot / temperature + weight x log q (`UpstreamConfig.
-    retrieval_prior_weight`). An ad never shown counts as half an impression."""
-    shown = sources.read("ad_events", days, columns=["pin_id"]).column("pin_id").to_numpy()
+    retrieval_prior_weight`). An ad never shown counts as half an impression. In a source
+    without ad impressions the catalogue is its Pins, and q their share of the engagements."""
+    table = "ad_events" if sources.has("ad_events") else "engagements"
+    have = [d for d in sources.days(table) if days[0] <= d <= days[1]]
+    shown = (sources.read(table, (have[0], have[-1]), columns=["pin_id"]).column("pin_id").to_numpy()
+             if have else np.zeros(0, np.int64))
     counts = np.bincount(np.searchsorted(ad_ids, shown[np.isin(shown, ad_ids)]), minlength=len(ad_ids))
     share = np.maximum(counts, 0.5) / max(counts.sum(), 1)
     return (temperature * weight * np.log(share)).astype(np.float32)

@@ -1,10 +1,15 @@
 """`derl pipeline`: every stage in order into one work folder, resumable, then one report.
 
-    derl pipeline --workdir W [--preset tiny|demo] [--nproc N] [--launcher local|torchx] [--refresh]
+    derl pipeline --workdir W [--preset tiny|demo] [--data WORLD] [--nproc N] [--launcher local|torchx] [--refresh]
 
 generate -> train-upstream (engagement, conversion) -> export -> train-downstream (none,
 snapshot with each vector set and with a projection, coupled) -> evaluate, then W/report.json
-(evaluate's report plus `upstream`, `snapshot` and `stages` sections) and W/report.md.
+(evaluate's report plus `upstream`, `snapshot`, `data` and `stages` sections) and W/report.md.
+
+`--data WORLD` runs the stack on an existing world (`derl import`, or one generated before)
+instead of generating one, with the preset's model sizes. Only what the world supports runs:
+the domains it can train (no conversion domain without conversions), and no rankers at all
+without ad impressions; the report's `data` section says what the world lacks.
 
 Each stage runs as its own `derl` process (`local`: N local ranks through --nproc; `torchx`: the
 components of launchers/components.py on the local_cwd scheduler) and leaves a stamp in
@@ -33,10 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from derl.datapipes.domains import DOMAINS
+from derl.datapipes.domains import DOMAINS, supported, vector_sets
 from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, unpin, versions
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
+from derl.datapipes.world import WORLD_META
 from derl.launchers import runs
 from derl.launchers.config import to_flags
 from derl.launchers.presets import PRESETS, Preset
@@ -46,18 +52,43 @@ from derl.launchers.settings import (EvaluateConfig, ExportConfig, PipelineConfi
 REFRESH_ROOT = Path("refresh") / "snapshots"  # under W: the refresh's raw and aligned-only versions
 
 
-def rankers(preset: Preset) -> Dict[str, Dict[str, Any]]:
+@dataclass(frozen=True)
+class Plan:
+    """What the pipeline runs on its world: its folder, the domains it trains, and whether it
+    has ad impressions for the rankers."""
+
+    world: Path
+    domains: Tuple[str, ...]
+    has_ads: bool
+    lacks: Tuple[str, ...]  # one sentence per thing left out, for the report
+
+
+def plan(cfg: PipelineConfig) -> Plan:
+    if cfg.data is None:  # the world the pipeline generates has everything
+        return Plan(cfg.workdir / "world", tuple(DOMAINS), True, ())
+    sources = SourceTables(cfg.data)
+    domains = tuple(supported(sources))
+    lacks = tuple(DOMAINS[d].unsupported(sources) for d in DOMAINS if d not in domains)
+    if not sources.has("ad_events"):
+        lacks += (f"{cfg.data} has no ad impressions: no rankers, no downstream evaluation",)
+    return Plan(cfg.data, domains, sources.has("ad_events"), lacks)
+
+
+def rankers(preset: Preset, domains: Tuple[str, ...] = tuple(DOMAINS)) -> Dict[str, Dict[str, Any]]:
     """The downstream runs the report compares (name -> TrainDownstreamConfig overrides): the
-    three modes, the paper's vector ablation, and the learned projection."""
-    return {
+    three modes, the paper's vector ablation, and the learned projection, each with the
+    largest vector set the domains give (all four vectors; user and Pin without conversions)."""
+    sets = vector_sets(list(domains))
+    best = sets[-1]  # VECTOR_SETS grow: user, user_pin, all
+    out = {
         "none": {"upstream": "none"},
-        "snapshot": {"upstream": "snapshot", "vectors": "all"},
-        "snapshot-user": {"upstream": "snapshot", "vectors": "user"},
-        "snapshot-user_pin": {"upstream": "snapshot", "vectors": "user_pin"},
-        "snapshot-projected": {"upstream": "snapshot", "vectors": "all",
+        "snapshot": {"upstream": "snapshot", "vectors": best},
+        **{f"snapshot-{v}": {"upstream": "snapshot", "vectors": v} for v in sets if v != best},
+        "snapshot-projected": {"upstream": "snapshot", "vectors": best,
                                "projection_dim": preset.projection_dim},
-        "coupled": {"upstream": "coupled", "vectors": "all"},
+        "coupled": {"upstream": "coupled", "vectors": best},
     }
+    return out
 
 
 class StageFailed(RuntimeError):
@@ -79,40 +110,52 @@ class Stage:
     releases: Optional[Tuple[Path, Tuple[Path, ...]]] = None
 
 
-def upstream_specs(w: Path) -> Tuple[str, ...]:
+def upstream_specs(w: Path, domains: Tuple[str, ...]) -> Tuple[str, ...]:
     """export's --upstream DOMAIN=RUN of every domain's run under W."""
-    return tuple(f"{d}={w / 'upstream' / d}" for d in DOMAINS)
+    return tuple(f"{d}={w / 'upstream' / d}" for d in domains)
 
 
-def stages(cfg: PipelineConfig) -> List[Stage]:
+def upstream_overrides(cfg: PipelineConfig, preset: Preset) -> Mapping[str, Any]:
+    """The preset's upstream overrides; on a world of one's own, without the preset world's
+    days (`from_day`): the time split of that world decides."""
+    return {k: v for k, v in preset.upstream.items() if cfg.data is None or k != "from_day"}
+
+
+def stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
     w, preset = cfg.workdir, PRESETS[cfg.preset]
-    world, snaps = w / "world", w / "snapshots"
-    out = [Stage("generate", "generate", ["--out", str(world), "--preset", preset.world,
-                                          "--seed", str(cfg.seed), "--overwrite"],
-                 done=world / "_world.json")]
-    for d in DOMAINS:
+    world, snaps = p.world, w / "snapshots"
+    out = []
+    if cfg.data is None:
+        out.append(Stage("generate", "generate", ["--out", str(world), "--preset", preset.world,
+                                                  "--seed", str(cfg.seed), "--overwrite"],
+                         done=world / "_world.json"))
+    for d in p.domains:
         run = w / "upstream" / d
         flags = to_flags(TrainUpstreamConfig, {"data": world, "out": run, "domain": d, "seed": cfg.seed,
-                                               "epochs": preset.upstream_epochs[d], **preset.upstream})
+                                               "epochs": preset.upstream_epochs[d],
+                                               **upstream_overrides(cfg, preset)})
         out.append(Stage(f"upstream-{d}", "train-upstream", flags, done=run / runs.METRICS,
                          inputs=("generate",), distributed=True, resumable=True, output=run))
+    ranker_runs = rankers(preset, p.domains) if p.has_ads else {}
     out.append(Stage("export", "export",
                      to_flags(ExportConfig, {"data": world, "out": snaps, "overwrite": True,
-                                             "upstream": upstream_specs(w)}),
-                     done=snaps / LATEST, inputs=tuple(f"upstream-{d}" for d in DOMAINS),
+                                             "upstream": upstream_specs(w, p.domains)}),
+                     done=snaps / LATEST, inputs=tuple(f"upstream-{d}" for d in p.domains),
                      distributed=True,
-                     releases=(snaps, tuple(w / "downstream" / n for n in rankers(preset)))))
-    for name, overrides in rankers(preset).items():
+                     releases=(snaps, tuple(w / "downstream" / n for n in ranker_runs))))
+    if not ranker_runs:
+        return out
+    for name, overrides in ranker_runs.items():
         run = w / "downstream" / name
         flags = to_flags(TrainDownstreamConfig, {"data": world, "snapshots": snaps, "out": run,
                                                  "seed": cfg.seed, **overrides, **preset.downstream})
         out.append(Stage(f"downstream-{name}", "train-downstream", flags, done=run / runs.METRICS,
                          inputs=("export",), distributed=True, output=run))
     out.append(Stage("evaluate", "evaluate",
-                     to_flags(EvaluateConfig, {"runs": tuple(f"{n}={w / 'downstream' / n}" for n in rankers(preset)),
+                     to_flags(EvaluateConfig, {"runs": tuple(f"{n}={w / 'downstream' / n}" for n in ranker_runs),
                                                "data": world, "snapshots": snaps, "out": w / "evaluate"}),
                      done=w / "evaluate" / "report.json",
-                     inputs=tuple(f"downstream-{n}" for n in rankers(preset))))
+                     inputs=tuple(f"downstream-{n}" for n in ranker_runs)))
     return out
 
 
@@ -121,16 +164,16 @@ def incremental_upstream(preset: Preset) -> Mapping[str, Any]:
     return {k: v for k, v in preset.upstream.items() if k != "from_day"}
 
 
-def refresh_stages(cfg: PipelineConfig) -> List[Stage]:
+def refresh_stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
     """One more day: incremental upstream on the cut day, a new version for the next day
     (smoothed and aligned; raw and aligned-only beside it), the old ranker scored with each."""
     w = cfg.workdir
-    world, snaps = w / "world", w / "snapshots"
+    world, snaps = p.world, w / "snapshots"
     days = SourceTables(world).days("engagements")
     cut = default_split(days).cut_day
     new_cut = days[days.index(cut) + 1]
     out = []
-    for d in DOMAINS:
+    for d in p.domains:
         run = w / "upstream" / d
         flags = to_flags(TrainUpstreamConfig, {
             "data": world, "out": run, "domain": d, "seed": cfg.seed, "resume": True, "from_day": cut,
@@ -148,9 +191,9 @@ def refresh_stages(cfg: PipelineConfig) -> List[Stage]:
         out.append(Stage(f"refresh-export-{kind}", "export",
                          to_flags(ExportConfig, {"data": world, "out": root, "cut": new_cut,
                                                  "version": version, "overwrite": True, **overrides,
-                                                 "upstream": upstream_specs(w)}),
+                                                 "upstream": upstream_specs(w, p.domains)}),
                          done=root / version / MANIFEST,
-                         inputs=tuple(f"refresh-upstream-{d}" for d in DOMAINS), distributed=True))
+                         inputs=tuple(f"refresh-upstream-{d}" for d in p.domains), distributed=True))
         out.append(Stage(f"refresh-score-{kind}", "score",
                          to_flags(ScoreConfig, {"ranker": w / "downstream" / "snapshot", "snapshots": root,
                                                 "snapshot_version": version, "out": w / "refresh" / kind}),
@@ -235,30 +278,44 @@ class Runner:
 def validate(cfg: PipelineConfig) -> None:
     if cfg.workdir.exists() and not cfg.workdir.is_dir():
         raise FileExistsError(f"--workdir {cfg.workdir}: a file, not a folder")
+    if cfg.data is not None:
+        p = plan(cfg)
+        if cfg.refresh and not p.has_ads:
+            raise ValueError(f"--refresh scores the snapshot ranker with the new version; {p.lacks[-1]}")
 
 
 def run(cfg: PipelineConfig) -> Dict[str, object]:
     t0 = time.perf_counter()
     runner = Runner(cfg)
-    for stage in stages(cfg):
+    p = plan(cfg)
+    if cfg.data is not None:  # the world stands in for the generate stage: a changed world redoes all
+        runner.digests["generate"] = _digest((cfg.data / WORLD_META).read_text()
+                                             if (cfg.data / WORLD_META).is_file() else str(cfg.data.resolve()))
+        for line in p.lacks:
+            print(f"[pipeline] {line}")
+    for stage in stages(cfg, p):
         runner.run(stage)
     if cfg.refresh:
         first = _first_version(cfg.workdir / "snapshots")
         copy = cfg.workdir / REFRESH_ROOT / first
         if not copy.exists():  # the previous version, for the comparisons to align onto
             shutil.copytree(cfg.workdir / "snapshots" / first, copy)
-        for stage in refresh_stages(cfg):
+        for stage in refresh_stages(cfg, p):
             runner.run(stage)
-    report = combined_report(cfg, runner.timings, time.perf_counter() - t0)
+    report = combined_report(cfg, p, runner.timings, time.perf_counter() - t0)
     print(f"[pipeline] done in {report['wall_s']:.0f} s: {cfg.workdir / 'report.md'} and report.json")
     return report
 
 
-def combined_report(cfg: PipelineConfig, timings: Dict[str, object], wall: float) -> Dict[str, object]:
+def combined_report(cfg: PipelineConfig, p: Plan, timings: Dict[str, object], wall: float) -> Dict[str, object]:
     w = cfg.workdir
-    report = json.loads((w / "evaluate" / "report.json").read_text())
+    evaluated = p.has_ads
+    report = json.loads((w / "evaluate" / "report.json").read_text()) if evaluated else {}
+    meta = p.world / WORLD_META
+    report["data"] = {"world": str(p.world), "domains": list(p.domains), "lacks": list(p.lacks),
+                      "source": json.loads(meta.read_text()).get("format", "generated") if meta.is_file() else None}
     report["upstream"] = {}
-    for d in DOMAINS:
+    for d in p.domains:
         m = runs.read_metrics(w / "upstream" / d)
         report["upstream"][d] = runs.headline(m)
         report["upstream"][d].update(steps=m["steps"], train_examples_per_s=m["train_examples_per_s"],
@@ -274,8 +331,10 @@ def combined_report(cfg: PipelineConfig, timings: Dict[str, object], wall: float
     report["stages_s"] = round(sum(t["seconds"] or 0.0 for t in timings.values()), 1)  # all of it
     report["preset"] = cfg.preset
     runs.write_json(w / "report.json", report)
-    md = (w / "evaluate" / "report.md").read_text().replace("](ne_over_steps.png)", "](evaluate/ne_over_steps.png)")
-    md = md.replace("# Downstream evaluation", "## Downstream evaluation", 1)  # a section of this report
+    md = ""
+    if evaluated:
+        md = (w / "evaluate" / "report.md").read_text().replace("](ne_over_steps.png)", "](evaluate/ne_over_steps.png)")
+        md = md.replace("# Downstream evaluation", "## Downstream evaluation", 1)  # a section of this report
     (w / "report.md").write_text(_upstream_md(report) + md + _refresh_md(report))
     return report
 
@@ -286,7 +345,10 @@ def _first_version(root: Path) -> str:
 
 
 def _upstream_md(report: Dict[str, object]) -> str:
+    data = report["data"]
     lines = [f"# derl pipeline report ({report['preset']} preset, stages {report['stages_s'] / 60:.1f} min)", "",
+             f"World {data['world']} ({data['source'] or 'no _world.json'}); domains: {', '.join(data['domains'])}.",
+             *[f"- Left out: {line}." for line in data["lacks"]], "",
              "## Upstream", "", "| domain | steps | train ex/s | eval day | recall@50 | popularity@50 |",
              "|---|---|---|---|---|---|"]
     for d, m in report["upstream"].items():

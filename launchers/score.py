@@ -15,6 +15,7 @@ from typing import Dict
 import torch
 
 from derl.datapipes.snapshots import SnapshotJoin
+from derl.datapipes.sources import SourceTables
 from derl.launchers import dist as derl_dist
 from derl.launchers import runs, scoring
 from derl.launchers.settings import ScoreConfig
@@ -30,6 +31,8 @@ TRAINING_SUMMARY = ("upstream", "vectors", "projection_dim", "steps", "train_day
 def validate(cfg: ScoreConfig) -> None:
     if not (cfg.ranker / runs.CONFIG).is_file() or runs.latest_checkpoint(cfg.ranker) is None:
         raise FileNotFoundError(f"--run {cfg.ranker}: not a finished ranker run (config.json, checkpoints)")
+    if cfg.data is not None:  # the run's own data had ad impressions to train on
+        scoring.require_ad_events(SourceTables(cfg.data))
     runs.claim(cfg, runs.SCORES)
 
 

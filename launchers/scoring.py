@@ -17,11 +17,19 @@ import torch.distributed as dist
 
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.snapshots import SnapshotJoin
+from derl.datapipes.sources import SourceTables
 from derl.launchers import dist as derl_dist
 from derl.launchers import finite, runs
 from derl.models.metrics import ranker_metrics
 
 SCORE_BATCH = 4096
+
+
+def require_ad_events(sources: SourceTables) -> None:
+    """The rankers train and score on ad impressions: an upstream-only world is refused."""
+    if not sources.has("ad_events"):
+        raise ValueError(f"{sources.root} has no ad_events: it is an upstream-only world (no ad impressions), "
+                         f"for train-upstream, export and retrieve; the rankers need ad impressions")
 
 
 def gathered(obj) -> list:
@@ -55,7 +63,8 @@ def _lockstep(reader: ExampleReader, device: torch.device):
 
 @torch.no_grad()
 def score(dmp, reader: ExampleReader, device: torch.device) -> Dict[str, np.ndarray]:
-    """Collective. This rank's evaluation rows, scored: ids, labels, pCTR, pCVR, flags."""
+    """Collective. This rank's evaluation rows, scored: ids, labels, pCTR, pCVR (with a CVR
+    head), flags."""
     cols: Dict[str, List[np.ndarray]] = {}
     for batch, real in _lockstep(reader, device):
         _, out = dmp(batch.to(device))
@@ -63,7 +72,9 @@ def score(dmp, reader: ExampleReader, device: torch.device) -> Dict[str, np.ndar
             continue
         row = {"request_id": batch.meta["request_id"], "user_id": batch.meta["user_id"],
                "pin_id": batch.meta["pin_id"], "clicked": batch.labels["clicked"],
-               "converted": batch.labels["converted"], "p_ctr": out["ctr"], "p_cvr": out["cvr"]}
+               "converted": batch.labels["converted"], "p_ctr": out["ctr"]}
+        if "cvr" in out:  # a ranker without a CVR head scores CTR only
+            row["p_cvr"] = out["cvr"]
         if "upstream_missing" in batch.dense:
             row["missing"] = batch.dense["upstream_missing"]
         for k, v in row.items():
@@ -83,7 +94,7 @@ def score_and_report(dmp, worker: derl_dist.Worker, data: Path, eval_day: str, v
                            [join] if join else [])
     t0 = time.perf_counter()
     rows = score(dmp, reader, worker.device)
-    for column in ("p_ctr", "p_cvr"):
+    for column in ("p_ctr", "p_cvr"):  # every rank checks both: the check is collective
         finite.require_finite(f"{out}: the ranker's {column} on {eval_day}",
                               rows.get(column, np.zeros(0)), worker.device)
     seconds = derl_dist.reduced(time.perf_counter() - t0, "max", worker.device)
@@ -99,7 +110,7 @@ def score_and_report(dmp, worker: derl_dist.Worker, data: Path, eval_day: str, v
                "eval": ranker_metrics(preds), "data_repairs_eval": eval_stats}
     runs.write_json(out / runs.METRICS, metrics)
     e = metrics["eval"]
-    print(f"{summary['upstream']}: CTR NE {e['ctr']['ne']:.4f} AUC {e['ctr']['auc']:.4f}, "
-          f"CVR NE {e['cvr'].get('ne', float('nan')):.4f} on {eval_day}"
+    cvr = f"CVR NE {e['cvr'].get('ne', float('nan')):.4f}" if "cvr" in e else "no CVR head (no conversions)"
+    print(f"{summary['upstream']}: CTR NE {e['ctr']['ne']:.4f} AUC {e['ctr']['auc']:.4f}, {cvr} on {eval_day}"
           f"{' with ' + ', '.join(eval_versions) if eval_versions else ''}; metrics in {out / runs.METRICS}")
     return metrics

@@ -205,6 +205,8 @@ class PipelineConfig:
     preset: str = setting("demo", "the world and the stages' overrides (launchers/presets.py)",
                           choices=("demo", "tiny"))
     seed: int = setting(0, "seed of the world and of every stage")
+    data: Optional[Path] = setting(None, "run on this world (derl import, or generated before) instead "
+                                         "of generating one; the preset gives the model sizes")
     nproc: int = setting(1, "ranks of each distributed stage")
     launcher: str = setting("local", "how each stage starts: derl processes, or TorchX's local_cwd",
                             choices=("local", "torchx"))

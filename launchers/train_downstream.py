@@ -29,6 +29,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.ne import NEMetric
 
+from derl.datapipes.domains import DOMAINS, supported, vector_sets
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.snapshots import SnapshotJoin, pin
 from derl.datapipes.sources import SourceTables
@@ -37,7 +38,7 @@ from derl.launchers import dist as derl_dist
 from derl.launchers import finite, runs, scoring
 from derl.launchers.settings import TrainDownstreamConfig
 from derl.models import checkpoint
-from derl.models.downstream import Ranker, RankerConfig, dot_pairs
+from derl.models.downstream import TASKS, Ranker, RankerConfig, dot_pairs
 from derl.models.sharding import OptimConfig, describe_plan, shard_model
 
 NE_EVERY = 5  # steps between training-NE points (a collective)
@@ -47,10 +48,23 @@ def validate(cfg: TrainDownstreamConfig) -> None:
     """Configuration errors, caught before any worker starts."""
     if cfg.upstream != "none" and cfg.snapshots is None:
         raise ValueError(f"--upstream {cfg.upstream} needs --snapshots")
+    sources = SourceTables(cfg.data)
+    scoring.require_ad_events(sources)
+    if cfg.upstream != "none":
+        lacking = sorted({v.split("/")[0] for v in cfg.vector_names} - set(supported(sources)))
+        if lacking:
+            raise ValueError(f"--vectors {cfg.vectors} takes {', '.join(lacking)} vectors, which {cfg.data} "
+                             f"has no domain for: {DOMAINS[lacking[0]].unsupported(sources)}; use --vectors "
+                             f"{' or '.join(vector_sets(supported(sources)))}")
     runs.claim(cfg, runs.RANKER)
     if cfg.snapshots is not None and cfg.upstream != "none":
         SnapshotJoin(cfg.snapshots, cfg.vector_names, cfg.snapshot_version)
-    SourceTables(cfg.data).units("ad_events")
+    sources.units("ad_events")
+
+
+def ranker_tasks(sources: SourceTables) -> Tuple[str, ...]:
+    """CTR and CVR, or CTR alone where no ad impression ever converted (no CVR head)."""
+    return TASKS if sources.has_positive("ad_events", "converted") else TASKS[:1]
 
 
 def _days(cfg: TrainDownstreamConfig, sources: SourceTables) -> Tuple[Tuple[str, str], str]:
@@ -75,6 +89,7 @@ def model_config(cfg: TrainDownstreamConfig, vocab: Dict[str, int], join: Option
                  days: Tuple[str, str], sources: SourceTables) -> Tuple[RankerConfig, Dict[str, object]]:
     """The ranker config, and for coupled mode the upstream DERM configs and checkpoints."""
     common = dict(num_embeddings=vocab, projection_dim=cfg.projection_dim, **_priors(sources, days),
+                  tasks=ranker_tasks(sources),
                   embedding_dim=cfg.embedding_dim, dense_arch=cfg.dense_arch, over_arch=cfg.over_arch,
                   interaction=cfg.interaction)
     if cfg.upstream == "none":
@@ -180,6 +195,8 @@ def _start_run_folder(t: RankerTraining) -> None:
         "coupled_checkpoints": {d: c["checkpoint"] for d, c in t.coupled.items()},
         "world_size": t.worker.world_size})
     print(f"train-downstream ({cfg.upstream}{', ' + cfg.vectors if cfg.upstream != 'none' else ''}): "
+          f"heads {', '.join(t.model_cfg.tasks)}"
+          f"{'' if 'cvr' in t.model_cfg.tasks else ' (no conversions in ad_events: no CVR head)'}; "
           f"days {t.days[0]}..{t.days[1]}, {t.steps} steps of {cfg.batch_size} x "
           f"{t.worker.world_size} rank(s), evaluation on {t.eval_day}")
     print("sharding plan:\n  " + "\n  ".join(describe_plan(t.plan)))

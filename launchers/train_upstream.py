@@ -42,7 +42,11 @@ def validate(cfg: TrainUpstreamConfig) -> None:
     runs.claim(cfg, runs.UPSTREAM, resume=cfg.resume)
     if cfg.resume and runs.latest_checkpoint(cfg.out) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {cfg.out / runs.CHECKPOINTS}")
-    SourceTables(cfg.data).units("engagements")  # the source exists and is readable
+    sources = SourceTables(cfg.data)
+    sources.units("engagements")  # the source exists and is readable
+    why = DOMAINS[cfg.domain].unsupported(sources)
+    if why:
+        raise ValueError(f"--domain {cfg.domain}: {why}")
 
 
 @dataclass
@@ -62,15 +66,27 @@ class Training:
     plan: Any
 
 
-def example_stream(cfg: TrainUpstreamConfig, days: Tuple[str, str], worker: derl_dist.Worker,
-                   vocab: Dict[str, int]) -> MixedStream:
-    """The domain's tables mixed in their shares (in proportion to rows, over all ranks, where
-    the registry gives none)."""
+def table_days(sources: SourceTables, table: str, main_table: str, days: Tuple[str, str]) -> Optional[Tuple[str, str]]:
+    """The training days a table contributes: all of `days` for the main table; for another,
+    the part of `days` its own days cover (the Taobao logs' impressions span the last 8 of the
+    behaviour log's 22 days), None where they do not meet."""
+    if table == main_table:
+        return days
+    have = [d for d in sources.days(table) if days[0] <= d <= days[1]]
+    return (have[0], have[-1]) if have else None
+
+
+def example_stream(cfg: TrainUpstreamConfig, sources: SourceTables, days: Tuple[str, str],
+                   worker: derl_dist.Worker, vocab: Dict[str, int]) -> MixedStream:
+    """The domain's tables that the source holds, each over the training days it covers, mixed
+    in their shares (in proportion to rows, over all ranks, where the registry gives none)."""
     reader_cfg = ReaderConfig(batch_size=cfg.batch_size, seed=cfg.seed, drop_last=True)
-    tables = DOMAINS[cfg.domain].tables
-    readers = [ExampleReader(cfg.data, t, days, worker.rank, worker.world_size, reader_cfg, vocab)
-               for t, _ in tables]
-    shares = [s for _, s in tables]
+    domain = DOMAINS[cfg.domain]
+    tables = [(t, share, table_days(sources, t, domain.main_table, days)) for t, share in domain.tables_in(sources)]
+    tables = [(t, share, d) for t, share, d in tables if d is not None]
+    readers = [ExampleReader(cfg.data, t, d, worker.rank, worker.world_size, reader_cfg, vocab)
+               for t, _, d in tables]
+    shares = [s for _, s, _ in tables]
     if None in shares:
         rows = [r.num_rows for r in readers]
         shares = [n / sum(rows) for n in rows]
@@ -102,7 +118,7 @@ def build(cfg: TrainUpstreamConfig, worker: derl_dist.Worker) -> Training:
     days = (cfg.from_day or split.upstream_days[0], cfg.until or split.upstream_days[1])
     eval_day = _next_day(sources, cfg.until) if cfg.until else split.cut_day
     vocab = sources.vocab()
-    stream = example_stream(cfg, days, worker, vocab)
+    stream = example_stream(cfg, sources, days, worker, vocab)
     steps = _steps(cfg, stream, worker.device)
     model_cfg = cfg.model_config(vocab)
     model = DERM(model_cfg, table_device=torch.device("meta"))

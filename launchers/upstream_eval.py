@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
@@ -47,7 +48,10 @@ def _impressions(sources: SourceTables, day: str) -> Tuple[np.ndarray, np.ndarra
     """Every impression of the day, organic and ad: (user ids, Pin ids, task -> (row mask, label)).
     An organic row is one impression with its strongest action; an ad row one ad impression."""
     eng = sources.read("engagements", (day, day), columns=["user_id", "pin_id", "action"])
-    ads = sources.read("ad_events", (day, day), columns=["user_id", "pin_id", "clicked"])
+    columns = {"user_id": pa.int64(), "pin_id": pa.int64(), "clicked": pa.int8()}
+    ads = (sources.read("ad_events", (day, day), columns=list(columns))
+           if sources.has("ad_events") and day in sources.days("ad_events")
+           else pa.table({c: pa.array([], t) for c, t in columns.items()}))  # no ad impressions that day
     n, m = eng.num_rows, ads.num_rows
     users = np.concatenate([eng.column("user_id").to_numpy(), ads.column("user_id").to_numpy()])
     pins = np.concatenate([eng.column("pin_id").to_numpy(), ads.column("pin_id").to_numpy()])
@@ -140,14 +144,16 @@ def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: Sour
                               + [int((pop_pos < k).sum()) for k in ks], dtype=torch.float64,
                               device=worker.device)  # nccl reduces device tensors only
         dist.all_reduce(counts)
-        n = max(counts[0].item(), 1.0)
+        n = counts[0].item() or float("nan")  # no pairs: no recall, rather than a recall of 0
         result["tasks"][task] = {
             "pairs": int(counts[0].item()),
             **{f"recall@{k}": counts[1 + i].item() / n for i, k in enumerate(ks)},
             **{f"popularity_recall@{k}": counts[1 + len(ks) + i].item() / n for i, k in enumerate(ks)},
         }
+    # A task without pairs that day (an imported log without saves) has no recall to average.
+    scored_tasks = [t for t in result["tasks"].values() if t["pairs"]] or list(result["tasks"].values())
     for key in [f"recall@{k}" for k in ks] + [f"popularity_recall@{k}" for k in ks]:
-        result[key] = float(np.mean([t[key] for t in result["tasks"].values()]))
+        result[key] = float(np.mean([t[key] for t in scored_tasks]))
     for task, auc in result["dot_auc"].items():
         result[f"dot_auc_{task}"] = auc["auc"]
     return result

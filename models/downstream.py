@@ -83,6 +83,8 @@ class RankerConfig:
     dcn_rank: int = 32
     # One per `dot_pairs` entry: the temperature of the upstream model whose dot it is.
     dot_temperatures: Tuple[float, ...] = ()
+    # ("ctr",) for a source without conversions (the Taobao display-ad logs): no CVR head.
+    tasks: Tuple[str, ...] = TASKS
     cvr_weight: float = 1.0
     # Base rates the heads start from (their output bias = logit of it): a head that starts at
     # 0.5 on a CTR of a few percent spends its first hundreds of steps learning the base rate.
@@ -97,6 +99,8 @@ class RankerConfig:
             raise ValueError("upstream 'none' takes no vectors")
         if self.upstream != "none" and (not self.vectors or self.upstream_dim <= 0):
             raise ValueError(f"upstream {self.upstream!r} needs vectors and their dimension")
+        if self.tasks not in (TASKS, TASKS[:1]):
+            raise ValueError(f"tasks must be {TASKS} or {TASKS[:1]}, not {self.tasks}")
         if self.interaction not in ("dcn", "dot"):
             raise ValueError(f"interaction must be 'dcn' or 'dot', not {self.interaction!r}")
         for name in ("ctr_prior", "cvr_prior"):
@@ -197,13 +201,14 @@ class Ranker(nn.Module):
         else:
             width = D + (num_sparse + 1) * num_sparse // 2
             self.interaction = InteractionArch(num_sparse)
-        self.heads = nn.ModuleDict({t: OverArch(width, [*cfg.over_arch, 1]) for t in TASKS})
+        self.heads = nn.ModuleDict({t: OverArch(width, [*cfg.over_arch, 1]) for t in cfg.tasks})
         for task, prior in (("ctr", cfg.ctr_prior), ("cvr", cfg.cvr_prior)):
-            nn.init.constant_(self.heads[task].model[-1].bias, math.log(prior / (1 - prior)))
+            if task in cfg.tasks:
+                nn.init.constant_(self.heads[task].model[-1].bias, math.log(prior / (1 - prior)))
         self.loss = RankerLoss(cfg.cvr_weight)
         self.wide = None
         if cfg.upstream != "none" and cfg.dot_pairs:  # starts at 0: the prior alone
-            self.wide = nn.Linear(len(cfg.dot_pairs), len(TASKS))
+            self.wide = nn.Linear(len(cfg.dot_pairs), len(cfg.tasks))
             nn.init.zeros_(self.wide.weight)
             nn.init.zeros_(self.wide.bias)
             self.register_buffer("dot_temperatures", torch.tensor(cfg.dot_temperatures), persistent=False)
@@ -222,34 +227,37 @@ class Ranker(nn.Module):
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
         dense_input, dots = self.dense_input(batch)
         x = self.interaction(self.dense_arch(dense_input), self.sparse_arch(batch.sparse))
-        ctr, cvr = self.heads["ctr"](x).squeeze(1), self.heads["cvr"](x).squeeze(1)
+        logits = {t: head(x).squeeze(1) for t, head in self.heads.items()}
         if self.wide is not None:
             wide = self.wide(dots / self.dot_temperatures)
-            ctr, cvr = ctr + wide[:, 0], cvr + wide[:, 1]
-        return self.loss(ctr, cvr, batch.labels)
+            logits = {t: v + wide[:, i] for i, (t, v) in enumerate(logits.items())}
+        return self.loss(logits["ctr"], logits.get("cvr"), batch.labels)
 
 
 class RankerLoss(nn.Module):
-    """CTR BCE on all impressions + ESMM's CTCVR BCE, and the outputs. A module of its own so
-    that TorchRec's pipeline tracer treats it as a leaf: it looks at which labels a batch has."""
+    """CTR BCE on all impressions + ESMM's CTCVR BCE (with a CVR head), and the outputs. A module
+    of its own so that TorchRec's pipeline tracer treats it as a leaf: it looks at which labels a
+    batch has."""
 
     def __init__(self, cvr_weight: float) -> None:
         super().__init__()
         self.cvr_weight = cvr_weight
 
-    def forward(self, ctr_logit: torch.Tensor, cvr_logit: torch.Tensor,
+    def forward(self, ctr_logit: torch.Tensor, cvr_logit: Optional[torch.Tensor],
                 labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         losses: Dict[str, torch.Tensor] = {}
-        outputs: Dict[str, Any] = {"ctr": torch.sigmoid(ctr_logit).detach(),
-                                   "cvr": torch.sigmoid(cvr_logit).detach()}
+        outputs: Dict[str, Any] = {"ctr": torch.sigmoid(ctr_logit).detach()}
+        if cvr_logit is not None:
+            outputs["cvr"] = torch.sigmoid(cvr_logit).detach()
         if "clicked" in labels:
             clicked, converted = labels["clicked"], labels["converted"]
             losses["ctr"] = F.binary_cross_entropy_with_logits(ctr_logit, clicked)
-            # log(pCTR·pCVR) from the logits, stable where both are small.
-            log_ctcvr = F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)
-            log_not = torch.log1p(-log_ctcvr.exp().clamp(max=1 - 1e-6))
-            losses["ctcvr"] = self.cvr_weight * -(converted * log_ctcvr
-                                                  + (1 - converted) * log_not).mean()
+            if cvr_logit is not None:
+                # log(pCTR·pCVR) from the logits, stable where both are small.
+                log_ctcvr = F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)
+                log_not = torch.log1p(-log_ctcvr.exp().clamp(max=1 - 1e-6))
+                losses["ctcvr"] = self.cvr_weight * -(converted * log_ctcvr
+                                                      + (1 - converted) * log_not).mean()
             outputs["clicked"] = clicked  # for metrics on the training stream
         loss = sum(losses.values()) if losses else ctr_logit.sum() * 0.0
         outputs["losses"] = {k: v.detach() for k, v in losses.items()}

@@ -76,15 +76,16 @@ def bootstrap_ne_gain(label: np.ndarray, pred: np.ndarray, baseline: np.ndarray,
 
 
 def ranker_metrics(rows: Mapping[str, np.ndarray], mask: Optional[np.ndarray] = None) -> Dict[str, Dict[str, float]]:
-    """CTR metrics on all impressions; CVR (pCVR vs converted) on clicked impressions; CTCVR
-    (pCTR·pCVR vs converted) on all. `rows`: columns p_ctr, p_cvr, clicked, converted."""
+    """CTR metrics on all impressions; with a CVR head (a `p_cvr` column), CVR (pCVR vs
+    converted) on clicked impressions and CTCVR (pCTR·pCVR vs converted) on all. `rows`:
+    columns p_ctr, clicked, converted and, from a ranker with a CVR head, p_cvr."""
     keep = np.ones(len(rows["clicked"]), dtype=bool) if mask is None else mask
     clicked = rows["clicked"][keep]
-    converted = rows["converted"][keep]
-    p_ctr, p_cvr = rows["p_ctr"][keep], rows["p_cvr"][keep]
-    on_click = clicked > 0
-    return {
-        "ctr": binary_metrics(p_ctr, clicked, "ctr"),
-        "cvr": binary_metrics(p_cvr[on_click], converted[on_click], "cvr"),
-        "ctcvr": binary_metrics(p_ctr * p_cvr, converted, "ctcvr"),
-    }
+    p_ctr = rows["p_ctr"][keep]
+    out = {"ctr": binary_metrics(p_ctr, clicked, "ctr")}
+    if "p_cvr" in rows:
+        converted, p_cvr = rows["converted"][keep], rows["p_cvr"][keep]
+        on_click = clicked > 0
+        out["cvr"] = binary_metrics(p_cvr[on_click], converted[on_click], "cvr")
+        out["ctcvr"] = binary_metrics(p_ctr * p_cvr, converted, "ctcvr")
+    return out
