@@ -132,8 +132,10 @@ def _retrieve(args: argparse.Namespace) -> None:
     pins, scores, missing = snap.retrieve_ads(args.domain, [args.user], args.k)
     if missing[0]:
         raise SnapshotError(f"user {args.user} is not in snapshot {snap.version} ({args.domain})")
-    fewer = f" (the catalogue holds only {pins.shape[1]} ads)" if pins.shape[1] < args.k else ""
-    print(f"top {pins.shape[1]} ads for user {args.user} ({args.domain}, snapshot {snap.version}){fewer}:")
+    # A world without ads (an imported UserBehavior or MovieLens log) indexes all its Pins.
+    what = "ads" if snap.manifest.get("catalogue", "ads") == "ads" else "pins"
+    fewer = f" (the catalogue holds only {pins.shape[1]} {what})" if pins.shape[1] < args.k else ""
+    print(f"top {pins.shape[1]} {what} for user {args.user} ({args.domain}, snapshot {snap.version}){fewer}:")
     for rank, (pin, value) in enumerate(zip(pins[0], scores[0]), 1):
         print(f"{rank:>4}  pin {pin:<10} score {value:.4f}")
 
@@ -175,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="gc: say what would go")
     p.set_defaults(handler=_snapshots)
 
-    p = sub.add_parser("retrieve", help="top-K ads for a user through a snapshot's faiss index")
+    p = sub.add_parser("retrieve", help="top-K ads (every Pin, in a world without ads) for a user "
+                                        "through a snapshot's faiss index")
     p.add_argument("--snapshots", type=Path, required=True, help="snapshot root")
     p.add_argument("--version", help="default: LATEST")
     p.add_argument("--domain", default="engagement")
