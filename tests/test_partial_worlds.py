@@ -114,3 +114,30 @@ def test_no_conversions_ranks_ctr_only(no_conversions, tmp_path):
     assert report["tasks"] == ["ctr"] and set(report["ne_gain_over_baseline"]["snapshot"]) == {"ctr"}
     assert "No conversions: the rankers have no CVR head" in (tmp_path / "eval" / "report.md").read_text()
     assert "ctr_ne_gain" in report and "cvr_ne_gain" not in report
+
+
+def test_pipeline_on_a_world_runs_what_it_supports(no_conversions, tmp_path):
+    from derl.launchers.pipeline import plan, stages
+    from derl.launchers.settings import PipelineConfig
+
+    cfg = PipelineConfig(workdir=tmp_path / "w", preset="demo", data=no_conversions)
+    p = plan(cfg)
+    assert p.domains == ("engagement",) and p.has_ads and "conversion domain" in p.lacks[0]
+    names = [s.name for s in stages(cfg, p)]
+    assert names == ["upstream-engagement", "export", "downstream-none", "downstream-snapshot",
+                     "downstream-snapshot-user", "downstream-snapshot-projected", "downstream-coupled",
+                     "evaluate"]
+    by_name = {s.name: s for s in stages(cfg, p)}
+    assert "--from-day" not in by_name["upstream-engagement"].args  # the preset world's days stay out
+    assert by_name["downstream-snapshot"].args[by_name["downstream-snapshot"].args.index("--vectors") + 1] == "user_pin"
+    assert str(no_conversions) in by_name["upstream-engagement"].args
+
+
+def test_pipeline_on_an_upstream_only_world_stops_after_export(no_ads, tmp_path):
+    from derl.launchers.pipeline import plan, stages, validate
+    from derl.launchers.settings import PipelineConfig
+
+    cfg = PipelineConfig(workdir=tmp_path / "w", preset="tiny", data=no_ads)
+    assert [s.name for s in stages(cfg, plan(cfg))] == ["upstream-engagement", "export"]
+    with pytest.raises(ValueError, match="no ad impressions: no rankers"):
+        validate(PipelineConfig(workdir=tmp_path / "w", preset="tiny", data=no_ads, refresh=True))
