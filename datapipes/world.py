@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,7 @@ from derl.datapipes import schema as S
 from derl.datapipes.sequences import SequenceBuffer
 
 WORLD_META = "_world.json"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,9 @@ def _state_on(root: Path, day: str) -> Tuple[WorldConfig, _Entities]:
         raise ValueError(f"{root}: no {WORLD_META}, not a world made by `derl generate`; only a "
                          f"synthetic world knows its hidden state")
     meta = json.loads((Path(root) / WORLD_META).read_text())
+    if meta.get("source") == "import":
+        raise ValueError(f"{root} was imported from {meta['format']}: it has no generator, so no "
+                         f"latent truth")
     if day not in meta["days"]:
         raise ValueError(f"{root}: day {day} is not one of the world's days "
                          f"{meta['days'][0]}..{meta['days'][-1]}")
@@ -435,19 +439,26 @@ def _simulate_day(cfg: WorldConfig, e: _Entities, campaign: np.ndarray, day_inde
 def generate(out: Path, cfg: WorldConfig, seed: int, overwrite: bool = False,
              progress: Optional[Callable[[str], None]] = None) -> dict:
     """Write the world into `out`: into a hidden folder beside it, renamed into place once
-    complete. `overwrite` replaces only a world (a folder holding `_world.json`) or an empty
-    folder, and the old world goes only once the new one is in place."""
+    complete (`place_world`)."""
+    return place_world(out, overwrite, lambda tmp: _write_world(tmp, cfg, seed, progress))
+
+
+def place_world(out: Path, overwrite: bool, write: Callable[[Path], T]) -> T:
+    """Run `write(tmp)` on a hidden folder beside `out`, then rename it into place: nothing
+    half-written is ever at `out`. `overwrite` replaces only a world (a folder holding
+    `_world.json`, generated or imported) or an empty folder, and the old world goes only once
+    the new one is in place; a failed `write` leaves the old one whole and nothing beside it."""
     out = Path(out).resolve()  # `--out .` names no folder to write beside
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
         if not (out.is_dir() and ((out / WORLD_META).is_file() or not any(out.iterdir()))):
             raise FileExistsError(f"--overwrite: {out} holds no {WORLD_META}, so it is not a world "
-                                  f"`derl generate` wrote; refusing to replace it")
+                                  f"`derl generate` or `derl import` wrote; refusing to replace it")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        meta = _write_world(tmp, cfg, seed, progress)
+        result = write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -458,7 +469,7 @@ def generate(out: Path, cfg: WorldConfig, seed: int, overwrite: bool = False,
         shutil.rmtree(old)
     else:
         tmp.rename(out)
-    return meta
+    return result
 
 
 def _write_world(tmp: Path, cfg: WorldConfig, seed: int,

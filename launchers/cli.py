@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+from derl.datapipes.importers import FORMATS, ImportOptions, import_world, summary as import_summary
 from derl.datapipes.snapshots import Snapshot, SnapshotError, catalogue, gc, latest, pinned
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
@@ -76,6 +77,13 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {rows}")
     print(f"ad CTR {meta['ctr']:.2%}, CVR given click {meta['cvr_given_click']:.1%}, "
           f"{meta['generate_seconds']} s")
+
+
+def _import(args: argparse.Namespace) -> None:
+    options = ImportOptions(sample_users=args.sample_users, seed=args.seed, from_day=args.from_day,
+                            until=args.until, days=args.days, progress=True)
+    report = import_world(args.format, args.input, args.out, overwrite=args.overwrite, options=options)
+    print(f"wrote {args.out} ({args.format}):\n{import_summary(report)}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -156,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_generate)
+
+    p = sub.add_parser("import", help="write a public data set's files as a source folder (docs/importing.md)")
+    p.add_argument("format", choices=list(FORMATS))
+    p.add_argument("--input", type=Path, action="append", required=True, help="a file or a folder of them; repeatable")
+    p.add_argument("--out", type=Path, required=True, help="source folder to create")
+    p.add_argument("--sample-users", type=float, help="keep this fraction of the users (hashed with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    p.add_argument("--from-day", help="import only days from this one (YYYY-MM-DD, the world's clock)")
+    p.add_argument("--until", help="import only days up to this one")
+    p.add_argument("--days", type=int, default=8, help="seq-lines: days to lay each user's items over")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing world at --out")
+    p.set_defaults(handler=_import)
 
     for name, stage in STAGES.items():
         p = sub.add_parser(name, help=stage.help)
