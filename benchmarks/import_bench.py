@@ -1,0 +1,311 @@
+"""Import throughput and memory: `derl import taobao-ad` on synthetic Ali_Display_Ad_Click files
+of growing size (this prints the table and writes DIR/import.json and DIR/import.md).
+
+    python -m derl.benchmarks.import_bench --out DIR [--sizes 5000000,20000000] [--work FOLDER]
+        [--seed 0] [--users N] [--keep] [--timeout 3600] [-- more derl import flags]
+
+For each size (behaviour rows): `taobao_files.write_taobao_ad_files` writes the four CSV files
+(raw_sample in the real proportion, 26.6M : 723M; users and ads too, unless --users fixes the
+users; timed apart as write_s, not counted), then `derl import taobao-ad --input FOLDER --out
+WORLD` runs as a process of its own (`python -m derl.launchers.cli`, in a session of its own)
+and is measured:
+- import_s: its wall time, interpreter and library start-up included (startup_s, the wall time
+  of `derl import --help`, says how much of it that is);
+- rows_per_s: all input rows (the four files) / import_s; behaviour_rows_per_s: behaviour rows
+  / import_s;
+- peak_rss_mb: the largest resident set of the process and any process it waited for (the
+  kernel's rusage of the finished tree, from wait4), and never below the VmHWM polled from
+  /proc while it ran; rss_quartiles_mb: its resident set at 25/50/75 % of the run, peak_at_%
+  when the polled one was highest;
+- finish_s: the importer's own seconds after the input (ads, users, Pins, sequences: its
+  report's finish_seconds); out_rows: the rows per table its import_report.json gives (its
+  drops and repairs are in import.json's detail).
+The Markdown ends with the memory verdict: peak RSS at the largest size over the smallest,
+against the ratios of their rows and users (flat memory means a streaming import; with users in
+proportion to rows, per-user state grows too, and --users N separates the two).
+Measure on an idle machine: load_1m is the host's load when each import started; above the
+core count, other processes shared the cores and the rates are lower bounds.
+
+Files and worlds go to --work (default: a temporary folder), one size at a time, removed after
+each size unless --keep. Progress (the writer's blocks, then the import's elapsed time and
+resident set every 10 s) goes to stdout; each import's log to WORK/import-SIZE.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from derl.benchmarks import report
+from derl.benchmarks.taobao_files import write_taobao_ad_files
+
+REPORT = "import_report.json"
+
+
+class ImportFailed(RuntimeError):
+    """The import exited non-zero or ran past its timeout; the message ends with its log's tail."""
+
+
+def _proc_kb(pid: int, field: str) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+        pass
+    return None
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_measured(argv: Sequence[str], log: Path, timeout: Optional[float] = None,
+                 label: str = "", every_s: float = 10.0) -> Dict[str, object]:
+    """`python -m derl.launchers.cli ARGV`, output into `log`, polled every 0.25 s: its wall_s,
+    peak_rss_mb (module doc), rss samples [(s, MB)] and load_1m at its start."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "derl.launchers.cli", *map(str, argv)]
+    load = os.getloadavg()[0]
+    samples: List[tuple] = []
+    hwm_kb = 0
+    timed_out = False
+    t0 = time.perf_counter()
+    shown = t0
+    with open(log, "w") as f:
+        f.write("$ derl " + " ".join(map(str, argv)) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                now = time.perf_counter()
+                rss, hwm = _proc_kb(proc.pid, "VmRSS"), _proc_kb(proc.pid, "VmHWM")
+                if rss is not None:
+                    samples.append((round(now - t0, 2), round(rss / 1024, 1)))
+                hwm_kb = max(hwm_kb, hwm or 0)
+                if now - shown >= every_s:
+                    shown = now
+                    print(f"  {label}import running {now - t0:6.0f} s, rss {(rss or 0) / 1024:7.0f} MB,"
+                          f" peak {hwm_kb / 1024:7.0f} MB", flush=True)
+                if timeout is not None and now - t0 > timeout and not timed_out:
+                    timed_out = True
+                    _kill_group(proc.pid)
+                time.sleep(0.25)
+        except BaseException:
+            _kill_group(proc.pid)
+            proc.wait()
+            raise
+        code = os.waitstatus_to_exitcode(status)
+        _kill_group(proc.pid)  # anything of its session left behind
+    wall = time.perf_counter() - t0
+    if timed_out or code != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+        why = f"timed out after {timeout:.0f} s, killed" if timed_out else f"exited {code}"
+        raise ImportFailed(f"derl {' '.join(map(str, argv[:2]))} {why} (log {log}):\n{tail}")
+    peak = max(usage.ru_maxrss, hwm_kb) / 1024
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak, 1), "samples": samples,
+            "load_1m": round(load, 2)}
+
+
+def _quartiles(samples: List[tuple]) -> List[float]:
+    """The resident set (MB) at 25, 50 and 75 % of the run."""
+    if not samples:
+        return []
+    end = samples[-1][0]
+    return [next(mb for s, mb in samples if s >= q * end) for q in (0.25, 0.5, 0.75)]
+
+
+def _peak_at(samples: List[tuple]) -> object:
+    """When the polled resident set was highest, in % of the run ('-' without samples)."""
+    if not samples:
+        return "-"
+    s, _ = max(samples, key=lambda x: x[1])
+    return round(100 * s / max(samples[-1][0], 1e-9))
+
+
+def import_report(world: Path) -> Dict[str, object]:
+    """The world's import_report.json ({} when it wrote none)."""
+    path = world / REPORT
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def source_version() -> str:
+    """The repository's commit, `-dirty` when the working tree has changes (the importer may)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.strip() or "-"
+    except (OSError, subprocess.SubprocessError):
+        return "-"
+
+
+def startup_s(work: Path) -> float:
+    """Wall time of `derl import --help`: the interpreter's and the CLI's imports."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "derl.launchers.cli", "import", "--help"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
+    return round(time.perf_counter() - t0, 2)
+
+
+def measure(rows: int, work: Path, seed: int = 0, timeout: Optional[float] = None, keep: bool = False,
+            extra: Sequence[str] = (), users: Optional[int] = None) -> Dict[str, object]:
+    """One size: write the files, import them, measure (module doc); the table row and the
+    RSS samples."""
+    folder, world = work / f"taobao-{rows}", work / f"world-{rows}"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(world, ignore_errors=True)
+    print(f"{rows:,} behaviour rows: writing the files into {folder} ...", flush=True)
+    last = [0.0]
+
+    def progress(line: str) -> None:
+        if time.perf_counter() - last[0] > 5:
+            last[0] = time.perf_counter()
+            print("  " + line, flush=True)
+
+    written = write_taobao_ad_files(folder, rows, seed=seed, users=users, progress=progress)
+    n = written["rows"]
+    input_mb = sum(Path(p).stat().st_size for p in written["paths"].values()) / 2**20
+    print(f"  written in {written['seconds']:.1f} s ({input_mb:,.0f} MB: {n}); importing ...", flush=True)
+    proc = run_measured(["import", "taobao-ad", "--input", folder, "--out", world, *extra],
+                        work / f"import-{rows}.log", timeout=timeout, label=f"{rows:,}: ")
+    rep = import_report(world)
+    out = rep.get("rows", {})
+    total = sum(n.values())
+    row = {
+        "behaviour_rows": n["behavior_log"],
+        "users": written["sizes"]["users"],
+        "impression_rows": n["raw_sample"],
+        "ads": n["ad_feature"],
+        "profiles": n["user_profile"],
+        "input_mb": round(input_mb, 1),
+        "write_s": written["seconds"],
+        "import_s": proc["wall_s"],
+        "rows_per_s": round(total / proc["wall_s"], 1),
+        "behaviour_rows_per_s": round(n["behavior_log"] / proc["wall_s"], 1),
+        "finish_s": rep.get("finish_seconds", "-"),
+        "peak_rss_mb": proc["peak_rss_mb"],
+        "rss_quartiles_mb": "/".join(f"{v:.0f}" for v in _quartiles(proc["samples"])),
+        "peak_at_%": _peak_at(proc["samples"]),
+        "load_1m": proc["load_1m"],
+        "out_rows": ", ".join(f"{k} {v:,}" for k, v in out.items()) or "-",
+    }
+    print(f"  imported in {row['import_s']:.1f} s: {row['rows_per_s']:,.0f} rows/s, peak RSS "
+          f"{row['peak_rss_mb']:,.0f} MB; out {row['out_rows']}", flush=True)
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(world, ignore_errors=True)
+    step = max(1, len(proc["samples"]) // 200)  # the RSS curve, at most ~200 points
+    return {"row": row, "out_tables": out, "dropped": rep.get("dropped"), "repaired": rep.get("repaired"), "rss_samples": proc["samples"][::step] + proc["samples"][-1:],
+            "sizes": written["sizes"], "ctr": round(written["ctr"], 4)}
+
+
+def verdict(rows: List[Dict[str, object]]) -> Optional[Dict[str, object]]:
+    """Peak RSS at the largest size over the smallest, against the ratios of their behaviour
+    rows and users. It grows when its log ratio passes a quarter of the rows' (1.41x for 4x)."""
+    if len(rows) < 2:
+        return None
+    small, big = min(rows, key=lambda r: r["behaviour_rows"]), max(rows, key=lambda r: r["behaviour_rows"])
+    rows_ratio = big["behaviour_rows"] / small["behaviour_rows"]
+    rss_ratio = big["peak_rss_mb"] / small["peak_rss_mb"]
+    return {"rows_ratio": round(rows_ratio, 2), "users_ratio": round(big["users"] / small["users"], 2),
+            "peak_rss_ratio": round(rss_ratio, 2),
+            "rss_grows_with_rows": bool(math.log(rss_ratio) > 0.25 * math.log(rows_ratio))}
+
+
+def verdict_line(v: Optional[Dict[str, object]]) -> str:
+    if not v:
+        return "One size only: no memory verdict."
+    line = (f"Peak RSS grew {v['peak_rss_ratio']}x while the behaviour rows grew {v['rows_ratio']}x "
+            f"and the users {v['users_ratio']}x: ")
+    if not v["rss_grows_with_rows"]:
+        return line + "the import's memory stays about flat (it streams its rows)."
+    if v["users_ratio"] > 1.2:
+        return line + ("the import's memory grows with its input; the users (and Pins) grew with the rows, "
+                       "so per-entity state is part of it: a run with a fixed --users separates the two.")
+    return line + "the import's memory grows with its rows at a fixed number of users (it does not stream)."
+
+
+def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra: List[str] = []
+    if "--" in argv:
+        extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="where import.json and import.md go")
+    p.add_argument("--sizes", default="5000000,20000000", help="behaviour rows per set, comma-separated")
+    p.add_argument("--work", type=Path, help="files and worlds (default: a temporary folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=int, help="users in every set (default: in the real proportion to "
+                   "the rows, so entities grow with rows; a fixed count measures rows alone)")
+    p.add_argument("--keep", action="store_true", help="keep each size's files and world")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per import before it is killed")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    work = args.work or Path(tempfile.mkdtemp(prefix="derl-import-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    meta: Dict[str, object] = {**{k: v for k, v in report.machine().items() if k != "threads"},
+                               "cores": os.cpu_count(),
+                               "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                               "command": " ".join(["derl import taobao-ad --input FILES --out WORLD", *extra]),
+                               "commit": source_version(), "seed": args.seed, "users": args.users or "in proportion to rows",
+                               "startup_s": startup_s(work),
+                               "load_1m_start": round(os.getloadavg()[0], 2)}
+    results, errors = [], {}
+    for rows in sizes:
+        try:
+            results.append(measure(rows, work, args.seed, args.timeout, args.keep, extra, args.users))
+        except ImportFailed as e:
+            print(str(e), flush=True)
+            errors[str(rows)] = str(e)
+    meta["load_1m_end"] = round(os.getloadavg()[0], 2)
+    rows = [r["row"] for r in results]
+    meta["memory"] = verdict(rows)
+    if errors:
+        meta["errors"] = errors
+    if not args.work and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if rows:
+        md = report.write(args.out, "import", rows, meta)
+        # import.json: the table's rows plus what does not fit a table (per-size detail).
+        data = json.loads((args.out / "import.json").read_text())
+        data["detail"] = [{k: v for k, v in r.items() if k != "row"} for r in results]
+        (args.out / "import.json").write_text(json.dumps(data, indent=2))
+        lines = ["", "## Memory", "", verdict_line(meta["memory"])]
+        lines += ["", "rss_quartiles_mb: the resident set at 25/50/75 % of the import's wall time; "
+                  "peak_at_%: when the polled resident set was highest. "
+                  f"startup_s ({meta['startup_s']} s, `derl import --help`) is part of every import_s."]
+        if errors:
+            lines += ["", "## Failed", ""] + [f"- {k} rows: {e.splitlines()[0]}" for k, e in errors.items()]
+        md.write_text(md.read_text() + "\n".join(lines) + "\n")
+        print(md.read_text())
+    else:
+        (args.out / "import.json").write_text(json.dumps({"meta": meta, "rows": []}, indent=2))
+    return {"meta": meta, "rows": rows, "errors": errors}
+
+
+def main() -> None:
+    result = run()
+    sys.exit(1 if result["errors"] else 0)
+
+
+if __name__ == "__main__":
+    main()
