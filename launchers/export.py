@@ -365,8 +365,8 @@ def _publish(cfg: ExportConfig, plan: Plan, sources: SourceTables, writer: Snaps
     }, replace=cfg.overwrite, reached=faults.reached)
     idle = plan.retention["dropped_idle"]
     print(f"snapshot {plan.version}: " + ", ".join(
-        f"{d} {i['rows']['users']:,} users, {i['rows']['pins']:,} pins, {i['rows']['ads']:,} indexed "
-        f"({plan.retention['catalogue']}) "
+        f"{d} {i['rows']['users']:,} users, {i['rows']['pins']:,} pins, {i['rows']['ads']:,} indexed as "
+        f"{plan.retention['catalogue']} "
         f"({i['entities_per_s']:,.0f} entities/s)" for d, i in domains.items())
         + f"; idle over {plan.retention['retention_days']} days, left out: {idle['users']:,} users, "
         f"{idle['pins']:,} pins ({idle['ads']:,} ads) -> {writer.final}")
