@@ -11,6 +11,8 @@ Suites (SUITES below): `quick` generates the tiny world into DIR/world-tiny and 
 models for a few steps (minutes on a laptop CPU: a smoke test of the whole stack and a rough
 profile, not a tuned measurement); `full` generates the demo world into DIR/world-demo and
 runs the default model sizes, more steps, a 1M-ad faiss catalogue and tables up to 10^7 rows.
+`seqrec` is a runner of its own (OWN_RUNNERS): sequential recommenders on public data, leave-one-
+out full ranking, beside the published figures (`derl bench --suite seqrec --help`, docs/seqrec.md).
 --data uses an existing source folder instead. When CUDA is present every stage picks the GPU
 itself (the derl commands and the scaling workers through `derl.launchers.dist.init`; faiss
 stays on the CPU); bench.json's `device` says what was measured.
@@ -101,8 +103,13 @@ SUITES: Dict[str, Dict[str, object]] = {
 }
 
 
+# Suites with a runner of their own (own flags and outputs): `--suite NAME` hands the whole
+# command line to that module's run(argv).
+OWN_RUNNERS = {"seqrec": "derl.benchmarks.seqrec.suite"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    p.add_argument("--suite", choices=sorted(SUITES) + sorted(OWN_RUNNERS), default="quick")
     p.add_argument("--out", type=Path, required=True, help="folder for the results (and the work)")
     p.add_argument("--data", type=Path, help="source folder (default: the suite's world, made under --out)")
     p.add_argument("--snapshots", type=Path,
@@ -624,6 +631,13 @@ def markdown(result: Dict[str, object]) -> str:
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--suite")
+    own = OWN_RUNNERS.get(pre.parse_known_args(argv)[0].suite)
+    if own:
+        import importlib
+
+        return importlib.import_module(own).run(argv)
     intro, _, rest = __doc__.partition("\n\n")
     p = argparse.ArgumentParser(prog="derl bench", description=" ".join(intro.split()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)

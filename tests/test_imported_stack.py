@@ -43,7 +43,7 @@ def test_a_taobao_ad_world_runs_through_the_pipeline(tmp_path):
 def _import_train_export_retrieve(tmp_path, fmt, source, *import_flags):
     world, run, snaps = tmp_path / "world", tmp_path / "up", tmp_path / "snaps"
     derl("import", fmt, "--input", str(source), "--out", str(world), *import_flags)
-    derl("train-upstream", "--data", str(world), "--out", str(run), "--epochs", "2", *SMALL)
+    derl("train-upstream", "--data", str(world), "--out", str(run), "--epochs", "1", *SMALL)
     metrics = json.loads((run / "metrics.json").read_text())
     derl("export", "--data", str(world), "--out", str(snaps), "--upstream", f"engagement={run}")
     out = derl("retrieve", "--snapshots", str(snaps), "--user", "0", "-k", "10").stdout
@@ -57,13 +57,13 @@ def _import_train_export_retrieve(tmp_path, fmt, source, *import_flags):
 def test_real_userbehavior_rows_go_from_import_to_retrieval(tmp_path):
     metrics = _import_train_export_retrieve(
         tmp_path, "taobao-behavior", DATA / "taobao-userbehavior" / "UserBehavior_head.csv")
-    # Measured (2 epochs, the small model): recall@50 0.038 against popularity's 0.003.
+    # Measured (1 epoch, the small model): recall@50 0.014 against popularity's 0.003.
     assert metrics["recall@50"] > 3 * metrics["popularity_recall@50"]
 
 
 def test_real_movielens_goes_from_import_to_retrieval(tmp_path):
     metrics = _import_train_export_retrieve(
         tmp_path, "movielens", DATA / "movielens-100k" / "ml-100k.inter", "--from-day", "1997-12-17")
-    # Measured (2 epochs, the small model): recall@50 0.123 against popularity's 0.100. MovieLens
+    # Measured (1 epoch, the small model): recall@50 0.113 against popularity's 0.100. MovieLens
     # is popularity-heavy; the model must still find more than the most-rated films do.
     assert metrics["recall@50"] > metrics["popularity_recall@50"]
