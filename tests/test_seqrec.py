@@ -231,3 +231,23 @@ def test_beautys_first_users_split_as_the_file_says(tmp_path):
         assert split.targets["test"][u] == items[-1] and split.targets["val"][u] == items[-2]
         assert split.history("test", 50)[u][-min(50, len(items) - 1):].tolist() == items[:-1][-50:]
     assert int(split.train_len.sum()) == sum(len(line.split()) - 3 for line in lines)
+
+
+@pytest.mark.slow
+def test_derl_upstream_runs_in_the_suite_through_the_derl_commands(tmp_path):
+    """`derl` in the seqrec suite: import, train-upstream, two exports, scored like the others."""
+    from derl.benchmarks.seqrec.suite import run
+
+    lines = (DATA / "amazon-seq" / "Beauty.txt").read_text().splitlines()[:300]
+    (tmp_path / "b300.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    run(["--out", str(out), "--dataset", f"b300={tmp_path / 'b300.txt'}", "--models", "derl",
+         "--derl-epochs", "1"])
+    result = json.loads((out / "results" / "b300-derl.json").read_text())
+    for stage in ("val", "test"):
+        assert all(0.0 <= v <= 1.0 for v in result[stage].values())
+        assert result[stage]["hr@20"] >= result[stage]["hr@10"] >= result[stage]["hr@5"]
+    assert result["train_s"] > 0 and result["train_examples_per_s"] > 0
+    world = out / "state" / "b300-derl-work" / "world"
+    assert json.loads((world / "_world.json").read_text())["format"] == "seq-lines"
+    assert json.loads((out / "bench.json").read_text())["seqrec"]["b300"]["derl"]["hr@10"] == result["test"]["hr@10"]

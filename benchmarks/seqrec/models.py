@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from derl.benchmarks.seqrec import derl_model
 from derl.benchmarks.seqrec.data import Split
 
 
@@ -220,3 +221,6 @@ register("sasrec-ssm", ModelSpec(_sasrec("ssm"), label="SASRec, sampled softmax"
 # dropout 0.2, 256 negatives, max_len 50 (it trains 200 epochs).
 register("sasrec-ssm-256", ModelSpec(_sasrec("ssm"), defaults={"dim": 256, "layers": 1},
                                      label="SASRec, sampled softmax, d 256, 1 block"))
+# derl's own upstream, trained and exported by the derl commands (derl_model.py).
+register("derl", ModelSpec(derl_model.build, fit=derl_model.fit,
+                           label="derl upstream (DERM user and Pin towers, via derl import/train-upstream/export)"))

@@ -64,6 +64,10 @@ class Settings:
     max_len: int = 50
     negatives: int = 256  # sasrec-ssm
     sampling: str = "uniform"  # sasrec-ssm: uniform | popularity (with logQ)
+    # derl (derl_model.py): epochs of `derl train-upstream`, and its model (the presets' small
+    # one, or the TrainUpstreamConfig defaults)
+    derl_epochs: int = 5
+    derl_model: str = "small"
 
 
 def device_of(settings: Settings) -> torch.device:
@@ -89,7 +93,9 @@ def evaluate(model: nn.Module, split: Split, stage: str, settings: Settings,
         users = order[i:i + settings.eval_batch]
         inputs = split.history(stage, int(hist_len[users].max()), users).to(device)
         with _autocast(device, settings.bf16):
-            scores = model.score(inputs)
+            # A model that keeps its own user state (derl's snapshot vectors) scores by user.
+            scores = (model.score_users(users.to(device), stage) if hasattr(model, "score_users")
+                      else model.score(inputs))
         rows, items = split.seen(stage, users)
         r = metrics.ranks(scores.float(), targets[users].to(device), rows.to(device), items.to(device),
                           exact_below=max(metrics.KS))

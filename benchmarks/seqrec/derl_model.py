@@ -1,0 +1,126 @@
+"""`derl` in the seqrec suite: derl's own upstream, trained and exported by the derl commands.
+
+The split's sequences are written as a seq-lines file and imported (`derl import seq-lines`),
+whose synthesized days put every user's test item on the last day and the validation item on
+the day before, the earlier items on the days before those (docs/importing.md). Then:
+
+- `derl train-upstream --until <day of the training items>` trains the engagement domain's DERM
+  (user tower with its sequence transformer, Pin tower, interaction tower, contrastive term) on
+  the training items only;
+- `derl export --cut <validation day>` and `--cut <test day>` write the user vectors as of each
+  day (their history: the training items, then also the validation item) and every item's
+  vector, as a snapshot does for the rankers;
+- scores are what the snapshot's retrieval ranks by: user·item / temperature + the model's
+  retrieval prior (weight x log of the item's share of the training interactions), over every
+  item, evaluated by `train.evaluate` like every other model.
+
+derl's sequences hold the last 32 events (`UpstreamConfig.seq_len`), not the protocol's 50.
+Settings: `--derl-epochs`, and the presets' small model unless `--derl-model default`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from derl.benchmarks.seqrec.data import Split
+from derl.datapipes.snapshots import Snapshot
+from derl.datapipes.snapshots.parts import part_paths, read_parts
+from derl.datapipes.sources import SourceTables
+from derl.launchers.config import to_flags
+from derl.launchers.presets import SMALL_UPSTREAM
+from derl.launchers.settings import TrainUpstreamConfig
+
+DAYS = 8  # the synthesized days: training items on the first 6
+
+
+class SnapshotScores(nn.Module):
+    """Per stage, every user's vector from the snapshot cut for it; every item's vector; the
+    retrieval prior. `score_users(users, stage)` is what `train.evaluate` asks of it."""
+
+    def __init__(self, users: Dict[str, torch.Tensor], items: torch.Tensor, prior: torch.Tensor,
+                 temperature: float) -> None:
+        super().__init__()
+        self.users, self.temperature = users, temperature
+        self.register_buffer("items", items)
+        self.register_buffer("prior", prior)
+
+    def score_users(self, users: torch.Tensor, stage: str) -> torch.Tensor:
+        return self.users[stage][users].to(self.items) @ self.items.T / self.temperature + self.prior
+
+
+def _derl(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "derl.launchers.cli", *args])
+    if proc.returncode:
+        raise RuntimeError(f"derl {' '.join(args[:1])} failed (exit {proc.returncode}): derl {' '.join(args)}")
+
+
+def _write_seq_lines(split: Split, path: Path) -> None:
+    """The split's users (source id = their index in the split) and items, one line each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for u, items in enumerate(split.seqs.to_lists()):
+            f.write(f"{u} {' '.join(map(str, items))}\n")
+
+
+def _vectors(snap: Snapshot, world: SourceTables, entity: str, source: str, size: int) -> torch.Tensor:
+    """[size, dim] vectors of the snapshot's `entity` rows, indexed by their source id (zero
+    where the snapshot has none: a user or item it left out)."""
+    ids, vectors = read_parts(part_paths(snap.path / "engagement" / entity), snap.dim)
+    table = world.read(entity, columns=[f"{entity[:-1]}_id" if entity == "users" else "pin_id", source])
+    world_ids, source_ids = (table.column(i).to_numpy() for i in range(2))
+    order = np.argsort(world_ids)
+    src = source_ids[order][np.searchsorted(world_ids[order], ids)]
+    out = torch.zeros(size, snap.dim)
+    out[torch.from_numpy(src.astype(np.int64))] = torch.tensor(vectors, dtype=torch.float32)
+    return out
+
+
+def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = None,
+        trainable: bool = True, desc: str = "", progress: bool = True) -> Dict[str, object]:
+    from derl.benchmarks.seqrec import train
+
+    work = Path(state_path).parent / f"{Path(state_path).stem}-work"
+    world, run, snaps = work / "world", work / "upstream", work / "snapshots"
+    _write_seq_lines(split, work / "sequences.txt")
+    _derl("import", "seq-lines", "--input", str(work / "sequences.txt"), "--out", str(world),
+          "--days", str(DAYS), "--overwrite")
+    days = SourceTables(world).days("engagements")
+    val_day, test_day = days[-2], days[-1]
+    overrides = {**(SMALL_UPSTREAM if settings.derl_model == "small" else {}), "epochs": settings.derl_epochs,
+                 "seed": settings.seed, "until": days[-3], "overwrite": (run / "config.json").exists()}
+    t0 = time.perf_counter()
+    _derl("train-upstream", *to_flags(TrainUpstreamConfig, {"data": world, "out": run, **overrides}))
+    train_s = time.perf_counter() - t0
+    for day in (val_day, test_day):
+        _derl("export", "--data", str(world), "--out", str(snaps), "--cut", day, "--version", day,
+              "--upstream", f"engagement={run}", "--overwrite")
+    world_tables = SourceTables(world)
+    val, test = Snapshot(snaps, val_day), Snapshot(snaps, test_day)
+    users = {stage: _vectors(snap, world_tables, "users", "source_user_id", split.n_users)
+             for stage, snap in (("val", val), ("test", test))}
+    items = _vectors(test, world_tables, "pins", "source_item_id", split.n_items + 1)
+    dot = test.manifest["domains"]["engagement"]["dot"]
+    counts = split.train_counts().double()
+    prior = (dot["retrieval_prior_weight"] * torch.log(counts.clamp(min=0.5) / counts.sum())).float()
+    scorer = SnapshotScores(users, items, prior, dot["temperature"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    result = train.fit(scorer, split, settings, None, trainable=False, desc=desc, progress=progress)
+    result.update(train_s=round(train_s, 1), s_per_epoch=round(train_s / settings.derl_epochs, 2),
+                  train_examples_per_s=metrics["train_examples_per_s"],
+                  epochs=settings.derl_epochs, best_epoch=settings.derl_epochs, stopped="fixed epochs",
+                  upstream_run=str(run), upstream_recall_at_50_val_day=metrics["recall@50"])
+    return result
+
+
+def build(split: Split, settings) -> nn.Module:
+    return nn.Identity()  # the model is trained and scored by `fit`, through the derl commands
