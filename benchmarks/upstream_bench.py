@@ -23,8 +23,8 @@ through `launch`, each rank with cores / ranks intra-op `threads` unless --threa
 - peak_rss_mb: rank 0's peak resident memory, read before any profiling.
 - embedding / transformer / data / rest_% (1 rank, plain loop, after its timed steps): a
   torch.profiler trace of `--profile-steps` steps. Forward hooks open a record_function scope
-  around the four TorchRec modules (user_ebc, pin_ebc, context_ebc, sequence_ec: input dist,
-  lookup, output dist) and around `user_tower.sequence` (the transformer). Each backward autograd
+  around the three TorchRec modules (user_ebc, context_ebc, sequence_ec: input dist,
+  lookup, output dist) and around `towers.user.sequence` (the transformer). Each backward autograd
   node is charged to the scope its forward op ran in, linked by the profiler's sequence numbers;
   the fused row-wise Adagrad update runs inside the TBE backward node, so it counts as
   embedding. data is waiting for the next batch; rest is everything else (towers, loss,
@@ -62,7 +62,7 @@ from derl.launchers import train_upstream
 from derl.launchers.config import default_of
 from derl.launchers.settings import TrainUpstreamConfig
 
-EMBEDDING_MODULES = ("user_ebc", "pin_ebc", "context_ebc", "sequence_ec")
+EMBEDDING_MODULES = ("user_ebc", "context_ebc", "sequence_ec")
 SEQ_LENS = (32, 128)
 # Train on the last upstream days: the reader goes through days in order (a bounded shuffle),
 # so a short run from the first day would see users with no history yet: empty sequences.
@@ -135,7 +135,7 @@ def _breakdown(dmp, step, steps: int) -> Dict[str, float]:
     """Shares of profiled step time in the embedding modules and the transformer (docstring)."""
     model = dmp.module
     scoped = {f"derl::embedding.{n}": getattr(model, n) for n in EMBEDDING_MODULES}
-    scoped["derl::transformer"] = model.user_tower.sequence
+    scoped["derl::transformer"] = model.towers.user.sequence
     handles, open_scopes = [], {}
     for name, m in scoped.items():
         def pre(mod, inp, name=name):

@@ -18,7 +18,10 @@ from torchrec.streamable import Pipelineable
 # Sparse features, one id per example unless noted.
 USER_FEATURES = ("user_id", "country", "age_bucket", "gender")
 PIN_FEATURES = ("pin_id", "category", "advertiser_id")  # advertiser_id: empty for organic Pins
-SEQUENCE_FEATURES = ("seq_pin_id", "seq_action", "seq_gap")  # jagged: the last L engagements
+# Jagged: the last L engagements, each with its Pin's attributes (read from the same tables as the
+# candidate Pin's), so that the Pin tower can embed every event: the next-Pin objective's targets.
+# seq_advertiser_id holds the ad events' advertisers only; dense `seq_is_ad` says which events.
+SEQUENCE_FEATURES = ("seq_pin_id", "seq_category", "seq_advertiser_id", "seq_action", "seq_gap")
 CONTEXT_FEATURES = ("surface", "hour")
 AD_FEATURES = ("campaign_id", "position")  # empty for organic rows (campaign: unless an ad)
 # Every batch carries all of these, in this order: sharded TorchRec modules fix the key order on
@@ -31,8 +34,10 @@ NUM_GAP_BUCKETS = 16
 NUM_POSITIONS = 32
 
 # Dense features: the Pin's content embedding [B, CONTENT_DIM]; the content of the sequence's Pins
-# [events, CONTENT_DIM], one row per `seq_pin_id` value (jagged like it); and `pin_sampling_prob`,
-# the probability that a row of the reader's table shows this Pin [B] (the logQ correction's q).
+# [events, CONTENT_DIM], one row per `seq_pin_id` value (jagged like it); `seq_is_ad` [events]
+# bool, which events' Pins carry an advertiser (in `seq_advertiser_id`, in event order); and
+# `pin_sampling_prob`, the probability that a row of the reader's table shows this Pin [B] (the
+# logQ correction's q).
 
 # Labels by example table.
 ENGAGEMENT_LABELS = ("closeup", "click", "save", "long_click", "hide")

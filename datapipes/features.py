@@ -148,10 +148,11 @@ class FeatureJoiner:
         self._sequences[start] = _Sequences(table, Path(f"<sequences as of {day}>"), start)
 
     def user_features(self, user_ids: np.ndarray, ts: np.ndarray,
-                      day_start: np.ndarray) -> Tuple[Jagged, np.ndarray]:
-        """Profile and sequence features, and the content [events, CONTENT_DIM] of the sequence's
-        Pins (in `seq_pin_id` value order). Each row's sequence is that of its own day, its time
-        gaps measured from the row's `ts`. Unknown users get empty profiles (counted)."""
+                      day_start: np.ndarray) -> Tuple[Jagged, Dict[str, torch.Tensor]]:
+        """Profile and sequence features, and the dense `seq_content` [events, CONTENT_DIM] and
+        `seq_is_ad` [events] of the sequence's Pins (in `seq_pin_id` value order). Each row's
+        sequence is that of its own day, its time gaps measured from the row's `ts`. Unknown
+        users get empty profiles (counted)."""
         n = len(user_ids)
         row, found = self.entities.users.rows(user_ids)
         self.stats.repair("unknown_user", int((~found).sum()))
@@ -172,7 +173,13 @@ class FeatureJoiner:
         jagged["seq_pin_id"] = (seq_len, pin)
         jagged["seq_action"] = (seq_len, action)
         jagged["seq_gap"] = (seq_len, _gap_bucket(ts[owner] - seq_ts))
-        return jagged, self.content_of(pin)
+        e = self.entities
+        pin_row, found = e.pins.rows(pin)
+        jagged["seq_category"] = (seq_len, np.where(found, e.category[pin_row], 0))
+        advertiser = np.where(found, e.advertiser[pin_row], -1)
+        is_ad = advertiser >= 0
+        jagged["seq_advertiser_id"] = (np.bincount(owner[is_ad], minlength=n).astype(np.int64), advertiser[is_ad])
+        return jagged, {"seq_content": torch.from_numpy(self.content_of(pin)), "seq_is_ad": torch.from_numpy(is_ad)}
 
     def content_of(self, pin_ids: np.ndarray) -> np.ndarray:
         """[n, CONTENT_DIM] content embeddings; zeros for Pins missing from `pins`."""
@@ -219,9 +226,8 @@ class FeatureJoiner:
         """Users as of the start of `day` (their sequence then, gaps measured from then)."""
         start = S.day_start_ts(S.parse_day(day))
         ts = np.full(len(user_ids), start, dtype=np.int64)
-        jagged, seq_content = self.user_features(user_ids, ts, ts)
-        return Batch(sparse=self.sparse(jagged, len(user_ids)),
-                     dense={"seq_content": torch.from_numpy(seq_content)}, labels={},
+        jagged, dense = self.user_features(user_ids, ts, ts)
+        return Batch(sparse=self.sparse(jagged, len(user_ids)), dense=dense, labels={},
                      meta={"user_id": torch.from_numpy(user_ids)})
 
     def pin_batch(self, pin_ids: np.ndarray) -> Batch:

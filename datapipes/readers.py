@@ -230,7 +230,7 @@ class ExampleReader:
     def _to_batch(self, rows: Dict[str, np.ndarray]) -> Batch:
         n = len(rows["ts"])
         joiner = self.joiner
-        jagged, seq_content = joiner.user_features(rows["user_id"], rows["ts"], rows["day_start"])
+        jagged, dense = joiner.user_features(rows["user_id"], rows["ts"], rows["day_start"])
         pin_jagged, content, pin_row = joiner.pin_features(rows["pin_id"])
         jagged.update(pin_jagged)
         one = np.ones(n, dtype=np.int64)
@@ -254,11 +254,8 @@ class ExampleReader:
         if self.table == "ad_events":
             meta["request_id"] = rows["request_id"]
         self.joiner.stats.rows_emitted += n
-        dense = {
-            "content_emb": torch.from_numpy(content),
-            "seq_content": torch.from_numpy(seq_content),
-            "pin_sampling_prob": torch.from_numpy(self.pin_prob[pin_row].astype(np.float32)),
-        }
+        dense["content_emb"] = torch.from_numpy(content)
+        dense["pin_sampling_prob"] = torch.from_numpy(self.pin_prob[pin_row].astype(np.float32))
         for join in self.joins:
             dense.update({k: torch.from_numpy(v) for k, v in join(rows).items()})
         return Batch(

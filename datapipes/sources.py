@@ -262,6 +262,8 @@ class SourceTables:
             "advertiser_id": size("pins", "advertiser_id"),
             "campaign_id": size("pins", "campaign_id"),
             "seq_pin_id": size("pins", "pin_id"),
+            "seq_category": size("pins", "category"),
+            "seq_advertiser_id": size("pins", "advertiser_id"),
             "seq_action": S.NUM_ACTIONS,
             "seq_gap": NUM_GAP_BUCKETS,
             "surface": S.NUM_SURFACES,

@@ -289,10 +289,10 @@ def _embed_domain(plan: Plan, domain: str, share: Share, writer: SnapshotWriter,
     dmp.eval()
     start = time.perf_counter()
     users = _embed_part(writer.part(domain, "users", worker.rank), share.users,
-                        lambda b: dmp.module.embed_users(b.sparse, b.dense["seq_content"]),
+                        lambda b: dmp.module.embed_users(b.sparse, b.dense),
                         lambda u: share.joiner.user_batch(u, plan.cut), worker.device, plan.dim)
     pins = _embed_part(writer.part(domain, "pins", worker.rank), share.pins,
-                       lambda b: dmp.module.embed_pins(b.sparse, b.dense["content_emb"]),
+                       lambda b: dmp.module.embed_pins(b.sparse, b.dense),
                        share.joiner.pin_batch, worker.device, plan.dim)
     counts = torch.tensor([users[0], pins[0], users[1], pins[1]], dtype=torch.long, device=worker.device)
     dist.all_reduce(counts)

@@ -61,6 +61,13 @@ class TrainUpstreamConfig:
     contrastive_positives: Optional[Tuple[str, ...]] = setting(
         None, "comma-separated labels whose rows are positives (default: every task but hide)")
     temperature: float = setting(_upstream("temperature"), "softmax temperature of the dot")
+    next_pin_weight: float = setting(_upstream("next_pin_weight"),
+                                     "weight of the next-Pin term over every prefix of the sequence "
+                                     "(0: off, and the sequence encoder bidirectional)")
+    next_pin_negatives: int = setting(_upstream("next_pin_negatives"),
+                                      "at most this many of the batch's distinct next Pins as its negatives")
+    length_buckets: int = setting(_upstream("length_buckets"),
+                                  "groups of similar sequence length the transformer runs a batch in")
     embedding_lr: float = setting(default_of(OptimConfig, "embedding_lr"), "fused row-wise Adagrad")
     dense_lr: float = setting(default_of(OptimConfig, "dense_lr"), "Adam, every dense parameter")
     checkpoint_every: int = setting(200, "steps between checkpoints")
@@ -73,13 +80,13 @@ class TrainUpstreamConfig:
     # What a resumed run may change: where, how long and how it runs, not what it trains.
     RUN_CONTROL: ClassVar[Tuple[str, ...]] = (
         "data", "out", "nproc", "max_steps", "epochs", "resume", "overwrite", "from_day", "until",
-        "checkpoint_every", "eval_every", "eval_batch_size", "memory_per_rank_gb")
+        "checkpoint_every", "eval_every", "eval_batch_size", "memory_per_rank_gb", "length_buckets")
 
     def __post_init__(self) -> None:
         check(self, positive=("nproc", "max_steps", "epochs", "batch_size", "embedding_dim", "seq_len",
                               "seq_layers", "temperature", "embedding_lr", "dense_lr", "checkpoint_every",
-                              "eval_batch_size", "memory_per_rank_gb"),
-              non_negative=("eval_every", "contrastive_weight"), below_one=("seq_dropout",),
+                              "eval_batch_size", "memory_per_rank_gb", "next_pin_negatives", "length_buckets"),
+              non_negative=("eval_every", "contrastive_weight", "next_pin_weight"), below_one=("seq_dropout",),
               fraction=("logq_strength",), widths=("tower_dims", "interaction_dims"),
               day=("from_day", "until"))
         heads = _upstream("seq_heads")
@@ -98,7 +105,8 @@ class TrainUpstreamConfig:
             seq_layers=self.seq_layers, seq_dropout=self.seq_dropout, tower_dims=self.tower_dims,
             interaction_dims=self.interaction_dims, contrastive=self.contrastive,
             contrastive_weight=self.contrastive_weight, logq_strength=self.logq_strength,
-            center_entities=self.center, temperature=self.temperature, **extra)
+            center_entities=self.center, temperature=self.temperature, next_pin_weight=self.next_pin_weight,
+            next_pin_negatives=self.next_pin_negatives, length_buckets=self.length_buckets, **extra)
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: Sour
     it back (`UpstreamConfig.retrieval_prior_weight`). The dot-product AUC uses the dot alone."""
     catalogue_ids = _live_pins(joiner, sources, day)
     chunks = rank_chunks(catalogue_ids, worker.rank, worker.world_size, batch_size)
-    local = embed_chunks(lambda b: model.embed_pins(b.sparse, b.dense["content_emb"]),
+    local = embed_chunks(lambda b: model.embed_pins(b.sparse, b.dense),
                          joiner.pin_batch, chunks, worker.device)
     ids = torch.from_numpy(np.concatenate([c[: n] for c, n in chunks])).to(worker.device)
     all_ids = all_gather_rows(ids).cpu().numpy()
@@ -120,7 +120,7 @@ def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: Sour
     everyone = np.union1d(users, seen_users)
     chunks = rank_chunks(everyone, worker.rank, worker.world_size, batch_size)
     my_all = np.concatenate([c[:n] for c, n in chunks])  # sorted: chunks are ordered slices
-    all_vecs = embed_chunks(lambda b: model.embed_users(b.sparse, b.dense["seq_content"]),
+    all_vecs = embed_chunks(lambda b: model.embed_users(b.sparse, b.dense),
                             lambda u: joiner.user_batch(u, day), chunks, worker.device)
     queries = np.isin(my_all, users)  # recall's queries: users with a positive pair
     my_users = my_all[queries]

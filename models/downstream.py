@@ -169,7 +169,7 @@ class CoupledTowers(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         vectors = {}
         for domain, model in self.models.items():
-            user, pin = model.embed_both(batch.sparse, batch.dense["seq_content"], batch.dense["content_emb"])
+            user, pin = model.embed_both(batch.sparse, batch.dense)
             vectors[f"{domain}/users"], vectors[f"{domain}/pins"] = user, pin
         return torch.stack([vectors[v] for v in self.vectors], dim=1)
 

@@ -1,4 +1,4 @@
-"""Losses shared by derl models: weighted multi-task BCE and in-batch sampled softmax."""
+"""Losses shared by derl models: weighted multi-task BCE, in-batch sampled softmax, next-item softmax."""
 
 from __future__ import annotations
 
@@ -63,3 +63,30 @@ def in_batch_softmax_loss(
     per_row = F.cross_entropy(logits, targets, reduction="none")
     positive = positive.to(per_row.dtype)
     return (per_row * positive).sum() / len(per_row)
+
+
+def next_item_softmax_loss(
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    items: torch.Tensor,
+    item_counts: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: Union[float, torch.Tensor],
+    logq_strength: float = 1.0,
+) -> torch.Tensor:
+    """Sampled softmax of each state against its next item, the other items as negatives.
+
+    states [P, d]: one per sequence position; targets [P]: the row of each one's next item in
+    items [U, d] (the batch's distinct next items); negatives [K]: the rows of `items` every
+    state is contrasted with (all of them, or a sample). Negatives drawn from the batch's next
+    items come in proportion to `item_counts` (their count among the targets), hence the logQ
+    correction, logits - beta * log q, on the positive and the negatives alike (as in
+    `in_batch_softmax_loss`); a negative that is the state's own target is masked out. The mean
+    cross entropy over the positions.
+    """
+    log_q = torch.log(item_counts.to(states.dtype) / item_counts.sum())
+    positive = (states * items[targets]).sum(dim=1) / temperature - logq_strength * log_q[targets]
+    negative = states @ items[negatives].T / temperature - logq_strength * log_q[negatives].unsqueeze(0)
+    negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+    logits = torch.cat([positive.unsqueeze(1), negative], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))

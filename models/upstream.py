@@ -35,10 +35,11 @@ from derl.datapipes.batch import (
 from derl.datapipes.domains import DOMAINS, NEGATIVE_LABELS
 from derl.datapipes.schema import CONTENT_DIM
 from derl.models.blocks import SequenceEncoder, Tower
-from derl.models.losses import in_batch_softmax_loss, multi_task_bce
+from derl.models.losses import in_batch_softmax_loss, multi_task_bce, next_item_softmax_loss
 
-# Pin features pooled by the pin EBC; pin_id itself lives in the EmbeddingCollection (shared table).
-_PIN_ATTRIBUTES = tuple(f for f in PIN_FEATURES if f != "pin_id")
+# Each sequence feature that reads a candidate Pin feature's table: an event's Pin and the
+# candidate Pin start from the same vectors, and the Pin tower can embed either.
+SHARED_TABLES = {"seq_pin_id": "pin_id", "seq_category": "category", "seq_advertiser_id": "advertiser_id"}
 
 
 @dataclass
@@ -76,10 +77,20 @@ class UpstreamConfig:
     # Centre each tower's output over the batch (BatchNorm without affine) before the L2
     # normalisation; see `_Unit`. Without it the dot hardly ranks impressions by what came of them.
     center_entities: bool = True
+    # Weight of the next-Pin term (PinnerFormer's dense all-action objective, SASRec's next
+    # item): the user vector after each prefix of the sequence, against the Pin tower's vector
+    # of the event that followed, under a sampled softmax over the batch's next Pins. > 0 makes
+    # the sequence encoder causal (`SequenceEncoder`); 0 leaves one positive per row.
+    next_pin_weight: float = 1.0
+    # Negatives of the next-Pin term: at most this many of the batch's distinct next Pins.
+    next_pin_negatives: int = 2048
+    # The sequence encoder runs the batch in this many groups of similar length, each padded to
+    # its own longest (`SequenceEncoder`): the same result for less work on padding.
+    length_buckets: int = 4
 
     def __post_init__(self) -> None:
         missing = [
-            f for f in self.sparse_features if f != "seq_pin_id" and f not in self.num_embeddings
+            f for f in self.sparse_features if f not in SHARED_TABLES and f not in self.num_embeddings
         ]
         if missing:
             raise ValueError(f"num_embeddings lacks {missing}")
@@ -133,22 +144,17 @@ def _bag_tables(cfg: UpstreamConfig, features: Sequence[str]) -> List[EmbeddingB
 
 
 def _sequence_tables(cfg: UpstreamConfig) -> List[EmbeddingConfig]:
-    """Unpooled tables for the sequence. The pin table also serves the candidate's pin_id, so a
-    pin in a user's history and the same pin as a candidate start from one vector; this is why
-    pin_id sits in the EmbeddingCollection and not in the pin tower's EmbeddingBagCollection
-    (TorchRec cannot share a table between the two module kinds)."""
+    """Unpooled tables for the sequence. The Pin tables also serve the candidate Pin's features
+    (`SHARED_TABLES`), so a Pin in a user's history and the same Pin as a candidate start from
+    the same vectors; this is why the Pin's features sit in the EmbeddingCollection and not in
+    an EmbeddingBagCollection (TorchRec cannot share a table between the two module kinds)."""
 
-    def table(name: str, rows: int, features: List[str]) -> EmbeddingConfig:
-        return EmbeddingConfig(
-            name=name, embedding_dim=cfg.embedding_dim, num_embeddings=rows, feature_names=features
-        )
+    def table(feature: str, features: List[str]) -> EmbeddingConfig:
+        return EmbeddingConfig(name=f"t_{feature}", embedding_dim=cfg.embedding_dim,
+                               num_embeddings=cfg.num_embeddings[feature], feature_names=features)
 
-    n = cfg.num_embeddings
-    return [
-        table("t_pin_id", n["pin_id"], ["pin_id", "seq_pin_id"]),
-        table("t_seq_action", n["seq_action"], ["seq_action"]),
-        table("t_seq_gap", n["seq_gap"], ["seq_gap"]),
-    ]
+    shared = [table(f, [f, seq]) for seq, f in SHARED_TABLES.items()]
+    return shared + [table("seq_action", ["seq_action"]), table("seq_gap", ["seq_gap"])]
 
 
 def _latest(events: JaggedTensor, n: int) -> torch.Tensor:
@@ -216,38 +222,86 @@ class _Unit(nn.Module):
         return F.normalize(self.center(x), dim=-1)
 
 
+@dataclass
+class PinFeatures:
+    """The Pin tower's inputs for N Pins: id, category and advertiser embeddings [N, d] (zero
+    where a Pin has no advertiser) and content [N, content_dim]."""
+
+    pin: torch.Tensor
+    category: torch.Tensor
+    advertiser: torch.Tensor
+    content: torch.Tensor
+
+    def __getitem__(self, rows: torch.Tensor) -> "PinFeatures":
+        return PinFeatures(self.pin[rows], self.category[rows], self.advertiser[rows], self.content[rows])
+
+    @staticmethod
+    def cat(parts: Sequence["PinFeatures"]) -> "PinFeatures":
+        return PinFeatures(*(torch.cat([getattr(p, f) for p in parts])
+                             for f in ("pin", "category", "advertiser", "content")))
+
+
+@dataclass
+class Prefixes:
+    """The user states of a batch's sequence prefixes that have a next event: `states` [P, d],
+    unit vectors from the events up to the prefix's end only (causal attention), and `events`
+    [P], the flat index (in `seq_pin_id.values()`) of the event that came next. A state is not
+    quite the vector of the sequence cut there: its position and gap embeddings still count
+    from the row's last event and time, as SASRec's right-aligned positions do."""
+
+    states: torch.Tensor
+    events: torch.Tensor
+
+
 class UserTower(nn.Module):
     """Profile embeddings + the sequence encoder's summary -> DHEN tower -> unit vector.
 
-    Each sequence event is the sum of its Pin's id embedding, its projected content embedding
-    (as PinnerFormer feeds PinSage vectors: a Pin seen a few times has a weak id embedding but
-    informative content), its action and its time-gap bucket."""
+    Each sequence event is the sum of its Pin's id, category and advertiser embeddings, its
+    projected content embedding (as PinnerFormer feeds PinSage vectors: a Pin seen a few times
+    has a weak id embedding but informative content), its action and its time-gap bucket.
+    With a causal encoder the tower also gives the user vector after every prefix of the
+    sequence (`Prefixes`), for the next-Pin objective."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         super().__init__()
         d = cfg.embedding_dim
         self.content = nn.Linear(cfg.content_dim, d)
         self.sequence = SequenceEncoder(
-            d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout
-        )
+            d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout, causal=cfg.next_pin_weight > 0,
+            buckets=cfg.length_buckets)
         self.mlp = Tower((len(USER_FEATURES) + 1) * d, cfg.tower_dims, d)
         self.unit = _Unit(d, cfg.center_entities)
 
     def forward(
-        self,
-        profile: torch.Tensor,
-        pins: JaggedTensor,
-        actions: JaggedTensor,
-        gaps: JaggedTensor,
-        content: torch.Tensor,
-    ) -> torch.Tensor:
-        """profile: [B, 4d] pooled embeddings; pins/actions/gaps: the sequence's events;
-        content: [events, content_dim], the events' Pin content, in `pins.values()` order."""
+        self, profile: torch.Tensor, events: PinFeatures, actions: JaggedTensor, gaps: JaggedTensor,
+        prefixes: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[Prefixes]]:
+        """profile: [B, 4d] pooled embeddings; events: the sequence's Pins, flat in event order;
+        actions/gaps: the events' action and gap embeddings, jagged per row. Returns [B, d] unit
+        user vectors, and with `prefixes` (causal encoder only) the prefixes' states."""
+        lengths = actions.lengths()
         # Pad to the longest sequence in the batch, not to max_len: attention cost is quadratic.
-        n = int(pins.lengths().max().clamp(min=1, max=self.sequence.max_len))
-        content = JaggedTensor(values=self.content(content), lengths=pins.lengths())
-        tokens = _latest(pins, n) + _latest(content, n) + _latest(actions, n) + _latest(gaps, n)
-        history = self.sequence(tokens, pins.lengths())
+        n = int(lengths.max().clamp(min=1, max=self.sequence.max_len))
+        flat = (events.pin + events.category + events.advertiser + self.content(events.content)
+                + actions.values() + gaps.values())
+        tokens = _latest(JaggedTensor(values=flat, lengths=lengths), n)
+        if not prefixes:
+            return self._unit(profile, self.sequence(tokens, lengths)), None
+        if not self.sequence.causal:
+            raise ValueError("prefix states need the causal encoder (next_pin_weight > 0)")
+        states = self.sequence(tokens, lengths, every_state=True)  # [B, n + 1, d]: CLS, then each event
+        kept = lengths.clamp(max=n)
+        rows = torch.arange(len(states), device=states.device)
+        # The state after k >= 1 of the kept events predicts kept event k + 1 (0-based: k).
+        k = torch.arange(n + 1, device=states.device).unsqueeze(0)
+        has_next = (k >= 1) & (k < kept.unsqueeze(1))
+        row, step = has_next.nonzero(as_tuple=True)
+        first_kept = actions.offsets()[1:] - kept  # flat index of each row's oldest kept event
+        hidden = torch.cat([states[rows, kept], states[row, step]])
+        vectors = self._unit(torch.cat([profile, profile[row]]), hidden)
+        return vectors[: len(rows)], Prefixes(vectors[len(rows):], first_kept[row] + step)
+
+    def _unit(self, profile: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         return self.unit(self.mlp(torch.cat([profile, history], dim=1)))
 
 
@@ -261,13 +315,77 @@ class PinTower(nn.Module):
         self.mlp = Tower((len(PIN_FEATURES) + 1) * d, cfg.tower_dims, d)
         self.unit = _Unit(d, cfg.center_entities)
 
-    def forward(
-        self, pin_id: JaggedTensor, attributes: torch.Tensor, content: torch.Tensor
-    ) -> torch.Tensor:
-        """pin_id: one embedding per example; attributes: [B, 2d]; content: [B, content_dim]."""
-        pin = pin_id.to_padded_dense(1).squeeze(1)
-        x = torch.cat([pin, attributes, self.content(content)], dim=1)
+    def forward(self, pins: PinFeatures) -> torch.Tensor:
+        x = torch.cat([pins.pin, pins.category, pins.advertiser, self.content(pins.content)], dim=1)
         return self.unit(self.mlp(x))
+
+
+@dataclass
+class NextPins:
+    """What the next-Pin term needs of a batch: the prefixes' user `states` [P, d]; `items`
+    [U, d], the Pin tower's vectors of the batch's distinct next Pins, with their `counts`
+    among the P targets; `targets` [P], each state's row in `items`; `negatives` [K], the rows
+    every state is contrasted with."""
+
+    states: torch.Tensor
+    targets: torch.Tensor
+    items: torch.Tensor
+    counts: torch.Tensor
+    negatives: torch.Tensor
+
+
+class EntityTowers(nn.Module):
+    """The user and Pin towers, with what both read of a batch's Pins: a candidate's features and
+    every sequence event's, from the same tables. One module, so that the train pipeline's
+    tracer (which treats DERM's children as leaves) never sees the next-Pin term's
+    data-dependent choices: which prefixes have a next event, which Pins are distinct."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        super().__init__()
+        self.user = UserTower(cfg)
+        self.pin = PinTower(cfg)
+        self.next_pin = cfg.next_pin_weight > 0
+        self.negatives = cfg.next_pin_negatives
+
+    @staticmethod
+    def candidates(ids: Dict[str, JaggedTensor], content: torch.Tensor) -> PinFeatures:
+        """One Pin per row: its id and attribute embeddings (zero where absent) and content."""
+        one = lambda f: ids[f].to_padded_dense(1).squeeze(1)  # noqa: E731
+        return PinFeatures(one("pin_id"), one("category"), one("advertiser_id"), content)
+
+    @staticmethod
+    def events(ids: Dict[str, JaggedTensor], seq_content: torch.Tensor, seq_is_ad: torch.Tensor) -> PinFeatures:
+        """The sequences' Pins, flat in event order; only ad events carry an advertiser."""
+        pin = ids["seq_pin_id"].values()
+        advertiser = pin.new_zeros(pin.shape).index_put((seq_is_ad,), ids["seq_advertiser_id"].values())
+        return PinFeatures(pin, ids["seq_category"].values(), advertiser, seq_content)
+
+    def forward(
+        self, ids: Dict[str, JaggedTensor], content_emb: Optional[torch.Tensor],
+        profile: Optional[torch.Tensor] = None, seq_content: Optional[torch.Tensor] = None,
+        seq_is_ad: Optional[torch.Tensor] = None, event_pin_ids: Optional[torch.Tensor] = None,
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[NextPins]]:
+        """(user [B, d] unit vectors, or None without `profile` (and the events' `seq_content`,
+        `seq_is_ad`); candidate Pin [B, d], or None without `content_emb`; the next-Pin term's
+        inputs, in training with `event_pin_ids` (the sequences' Pin ids, flat in event order),
+        else None). Tensors, not the batch's dicts, come in: every caller goes through here,
+        and DERM's own methods are traced by the train pipeline, its children are not."""
+        candidates = None if content_emb is None else self.candidates(ids, content_emb)
+        if profile is None:
+            return None, None if candidates is None else self.pin(candidates), None
+        events = self.events(ids, seq_content, seq_is_ad)
+        with_next = self.training and self.next_pin and event_pin_ids is not None and candidates is not None
+        user, prefixes = self.user(profile, events, ids["seq_action"], ids["seq_gap"], prefixes=with_next)
+        if prefixes is None or len(prefixes.events) == 0:
+            return user, None if candidates is None else self.pin(candidates), None
+        distinct, targets, counts = torch.unique(event_pin_ids[prefixes.events], return_inverse=True,
+                                                 return_counts=True)
+        # One event of each distinct next Pin stands for it: its features are the Pin's.
+        first = torch.full_like(distinct, len(event_pin_ids)).scatter_reduce(0, targets, prefixes.events, "amin")
+        vectors = self.pin(PinFeatures.cat([candidates, events[first]]))
+        pin, items = vectors[: len(user)], vectors[len(user):]
+        negatives = torch.randperm(len(distinct), device=items.device)[: self.negatives]
+        return user, pin, NextPins(prefixes.states, targets, items, counts, negatives)
 
 
 class InteractionTower(nn.Module):
@@ -293,7 +411,7 @@ class InteractionTower(nn.Module):
 
 
 class UpstreamLoss(nn.Module):
-    """Weighted BCE over the tasks labelled in the batch + the weighted contrastive term.
+    """Weighted BCE over the tasks labelled in the batch + the weighted contrastive and next-Pin terms.
 
     The temperature is fixed by default: a learned one is driven down by the contrastive term
     alone and changes the scale of the space between retrains, which the snapshot smoothing
@@ -332,9 +450,14 @@ class UpstreamLoss(nn.Module):
         pin_ids: torch.Tensor,
         labels: Dict[str, torch.Tensor],
         dense: Dict[str, torch.Tensor],
+        next_pins: Optional[NextPins] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         cfg = self.cfg
         parts = multi_task_bce(logits, labels, cfg.task_weights)
+        if next_pins is not None:
+            n = next_pins
+            parts["next_pin"] = cfg.next_pin_weight * next_item_softmax_loss(
+                n.states, n.targets, n.items, n.counts, n.negatives, self.temperature(), cfg.logq_strength)
         if cfg.contrastive:
             key = cfg.sampling_prob_key
             if key is not None and key not in dense:
@@ -370,51 +493,45 @@ class DERM(nn.Module):
             return EmbeddingBagCollection(_bag_tables(cfg, features), device=table_device)
 
         self.user_ebc = bags(USER_FEATURES)
-        self.pin_ebc = bags(_PIN_ATTRIBUTES)
         self.context_ebc = bags(cfg.context_features)
         self.sequence_ec = EmbeddingCollection(_sequence_tables(cfg), device=table_device)
-        self.user_tower = UserTower(cfg)
-        self.pin_tower = PinTower(cfg)
+        self.towers = EntityTowers(cfg)
         self.interaction = InteractionTower(cfg)
         self.loss = UpstreamLoss(cfg)
 
-    def _user(
-        self, sparse: KeyedJaggedTensor, ids: Dict[str, JaggedTensor], seq_content: torch.Tensor
-    ) -> torch.Tensor:
-        profile = _pooled(self.user_ebc(sparse), USER_FEATURES)
-        return self.user_tower(
-            profile, ids["seq_pin_id"], ids["seq_action"], ids["seq_gap"], seq_content
-        )
-
-    def _pin(
-        self, sparse: KeyedJaggedTensor, ids: Dict[str, JaggedTensor], content: torch.Tensor
-    ) -> torch.Tensor:
-        return self.pin_tower(ids["pin_id"], _pooled(self.pin_ebc(sparse), _PIN_ATTRIBUTES), content)
-
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
         ids = self.sequence_ec(batch.sparse)
-        user = self._user(batch.sparse, ids, batch.dense["seq_content"])
-        pin = self._pin(batch.sparse, ids, batch.dense["content_emb"])
+        profile = _pooled(self.user_ebc(batch.sparse), USER_FEATURES)
+        dense = batch.dense
+        # Indexed, not unpacked: under the train pipeline's tracer the towers' output is a proxy.
+        towers = self.towers(ids, dense["content_emb"], profile, dense["seq_content"], dense["seq_is_ad"],
+                             batch.sparse["seq_pin_id"].values())
+        user, pin = towers[0], towers[1]
         context = _pooled(self.context_ebc(batch.sparse), self.cfg.context_features)
         logits = self.interaction(user, pin, context)
         pin_ids = batch.sparse["pin_id"].values()
-        loss, losses = self.loss(logits, user, pin, pin_ids, batch.labels, batch.dense)
+        loss, losses = self.loss(logits, user, pin, pin_ids, batch.labels, dense, towers[2])
         return loss, {"logits": logits, "user_emb": user, "pin_emb": pin, "losses": losses}
 
-    def embed_users(self, sparse: KeyedJaggedTensor, seq_content: torch.Tensor) -> torch.Tensor:
-        """[B, d] unit user vectors, without labels. `sparse` still carries every key of
-        `cfg.sparse_features`; pin and context features may be empty lists."""
-        return self._user(sparse, self.sequence_ec(sparse), seq_content)
+    def embed_users(self, sparse: KeyedJaggedTensor, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B, d] unit user vectors, without labels (dense: the events' `seq_content` and
+        `seq_is_ad`). `sparse` still carries every key of `cfg.sparse_features`; pin and
+        context features may be empty lists."""
+        profile = _pooled(self.user_ebc(sparse), USER_FEATURES)
+        return self.towers(self.sequence_ec(sparse), None, profile, dense["seq_content"], dense["seq_is_ad"])[0]
 
-    def embed_both(self, sparse: KeyedJaggedTensor, seq_content: torch.Tensor,
-                   content_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def embed_both(self, sparse: KeyedJaggedTensor,
+                   dense: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """([B, d] user, [B, d] pin) unit vectors of each row, without labels, reading each
         table once: under TorchRec's train pipeline an embedding module may be called only once
         per forward (the coupled ranker runs the towers this way)."""
-        ids = self.sequence_ec(sparse)
-        return self._user(sparse, ids, seq_content), self._pin(sparse, ids, content_emb)
+        profile = _pooled(self.user_ebc(sparse), USER_FEATURES)
+        towers = self.towers(self.sequence_ec(sparse), dense["content_emb"], profile, dense["seq_content"],
+                             dense["seq_is_ad"])
+        return towers[0], towers[1]
 
-    def embed_pins(self, sparse: KeyedJaggedTensor, content_emb: torch.Tensor) -> torch.Tensor:
-        """[B, d] unit pin vectors, without labels. `sparse` still carries every key of
-        `cfg.sparse_features`; user, sequence and context features may be empty lists."""
-        return self._pin(sparse, self.sequence_ec(sparse), content_emb)
+    def embed_pins(self, sparse: KeyedJaggedTensor, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B, d] unit pin vectors, without labels (dense: `content_emb`). `sparse` still
+        carries every key of `cfg.sparse_features`; user, sequence and context features may be
+        empty lists."""
+        return self.towers(self.sequence_ec(sparse), dense["content_emb"])[1]

@@ -24,8 +24,10 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from derl.datapipes.batch import NUM_GAP_BUCKETS, Batch
-from derl.models.losses import in_batch_softmax_loss
-from derl.models.upstream import DERM, UpstreamConfig
+import torch.nn.functional as F
+
+from derl.models.losses import in_batch_softmax_loss, next_item_softmax_loss
+from derl.models.upstream import DERM, SHARED_TABLES, UpstreamConfig
 
 VOCAB = dict(
     user_id=10, country=3, age_bucket=4, gender=3, pin_id=12, category=5, advertiser_id=4,
@@ -54,6 +56,8 @@ def make_batch(
     """A batch with every key of cfg.sparse_features; organic pins 1 and 3 have no advertiser."""
     g = torch.Generator().manual_seed(seed)
     fixed = {"pin_id": pin_ids, "surface": surface, "hour": hour}
+    seq_is_ad = torch.rand(sum(seq_lengths), generator=g) < 0.3
+    owner = torch.repeat_interleave(torch.arange(B), torch.tensor(seq_lengths))
     values, lengths = [], []
     for f in cfg.sparse_features:
         if f in fixed:
@@ -62,7 +66,9 @@ def make_batch(
             lens = list(seq_lengths) if f.startswith("seq_") else [1] * B
             if f == "advertiser_id":
                 lens = [0, 1, 0, 1]
-            rows = VOCAB["pin_id" if f == "seq_pin_id" else f]
+            if f == "seq_advertiser_id":
+                lens = torch.bincount(owner[seq_is_ad], minlength=B).tolist()
+            rows = VOCAB[SHARED_TABLES.get(f, f)]
             vals = torch.randint(0, rows, (sum(lens),), generator=g)
         values.append(vals)
         lengths += lens
@@ -78,6 +84,7 @@ def make_batch(
     dense = {
         "content_emb": torch.randn(B, cfg.content_dim, generator=g),
         "seq_content": torch.randn(sum(seq_lengths), cfg.content_dim, generator=g),
+        "seq_is_ad": seq_is_ad,
         "pin_sampling_prob": torch.tensor([0.1, 0.2, 0.05, 0.3]),
     }
     return Batch(sparse=sparse, dense=dense, labels=labels)
@@ -92,8 +99,8 @@ def model() -> DERM:
 def test_forward_backward_reaches_tables_and_transformer(model: DERM) -> None:
     loss, out = model(make_batch(model.cfg))
     assert set(out["logits"]) == set(model.cfg.tasks)
-    assert set(out["losses"]) == {"click", "save", "hide", "contrastive"}
-    assert out["losses"]["contrastive"] > 0
+    assert set(out["losses"]) == {"click", "save", "hide", "contrastive", "next_pin"}
+    assert out["losses"]["contrastive"] > 0 and out["losses"]["next_pin"] > 0
     loss.backward()
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.grad is None]
@@ -102,24 +109,27 @@ def test_forward_backward_reaches_tables_and_transformer(model: DERM) -> None:
         "sequence_ec.embeddings.t_pin_id.weight",
         "sequence_ec.embeddings.t_seq_action.weight",
         "sequence_ec.embeddings.t_seq_gap.weight",
+        "sequence_ec.embeddings.t_category.weight",
+        "sequence_ec.embeddings.t_advertiser_id.weight",
         "user_ebc.embedding_bags.t_user_id.weight",
-        "pin_ebc.embedding_bags.t_category.weight",
         "context_ebc.embedding_bags.t_hour.weight",
-        "user_tower.sequence.cls",
-        "user_tower.sequence.encoder.layers.0.self_attn.in_proj_weight",
+        "towers.user.sequence.cls",
+        "towers.user.sequence.encoder.layers.0.self_attn.in_proj_weight",
     ):
         assert params[name].grad.abs().sum() > 0, name
 
 
 def test_outputs_are_unit_norm_and_match_embed_methods(model: DERM) -> None:
+    """In evaluation (in training the user vectors are centred over the prefixes' states too)."""
     batch = make_batch(model.cfg)
+    model.eval()
     _, out = model(batch)
     for key in ("user_emb", "pin_emb"):
         assert out[key].shape == (B, model.cfg.embedding_dim)
         torch.testing.assert_close(out[key].norm(dim=1), torch.ones(B))
-    torch.testing.assert_close(model.embed_users(batch.sparse, batch.dense["seq_content"]), out["user_emb"])
+    torch.testing.assert_close(model.embed_users(batch.sparse, batch.dense), out["user_emb"])
     torch.testing.assert_close(
-        model.embed_pins(batch.sparse, batch.dense["content_emb"]), out["pin_emb"]
+        model.embed_pins(batch.sparse, batch.dense), out["pin_emb"]
     )
 
 
@@ -135,11 +145,11 @@ def test_centred_towers_give_unit_vectors_in_training_and_export() -> None:
         torch.testing.assert_close(out[key].norm(dim=1), torch.ones(B))
         # centred over the batch: the mean direction is far from any single vector's
         assert out[key].mean(dim=0).norm() < 0.9
-    assert model.user_tower.unit.center.running_mean.abs().sum() > 0  # statistics were tracked
+    assert model.towers.user.unit.center.running_mean.abs().sum() > 0  # statistics were tracked
     model.eval()
     _, out = model(batch)
-    torch.testing.assert_close(model.embed_users(batch.sparse, batch.dense["seq_content"]), out["user_emb"])
-    torch.testing.assert_close(model.embed_pins(batch.sparse, batch.dense["content_emb"]), out["pin_emb"])
+    torch.testing.assert_close(model.embed_users(batch.sparse, batch.dense), out["user_emb"])
+    torch.testing.assert_close(model.embed_pins(batch.sparse, batch.dense), out["pin_emb"])
 
 
 @pytest.mark.parametrize("seq_lengths", [(0, 2, 0, 5), (0, 0, 0, 0), (7, 1, 0, 2)])
@@ -151,28 +161,106 @@ def test_empty_and_overlong_sequences(model: DERM, seq_lengths) -> None:
     torch.testing.assert_close(out["user_emb"].norm(dim=1), torch.ones(B))
 
 
-def test_overlong_sequence_keeps_its_latest_events(model: DERM) -> None:
-    """Sequences are oldest-first: cutting one to seq_len (5) must drop its oldest events."""
-    long = make_batch(model.cfg, seq_lengths=(7, 1, 0, 2))
-    kjt = long.sparse.to_dict()
-    drop = {"seq_pin_id", "seq_action", "seq_gap"}
+def _drop_oldest(batch: Batch, features, row_lengths, drop: int) -> Batch:
+    """The same batch with row 0's `drop` oldest events removed."""
+    kjt = batch.sparse.to_dict()
+    is_ad = batch.dense["seq_is_ad"]
     values, lengths = [], []
-    for f in model.cfg.sparse_features:
+    for f in features:
         jt = kjt[f]
-        if f in drop:  # the same batch with row 0's two oldest events removed
-            values.append(torch.cat([jt.values()[2:7], jt.values()[7:]]))
-            lengths.append(torch.tensor([5, 1, 0, 2]))
+        if f == "seq_advertiser_id":  # only ad events carry one
+            cut = int(is_ad[:drop].sum())
+            values.append(jt.values()[cut:])
+            lengths.append(jt.lengths() - torch.tensor([cut] + [0] * (B - 1)))
+        elif f.startswith("seq_"):
+            values.append(jt.values()[drop:])
+            lengths.append(torch.tensor(row_lengths))
         else:
             values.append(jt.values())
             lengths.append(jt.lengths())
-    cut = KeyedJaggedTensor.from_lengths_sync(
-        keys=list(model.cfg.sparse_features), values=torch.cat(values), lengths=torch.cat(lengths)
-    )
-    content = long.dense["seq_content"]
-    cut_content = torch.cat([content[2:7], content[7:]])
-    torch.testing.assert_close(
-        model.embed_users(long.sparse, content), model.embed_users(cut, cut_content)
-    )
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(features), values=torch.cat(values), lengths=torch.cat(lengths))
+    dense = {**batch.dense, "seq_content": batch.dense["seq_content"][drop:], "seq_is_ad": is_ad[drop:]}
+    return Batch(sparse=sparse, dense=dense, labels=batch.labels)
+
+
+@pytest.mark.parametrize("next_pin_weight", [1.0, 0.0])
+def test_overlong_sequence_keeps_its_latest_events(next_pin_weight: float) -> None:
+    """Sequences are oldest-first: cutting one to seq_len (5) must drop its oldest events
+    (under the causal encoder and the bidirectional one)."""
+    torch.manual_seed(0)
+    model = DERM(small_config(next_pin_weight=next_pin_weight)).eval()
+    long = make_batch(model.cfg, seq_lengths=(7, 1, 0, 2))
+    cut = _drop_oldest(long, model.cfg.sparse_features, [5, 1, 0, 2], drop=2)
+    torch.testing.assert_close(model.embed_users(long.sparse, long.dense), model.embed_users(cut.sparse, cut.dense))
+
+
+def _with_last_event_changed(batch: Batch, row_lengths) -> Batch:
+    """The same batch with row 0's newest event's Pin id changed."""
+    kjt = batch.sparse.to_dict()
+    last = row_lengths[0] - 1
+    values, lengths = [], []
+    for f in kjt:
+        v = kjt[f].values().clone()
+        if f == "seq_pin_id":
+            v[last] = (v[last] + 1) % VOCAB["pin_id"]
+        values.append(v)
+        lengths.append(kjt[f].lengths())
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=list(kjt), values=torch.cat(values), lengths=torch.cat(lengths))
+    return Batch(sparse=sparse, dense=batch.dense, labels=batch.labels)
+
+
+def test_prefix_states_never_see_later_events() -> None:
+    """The causal encoder: every prefix state of row 0 ignores its newest event, which only the
+    final user vector (and the state before it, as its target) sees."""
+    torch.manual_seed(0)
+    model = DERM(small_config()).eval()
+    lengths = (4, 1, 0, 2)
+    batch = make_batch(model.cfg, seq_lengths=lengths)
+    changed = _with_last_event_changed(batch, lengths)
+
+    def states(b: Batch):
+        towers = model.towers
+        ids = model.sequence_ec(b.sparse)
+        profile = torch.cat([model.user_ebc(b.sparse)[f] for f in ("user_id", "country", "age_bucket", "gender")], 1)
+        return towers.user(profile, towers.events(ids, b.dense["seq_content"], b.dense["seq_is_ad"]), ids["seq_action"], ids["seq_gap"], prefixes=True)
+
+    user, prefixes = states(batch)
+    user2, prefixes2 = states(changed)
+    # Prefixes with a next event: after events 1..3 of row 0 (targets 2..4) and event 1 of row 3.
+    assert prefixes.events.tolist() == [1, 2, 3, 6]
+    torch.testing.assert_close(prefixes.states, prefixes2.states, rtol=0, atol=0)
+    assert not torch.allclose(user[0], user2[0])
+    torch.testing.assert_close(user[1:], user2[1:], rtol=0, atol=0)
+
+
+def test_next_pin_term_follows_its_weight() -> None:
+    torch.manual_seed(0)
+    off = DERM(small_config(next_pin_weight=0.0))
+    _, out = off(make_batch(off.cfg))
+    assert "next_pin" not in out["losses"]
+    assert not off.towers.user.sequence.causal
+    # Sequences of at most one event have no next event: no term, and nothing breaks.
+    on = DERM(small_config())
+    _, out = on(make_batch(on.cfg, seq_lengths=(1, 0, 1, 0)))
+    assert "next_pin" not in out["losses"]
+
+
+def test_next_item_softmax_matches_hand_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    states = F.normalize(torch.randn(3, 4, generator=g), dim=1)
+    items = F.normalize(torch.randn(2, 4, generator=g), dim=1)
+    targets, counts, negatives = torch.tensor([0, 1, 1]), torch.tensor([1, 2]), torch.tensor([0, 1])
+    t, beta = 0.5, 0.7
+    log_q = torch.log(torch.tensor([1 / 3, 2 / 3]))
+    expected = []
+    for p in range(3):
+        logits = [float(states[p] @ items[targets[p]]) / t - beta * log_q[targets[p]]]
+        logits += [float(states[p] @ items[k]) / t - beta * log_q[k] for k in negatives if k != targets[p]]
+        logits = torch.tensor(logits)
+        expected.append(-torch.log_softmax(logits, 0)[0])
+    got = next_item_softmax_loss(states, targets, items, counts, negatives, t, beta)
+    torch.testing.assert_close(got, torch.stack(expected).mean())
 
 
 def test_context_does_not_reach_entity_embeddings(model: DERM) -> None:
@@ -186,9 +274,9 @@ def test_context_does_not_reach_entity_embeddings(model: DERM) -> None:
 def test_bce_only_over_labels_present(model: DERM) -> None:
     ad_labels = {"clicked": torch.tensor([1.0, 0, 0, 0]), "converted": torch.zeros(B)}
     _, out = model(make_batch(model.cfg, labels=ad_labels))
-    assert set(out["losses"]) == {"clicked", "contrastive"}
-    # No task label and no contrastive term: nothing to learn from.
-    off = DERM(small_config(contrastive=False))
+    assert set(out["losses"]) == {"clicked", "contrastive", "next_pin"}
+    # No task label and no contrastive or next-Pin term: nothing to learn from.
+    off = DERM(small_config(contrastive=False, next_pin_weight=0.0))
     with pytest.raises(ValueError):
         off(make_batch(off.cfg, labels={"converted": torch.zeros(B)}))
 
@@ -370,9 +458,41 @@ def test_distributed_model_parallel_and_train_pipeline() -> None:
             out = pipeline.progress(batches)
             assert all(torch.isfinite(v) for v in out["losses"].values())
         # Every embedding module had its input dist pipelined (forward is FX-traceable).
-        assert len(pipeline._pipelined_modules) == 4
+        assert len(pipeline._pipelined_modules) == 3
         pipeline.detach()
-        users = dmp.module.embed_users(batch.sparse, batch.dense["seq_content"])
+        users = dmp.module.embed_users(batch.sparse, batch.dense)
         torch.testing.assert_close(users.norm(dim=1), torch.ones(B))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_length_buckets_give_the_padded_result_and_gradients(causal: bool) -> None:
+    """Running the batch in groups of similar length, each padded to its own longest, gives
+    the states and gradients of one batch padded to its longest (at every valid position), in
+    float64: in float32 a few parameter gradients, sums of many cancelling terms, differ in the
+    third digit by rounding alone."""
+    import copy
+
+    from derl.models.blocks import SequenceEncoder
+
+    torch.manual_seed(0)
+    padded = SequenceEncoder(8, 6, 2, 2, 0.0, causal=causal, buckets=1).double()
+    bucketed = copy.deepcopy(padded)
+    bucketed.buckets = 3
+    lengths = torch.tensor([0, 6, 2, 1, 5, 3, 6])
+    valid = torch.arange(7).unsqueeze(0) <= lengths.unsqueeze(1)  # CLS + each row's events
+    results = []
+    for encoder in (padded, bucketed):
+        tokens = torch.randn(7, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                             requires_grad=True)
+        states = encoder(tokens, lengths, every_state=True)
+        summary = encoder(tokens, lengths)
+        (states[valid].square().sum() + summary.sum()).backward()
+        results.append((states[valid], summary, tokens.grad, {n: p.grad for n, p in encoder.named_parameters()}))
+    (s1, y1, g1, p1), (s2, y2, g2, p2) = results
+    torch.testing.assert_close(s1, s2)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(g1, g2)
+    for name in p1:
+        torch.testing.assert_close(p1[name], p2[name], msg=name)

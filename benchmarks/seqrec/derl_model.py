@@ -15,7 +15,8 @@ the day before, the earlier items on the days before those (docs/importing.md). 
   item, evaluated by `train.evaluate` like every other model.
 
 derl's sequences hold the last 32 events (`UpstreamConfig.seq_len`), not the protocol's 50.
-Settings: `--derl-epochs`, and the presets' small model unless `--derl-model default`.
+Settings: `--derl-epochs`, the presets' small model unless `--derl-model default`, and any
+other `derl train-upstream` flags in `--derl-args "..."`.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = N
     overrides = {**(SMALL_UPSTREAM if settings.derl_model == "small" else {}), "epochs": settings.derl_epochs,
                  "seed": settings.seed, "until": days[-3], "overwrite": (run / "config.json").exists()}
     t0 = time.perf_counter()
-    _derl("train-upstream", *to_flags(TrainUpstreamConfig, {"data": world, "out": run, **overrides}))
+    _derl("train-upstream", *to_flags(TrainUpstreamConfig, {"data": world, "out": run, **overrides}),
+          *settings.derl_args.split())
     train_s = time.perf_counter() - t0
     for day in (val_day, test_day):
         _derl("export", "--data", str(world), "--out", str(snaps), "--cut", day, "--version", day,

@@ -68,6 +68,7 @@ class Settings:
     # one, or the TrainUpstreamConfig defaults)
     derl_epochs: int = 5
     derl_model: str = "small"
+    derl_args: str = ""  # more `derl train-upstream` flags, after the model's: "--seq-len 50 ..."
 
 
 def device_of(settings: Settings) -> torch.device:
