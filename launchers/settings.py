@@ -64,6 +64,8 @@ class TrainUpstreamConfig:
     next_pin_weight: float = setting(_upstream("next_pin_weight"),
                                      "weight of the next-Pin term over every prefix of the sequence "
                                      "(0: off, and the sequence encoder bidirectional)")
+    next_pin_positions: int = setting(_upstream("next_pin_positions"),
+                                      "at most this many of the batch's sequence prefixes in the next-Pin term")
     next_pin_negatives: int = setting(_upstream("next_pin_negatives"),
                                       "at most this many of the batch's distinct next Pins as its negatives")
     length_buckets: int = setting(_upstream("length_buckets"),
@@ -85,7 +87,8 @@ class TrainUpstreamConfig:
     def __post_init__(self) -> None:
         check(self, positive=("nproc", "max_steps", "epochs", "batch_size", "embedding_dim", "seq_len",
                               "seq_layers", "temperature", "embedding_lr", "dense_lr", "checkpoint_every",
-                              "eval_batch_size", "memory_per_rank_gb", "next_pin_negatives", "length_buckets"),
+                              "eval_batch_size", "memory_per_rank_gb", "next_pin_positions", "next_pin_negatives",
+                              "length_buckets"),
               non_negative=("eval_every", "contrastive_weight", "next_pin_weight"), below_one=("seq_dropout",),
               fraction=("logq_strength",), widths=("tower_dims", "interaction_dims"),
               day=("from_day", "until"))
@@ -106,7 +109,8 @@ class TrainUpstreamConfig:
             interaction_dims=self.interaction_dims, contrastive=self.contrastive,
             contrastive_weight=self.contrastive_weight, logq_strength=self.logq_strength,
             center_entities=self.center, temperature=self.temperature, next_pin_weight=self.next_pin_weight,
-            next_pin_negatives=self.next_pin_negatives, length_buckets=self.length_buckets, **extra)
+            next_pin_positions=self.next_pin_positions, next_pin_negatives=self.next_pin_negatives,
+            length_buckets=self.length_buckets, **extra)
 
 
 @dataclass(frozen=True)

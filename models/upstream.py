@@ -82,11 +82,14 @@ class UpstreamConfig:
     # of the event that followed, under a sampled softmax over the batch's next Pins. > 0 makes
     # the sequence encoder causal (`SequenceEncoder`); 0 leaves one positive per row.
     next_pin_weight: float = 1.0
+    # Positions of the next-Pin term: at most this many of the batch's prefixes, drawn at random
+    # (every prefix goes through the user tower's MLP, the term's main cost).
+    next_pin_positions: int = 4096
     # Negatives of the next-Pin term: at most this many of the batch's distinct next Pins.
     next_pin_negatives: int = 2048
     # The sequence encoder runs the batch in this many groups of similar length, each padded to
     # its own longest (`SequenceEncoder`): the same result for less work on padding.
-    length_buckets: int = 4
+    length_buckets: int = 8
 
     def __post_init__(self) -> None:
         missing = [
@@ -243,7 +246,8 @@ class PinFeatures:
 
 @dataclass
 class Prefixes:
-    """The user states of a batch's sequence prefixes that have a next event: `states` [P, d],
+    """The user states of a batch's sequence prefixes that have a next event (at most
+    `next_pin_positions` of them, drawn at random): `states` [P, d],
     unit vectors from the events up to the prefix's end only (causal attention), and `events`
     [P], the flat index (in `seq_pin_id.values()`) of the event that came next. A state is not
     quite the vector of the sequence cut there: its position and gap embeddings still count
@@ -271,6 +275,7 @@ class UserTower(nn.Module):
             buckets=cfg.length_buckets)
         self.mlp = Tower((len(USER_FEATURES) + 1) * d, cfg.tower_dims, d)
         self.unit = _Unit(d, cfg.center_entities)
+        self.positions = cfg.next_pin_positions
 
     def forward(
         self, profile: torch.Tensor, events: PinFeatures, actions: JaggedTensor, gaps: JaggedTensor,
@@ -296,6 +301,9 @@ class UserTower(nn.Module):
         k = torch.arange(n + 1, device=states.device).unsqueeze(0)
         has_next = (k >= 1) & (k < kept.unsqueeze(1))
         row, step = has_next.nonzero(as_tuple=True)
+        if len(row) > self.positions:
+            keep = torch.randperm(len(row), device=row.device)[: self.positions]
+            row, step = row[keep], step[keep]
         first_kept = actions.offsets()[1:] - kept  # flat index of each row's oldest kept event
         hidden = torch.cat([states[rows, kept], states[row, step]])
         vectors = self._unit(torch.cat([profile, profile[row]]), hidden)

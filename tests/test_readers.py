@@ -261,3 +261,27 @@ def test_every_batch_has_one_key_layout_and_the_pin_sampling_probability(tiny_wo
     counts = np.bincount(_source(tiny_world, "engagements").column("pin_id").to_numpy())
     pins = organic.meta["pin_id"].numpy()
     np.testing.assert_allclose(organic.dense["pin_sampling_prob"].numpy(), counts[pins] / counts.sum(), rtol=1e-6)
+
+
+def test_sequence_events_carry_their_pins_attributes(tiny_world):
+    """Each sequence event's category and (for ads only) advertiser are its Pin's, aligned with
+    seq_pin_id: the Pin tower embeds events from them exactly as it embeds candidates."""
+    day = sorted(p.name[3:] for p in (tiny_world / "ad_events").iterdir())[4]  # users have histories
+    batch = next(iter(ExampleReader(tiny_world, "ad_events", (day, day), config=SMALL)))
+    pins = _source(tiny_world, "pins")
+    order = np.argsort(pins.column("pin_id").to_numpy())
+    category = pins.column("category").to_numpy()[order]
+    advertiser = pins.column("advertiser_id").fill_null(-1).to_numpy()[order]
+    seq = batch.sparse["seq_pin_id"]
+    events = seq.values().numpy()
+    assert len(events) > 0
+    np.testing.assert_array_equal(batch.sparse["seq_category"].values().numpy(), category[events])
+    np.testing.assert_array_equal(batch.sparse["seq_category"].lengths().numpy(), seq.lengths().numpy())
+    is_ad = batch.dense["seq_is_ad"].numpy()
+    np.testing.assert_array_equal(is_ad, advertiser[events] >= 0)
+    assert 0 < is_ad.sum() < len(events)  # the tiny world's histories hold both kinds
+    np.testing.assert_array_equal(batch.sparse["seq_advertiser_id"].values().numpy(), advertiser[events][is_ad])
+    owner = np.repeat(np.arange(batch.size), seq.lengths().numpy())
+    np.testing.assert_array_equal(batch.sparse["seq_advertiser_id"].lengths().numpy(),
+                                  np.bincount(owner[is_ad], minlength=batch.size))
+    assert len(batch.dense["seq_content"]) == len(events)
