@@ -73,11 +73,7 @@ class SequenceEncoder(nn.Module):
     objective over the whole sequence, in one forward. The summary is then the state after the
     last event. The CLS token is never masked, so an empty sequence (length 0) still has one
     valid key and gives a learned "no history" vector instead of NaN. Position embeddings count
-    back from the most recent event when bidirectional; causal, they count from the oldest
-    (kept) event, so that the state after a prefix of k events is what a history of those k
-    events alone would give: the prefixes the next-event objective trains and the whole
-    history an export embeds are the same function (right-aligned positions would give the
-    final state, the exported one, positions no prefix is trained at).
+    back from the most recent event, since sequences are oldest-first and right-padded.
 
     Length buckets: the rows are sorted by length and cut into `buckets` groups of equal size,
     each run padded to its own longest sequence, not the batch's. Padding is masked, so the
@@ -90,7 +86,7 @@ class SequenceEncoder(nn.Module):
         super().__init__()
         self.max_len, self.causal, self.buckets = max_len, causal, buckets
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.position = nn.Embedding(max_len, dim)
+        self.recency = nn.Embedding(max_len, dim)
         layer = nn.TransformerEncoderLayer(
             dim, heads, dim_feedforward=4 * dim, dropout=dropout, batch_first=True, norm_first=True
         )
@@ -118,8 +114,7 @@ class SequenceEncoder(nn.Module):
         steps = torch.arange(n, device=tokens.device)
         lengths = lengths.unsqueeze(1)
         padding = steps.unsqueeze(0) >= lengths
-        position = steps.expand_as(padding) if self.causal else (lengths - 1 - steps).clamp(min=0)
-        x = tokens + self.position(position)
+        x = tokens + self.recency((lengths - 1 - steps).clamp(min=0))
         x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1)
         padding = torch.cat([padding.new_zeros(x.size(0), 1), padding], dim=1)
         mask = None

@@ -249,9 +249,9 @@ class Prefixes:
     """The user states of a batch's sequence prefixes that have a next event (at most
     `next_pin_positions` of them, drawn at random): `states` [P, d],
     unit vectors from the events up to the prefix's end only (causal attention), and `events`
-    [P], the flat index (in `seq_pin_id.values()`) of the event that came next. A state is the
-    vector of the history cut there but for the events' gap buckets, measured from the row's
-    time rather than the prefix's end."""
+    [P], the flat index (in `seq_pin_id.values()`) of the event that came next. A state is not
+    quite the vector of the sequence cut there: its position and gap embeddings still count
+    from the row's last event and time, as SASRec's right-aligned positions do."""
 
     states: torch.Tensor
     events: torch.Tensor

@@ -161,29 +161,26 @@ def test_empty_and_overlong_sequences(model: DERM, seq_lengths) -> None:
     torch.testing.assert_close(out["user_emb"].norm(dim=1), torch.ones(B))
 
 
-def _cut_row0(batch: Batch, features, keep: slice) -> Batch:
-    """The same batch with row 0's sequence cut to events `keep` (of its own, oldest first)."""
+def _drop_oldest(batch: Batch, features, row_lengths, drop: int) -> Batch:
+    """The same batch with row 0's `drop` oldest events removed."""
     kjt = batch.sparse.to_dict()
     is_ad = batch.dense["seq_is_ad"]
-    n0 = int(kjt["seq_pin_id"].lengths()[0])
-    kept = torch.zeros(len(is_ad), dtype=torch.bool)
-    kept[n0:] = True
-    kept[torch.arange(n0)[keep]] = True
     values, lengths = [], []
     for f in features:
         jt = kjt[f]
         if f == "seq_advertiser_id":  # only ad events carry one
-            values.append(jt.values()[kept[is_ad]])
-            lengths.append(torch.cat([kept[:n0][is_ad[:n0]].sum().view(1), jt.lengths()[1:]]))
+            cut = int(is_ad[:drop].sum())
+            values.append(jt.values()[cut:])
+            lengths.append(jt.lengths() - torch.tensor([cut] + [0] * (B - 1)))
         elif f.startswith("seq_"):
-            values.append(jt.values()[kept])
-            lengths.append(torch.cat([kept[:n0].sum().view(1), jt.lengths()[1:]]))
+            values.append(jt.values()[drop:])
+            lengths.append(torch.tensor(row_lengths))
         else:
             values.append(jt.values())
             lengths.append(jt.lengths())
     sparse = KeyedJaggedTensor.from_lengths_sync(
-        keys=list(features), values=torch.cat(values), lengths=torch.cat(lengths).int())
-    dense = {**batch.dense, "seq_content": batch.dense["seq_content"][kept], "seq_is_ad": is_ad[kept]}
+        keys=list(features), values=torch.cat(values), lengths=torch.cat(lengths))
+    dense = {**batch.dense, "seq_content": batch.dense["seq_content"][drop:], "seq_is_ad": is_ad[drop:]}
     return Batch(sparse=sparse, dense=dense, labels=batch.labels)
 
 
@@ -194,30 +191,47 @@ def test_overlong_sequence_keeps_its_latest_events(next_pin_weight: float) -> No
     torch.manual_seed(0)
     model = DERM(small_config(next_pin_weight=next_pin_weight)).eval()
     long = make_batch(model.cfg, seq_lengths=(7, 1, 0, 2))
-    cut = _cut_row0(long, model.cfg.sparse_features, slice(2, None))
+    cut = _drop_oldest(long, model.cfg.sparse_features, [5, 1, 0, 2], drop=2)
     torch.testing.assert_close(model.embed_users(long.sparse, long.dense), model.embed_users(cut.sparse, cut.dense))
 
 
-def test_prefix_states_are_the_user_vectors_of_the_cut_histories() -> None:
-    """The causal encoder: the state after row 0's first k events is the user vector of a
-    history of those k events alone (positions count from the oldest event; the batch's gap
-    buckets are per event), so no prefix sees a later event, and the prefixes the next-Pin term
-    trains are what an export of such a history gives."""
+def _with_last_event_changed(batch: Batch, row_lengths) -> Batch:
+    """The same batch with row 0's newest event's Pin id changed."""
+    kjt = batch.sparse.to_dict()
+    last = row_lengths[0] - 1
+    values, lengths = [], []
+    for f in kjt:
+        v = kjt[f].values().clone()
+        if f == "seq_pin_id":
+            v[last] = (v[last] + 1) % VOCAB["pin_id"]
+        values.append(v)
+        lengths.append(kjt[f].lengths())
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=list(kjt), values=torch.cat(values), lengths=torch.cat(lengths))
+    return Batch(sparse=sparse, dense=batch.dense, labels=batch.labels)
+
+
+def test_prefix_states_never_see_later_events() -> None:
+    """The causal encoder: every prefix state of row 0 ignores its newest event, which only the
+    final user vector (and the state before it, as its target) sees."""
     torch.manual_seed(0)
     model = DERM(small_config()).eval()
     lengths = (4, 1, 0, 2)
     batch = make_batch(model.cfg, seq_lengths=lengths)
-    ids = model.sequence_ec(batch.sparse)
-    profile = torch.cat([model.user_ebc(batch.sparse)[f] for f in ("user_id", "country", "age_bucket", "gender")], 1)
-    towers = model.towers
-    user, prefixes = towers.user(profile, towers.events(ids, batch.dense["seq_content"], batch.dense["seq_is_ad"]),
-                                 ids["seq_action"], ids["seq_gap"], prefixes=True)
-    torch.testing.assert_close(user, model.embed_users(batch.sparse, batch.dense))
+    changed = _with_last_event_changed(batch, lengths)
+
+    def states(b: Batch):
+        towers = model.towers
+        ids = model.sequence_ec(b.sparse)
+        profile = torch.cat([model.user_ebc(b.sparse)[f] for f in ("user_id", "country", "age_bucket", "gender")], 1)
+        return towers.user(profile, towers.events(ids, b.dense["seq_content"], b.dense["seq_is_ad"]), ids["seq_action"], ids["seq_gap"], prefixes=True)
+
+    user, prefixes = states(batch)
+    user2, prefixes2 = states(changed)
     # Prefixes with a next event: after events 1..3 of row 0 (targets 2..4) and event 1 of row 3.
     assert prefixes.events.tolist() == [1, 2, 3, 6]
-    for k in (1, 2, 3):
-        cut = _cut_row0(batch, model.cfg.sparse_features, slice(0, k))
-        torch.testing.assert_close(prefixes.states[k - 1], model.embed_users(cut.sparse, cut.dense)[0])
+    torch.testing.assert_close(prefixes.states, prefixes2.states, rtol=0, atol=0)
+    assert not torch.allclose(user[0], user2[0])
+    torch.testing.assert_close(user[1:], user2[1:], rtol=0, atol=0)
 
 
 def test_next_pin_term_follows_its_weight() -> None:
