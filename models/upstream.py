@@ -84,12 +84,12 @@ class UpstreamConfig:
     next_pin_weight: float = 1.0
     # Positions of the next-Pin term: at most this many of the batch's prefixes, drawn at random
     # (every prefix goes through the user tower's MLP, the term's main cost).
-    next_pin_positions: int = 4096
+    next_pin_positions: int = 1024
     # Negatives of the next-Pin term: at most this many of the batch's distinct next Pins.
-    next_pin_negatives: int = 2048
+    next_pin_negatives: int = 1024
     # The sequence encoder runs the batch in this many groups of similar length, each padded to
     # its own longest (`SequenceEncoder`): the same result for less work on padding.
-    length_buckets: int = 8
+    length_buckets: int = 4
 
     def __post_init__(self) -> None:
         missing = [
