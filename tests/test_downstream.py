@@ -247,7 +247,7 @@ def coupled_pin_worker(run: str, world: str) -> dict:
                                config=ReaderConfig(batch_size=512, shuffle_buffer=0, prefetch=0))
         batch = next(iter(reader))
         with torch.no_grad():
-            pins = dmp.module.towers.models["engagement"].embed_pins(batch.sparse, batch.dense["content_emb"])
+            pins = dmp.module.towers.models["engagement"].embed_pins(batch.sparse, batch.dense)
         return {"pin_id": batch.meta["pin_id"].numpy(), "vectors": pins.numpy()}
     finally:
         derl_dist.shutdown()
