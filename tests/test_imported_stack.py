@@ -40,10 +40,10 @@ def test_a_taobao_ad_world_runs_through_the_pipeline(tmp_path):
     assert "Left out:" in md and "no CVR head" in md
 
 
-def _import_train_export_retrieve(tmp_path, fmt, source, *import_flags):
+def _import_train_export_retrieve(tmp_path, fmt, source, *import_flags, epochs=1):
     world, run, snaps = tmp_path / "world", tmp_path / "up", tmp_path / "snaps"
     derl("import", fmt, "--input", str(source), "--out", str(world), *import_flags)
-    derl("train-upstream", "--data", str(world), "--out", str(run), "--epochs", "1", *SMALL)
+    derl("train-upstream", "--data", str(world), "--out", str(run), "--epochs", str(epochs), *SMALL)
     metrics = json.loads((run / "metrics.json").read_text())
     derl("export", "--data", str(world), "--out", str(snaps), "--upstream", f"engagement={run}")
     out = derl("retrieve", "--snapshots", str(snaps), "--user", "0", "-k", "10").stdout
@@ -57,13 +57,15 @@ def _import_train_export_retrieve(tmp_path, fmt, source, *import_flags):
 def test_real_userbehavior_rows_go_from_import_to_retrieval(tmp_path):
     metrics = _import_train_export_retrieve(
         tmp_path, "taobao-behavior", DATA / "taobao-userbehavior" / "UserBehavior_head.csv")
-    # Measured (1 epoch, the small model): recall@50 0.014 against popularity's 0.003.
+    # Measured (1 epoch, the small model): recall@50 0.027 against popularity's 0.003.
     assert metrics["recall@50"] > 3 * metrics["popularity_recall@50"]
 
 
 def test_real_movielens_goes_from_import_to_retrieval(tmp_path):
     metrics = _import_train_export_retrieve(
-        tmp_path, "movielens", DATA / "movielens-100k" / "ml-100k.inter", "--from-day", "1997-12-17")
-    # Measured (1 epoch, the small model): recall@50 0.113 against popularity's 0.100. MovieLens
-    # is popularity-heavy; the model must still find more than the most-rated films do.
-    assert metrics["recall@50"] > metrics["popularity_recall@50"]
+        tmp_path, "movielens", DATA / "movielens-100k" / "ml-100k.inter", "--from-day", "1997-12-17",
+        epochs=3)
+    # Measured (the small model): recall@50 0.164 after 3 epochs against popularity's 0.100 (0.128
+    # after 2, 0.104 after 1 here and 0.095 on CI's machine). MovieLens is popularity-heavy; one
+    # epoch is not enough for the model to find more than the most-rated films do.
+    assert metrics["recall@50"] > 1.3 * metrics["popularity_recall@50"]
