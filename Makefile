@@ -24,10 +24,12 @@ $(VENV)/.derl-installed: requirements/cpu.txt pyproject.toml
 demo: setup
 	$(VENV)/bin/derl pipeline --workdir $(DEMO_DIR) --preset demo --nproc $(NPROC)
 
-# Everything (what CI runs, about 10 min here); test-fast: the unit tier, no subprocesses,
-# no multi-rank runs, no pipeline (at most 90 s here), for the inner loop.
+# Everything (what CI runs): two pytest-xdist workers, a test file each at a time, one thread per
+# process (docs/testing.md); test-fast: the unit tier, no subprocesses, no multi-rank runs, no
+# pipeline (at most 90 s here), for the inner loop.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -x
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow"

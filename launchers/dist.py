@@ -49,8 +49,10 @@ def init() -> Worker:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-        # Ranks on one host share its cores; oversubscribing them slows everyone.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # Ranks on one host share its cores; oversubscribing them slows everyone. OMP_NUM_THREADS,
+        # where set (torchrun sets it, and so does `make test`, which runs two test workers), wins.
+        threads = os.environ.get("OMP_NUM_THREADS")
+        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend)

@@ -6,6 +6,7 @@ TorchX) or needs a trained model: it says so with `@pytest.mark.slow`, or it use
 fixtures below that train or export through the CLI (`SLOW_FIXTURES`), which marks it here.
 """
 
+import os
 import shutil
 from pathlib import Path
 
@@ -43,11 +44,20 @@ def world_copy(tiny_world, tmp_path) -> Path:
 def tiny_pipeline(tmp_path_factory) -> Path:
     """`derl pipeline --preset tiny`, once per test session: its world is `tiny_world`'s twin
     (same preset and seed), and its trained upstream runs, snapshot and rankers serve every test
-    that needs trained models (the pipeline's own tests read its report)."""
+    that needs trained models (the pipeline's own tests read its report).
+
+    Under pytest-xdist (`make test` runs two workers) the workers share one pipeline: the first
+    to need it runs it under a file lock, the others wait for it and then find it done."""
+    from filelock import FileLock
     from helpers import derl
 
-    workdir = tmp_path_factory.mktemp("pipeline") / "tiny"
-    derl("pipeline", "--workdir", str(workdir), "--preset", "tiny")
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    workdir = root / "pipeline-tiny"
+    with FileLock(str(workdir) + ".lock"):
+        if not (workdir / "report.json").exists():
+            derl("pipeline", "--workdir", str(workdir), "--preset", "tiny")
     return workdir
 
 
