@@ -42,6 +42,9 @@ def init() -> Worker:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads and not (threads.isdigit() and int(threads) > 0):
+        raise ValueError(f"OMP_NUM_THREADS must be a positive whole number of threads, got {threads!r}")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -51,7 +54,6 @@ def init() -> Worker:
         backend = "gloo"
         # Ranks on one host share its cores; oversubscribing them slows everyone. OMP_NUM_THREADS,
         # where set (torchrun sets it, and so does `make test`, which runs two test workers), wins.
-        threads = os.environ.get("OMP_NUM_THREADS")
         torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:

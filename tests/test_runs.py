@@ -162,3 +162,11 @@ def test_other_stages_name_their_bad_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_bad_omp_num_threads_is_named_before_any_process_group(monkeypatch):
+    from derl.launchers import dist as derl_dist
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a positive whole number of threads, got 'two'"):
+        derl_dist.init()
