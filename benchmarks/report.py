@@ -34,7 +34,7 @@ def write(out: Path, name: str, rows: List[Dict[str, object]], meta: Dict[str, o
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     cols = list(rows[0])
-    fmt = lambda v: f"{v:,.1f}" if isinstance(v, float) else str(v)
+    fmt = lambda v: (f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}") if isinstance(v, float) else str(v)
     lines = [
         f"# {name}",
         "",

@@ -32,6 +32,12 @@ through `launch`, each rank with cores / ranks intra-op `threads` unless --threa
   (profiled_step_ms against step_ms shows how much), which weighs on op-heavy parts such as
   the embedding modules' KJT plumbing more than on a few large matmuls; the shares are of
   the plain loop, whose input dist the pipeline would overlap.
+- transformer_gflop_s, matmul_gflop_s, fraction_of_matmul_peak, sasrec_examples_per_s (1 rank,
+  plain loop, after the breakdown): `upstream_limits.measure` on one more training batch: the
+  sequence transformer's achieved rate against a plain matmul's, and the reference SASRec's
+  training examples/s on the same history lengths. `headline` (in the JSON's meta), per length:
+  the 1-rank pipeline's examples/s, that fraction, and upstream_vs_sasrec_ratio = those
+  examples/s / SASRec's.
 Measure on an otherwise idle machine: where other processes hold the cores, intra-op threads
 wait on each other (one rank with 2 threads was seen many times slower per step than with 1;
 the figure: docs/results.md, "Benchmarks").
@@ -53,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from derl.benchmarks import report
+from derl.benchmarks import report, upstream_limits
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.world import PRESETS, WORLD_META, generate
@@ -63,6 +69,8 @@ from derl.launchers.config import default_of
 from derl.launchers.settings import TrainUpstreamConfig
 
 EMBEDDING_MODULES = ("user_ebc", "context_ebc", "sequence_ec")
+# `upstream_limits` figures in the table (the plain 1-rank rows).
+LIMITS = ("transformer_gflop_s", "matmul_gflop_s", "fraction_of_matmul_peak", "sasrec_examples_per_s")
 SEQ_LENS = (32, 128)
 # Train on the last upstream days: the reader goes through days in order (a bounded shuffle),
 # so a short run from the first day would see users with no history yet: empty sequences.
@@ -125,6 +133,8 @@ def _worker(spec: Dict) -> Dict[str, float]:
                "threads": torch.get_num_threads(), "peak_rss_mb": report.peak_rss_mb()}
         if spec["profile_steps"] and spec["loop"] == "plain" and worker.world_size == 1:
             out.update(_breakdown(dmp, step, spec["profile_steps"]))
+        if spec.get("limits") and worker.world_size == 1:
+            out.update(_limits(dmp.module, step))
         batches.close()
         return out
     finally:
@@ -178,6 +188,34 @@ def _breakdown(dmp, step, steps: int) -> Dict[str, float]:
     total = span("derl::step")
     shares = {f"{k}_%": 100 * v / total for k, v in {**spent, "data": span("derl::data")}.items()}
     return {**shares, "rest_%": 100 - sum(shares.values()), "profiled_step_ms": total / 1e3 / steps}
+
+
+def _limits(model, step) -> Dict[str, float]:
+    """`upstream_limits.measure` on the next training batch's sequences (one more step, whose
+    encoder inputs a hook keeps)."""
+    encoder = model.towers.user.sequence
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["events"], seen["lengths"] = args[0].detach(), args[1]
+
+    handle = encoder.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        step()
+    finally:
+        handle.remove()
+    return upstream_limits.measure(encoder, seen["events"], seen["lengths"], model.cfg.num_embeddings["pin_id"])
+
+
+def headline_of(rows: List[Dict]) -> Dict[str, float]:
+    """One sequence length's figures: examples/s of 1 rank on the pipeline (the way
+    `train-upstream` trains), the transformer's fraction of the matmul rate and that examples/s
+    over the reference SASRec's (both measured in the plain 1-rank run)."""
+    pipeline = next(r for r in rows if r["world_size"] == 1 and r["loop"] == "pipeline")
+    plain = next(r for r in rows if r["world_size"] == 1 and r["loop"] == "plain")
+    return {"examples_per_s": pipeline["examples_per_s"],
+            "fraction_of_matmul_peak": plain["fraction_of_matmul_peak"],
+            "upstream_vs_sasrec_ratio": pipeline["examples_per_s"] / plain["sasrec_examples_per_s"]}
 
 
 def _worlds(args) -> Dict[int, Path]:
@@ -244,7 +282,8 @@ def main() -> None:
                       "seq_layers": args.seq_layers, "max_steps": warmup + steps,
                       **_bench_days(worlds[seq_len])}
             spec = {"config": config, "seq_len": seq_len, "loop": loop, "steps": steps,
-                    "warmup": warmup, "profile_steps": profile_steps, "threads": args.threads}
+                    "warmup": warmup, "profile_steps": profile_steps, "threads": args.threads,
+                    "limits": loop == "plain"}
             print(f"seq {seq_len}, {world_size} rank(s), {loop} ...", flush=True)
             # A fresh process per configuration: its peak memory and threads are its own.
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
@@ -256,14 +295,16 @@ def main() -> None:
                 "examples_per_s": examples / r["seconds"],
                 "step_ms": 1e3 * r["seconds"] / steps,
                 **{k: r.get(k, "-") for k in ("embedding_%", "transformer_%", "data_%", "rest_%",
-                                              "profiled_step_ms")},
+                                              "profiled_step_ms", *LIMITS)},
                 "peak_rss_mb": r["peak_rss_mb"],
             })
+    headline = {n: headline_of([r for r in rows if r["seq_len"] == n]) for n in SEQ_LENS}
     machine = {k: v for k, v in report.machine().items() if k != "threads"}  # per row instead
     meta = {**machine, "cores": os.cpu_count(), "batch_size": args.batch_size,
             "embedding_dim": args.embedding_dim, "seq_layers": args.seq_layers, "steps": steps,
             "warmup": warmup, "profile_steps": profile_steps,
-            "worlds": {n: f"{w} (stored seq {_stored_seq_len(w)})" for n, w in worlds.items()}}
+            "worlds": {n: f"{w} (stored seq {_stored_seq_len(w)})" for n, w in worlds.items()},
+            "headline": headline}
     md = report.write(args.out, "upstream", rows, meta)
     _plot(rows, args.out / "upstream.png")
     print(md.read_text())

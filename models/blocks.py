@@ -6,6 +6,7 @@ modules (DDP-replicated) and TorchRec's train pipelines treat them as FX leaves.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -63,66 +64,131 @@ class Tower(nn.Module):
         return self.head(self.layers(x))
 
 
+class EncoderLayer(nn.Module):
+    """A pre-norm transformer layer over packed tokens: x + attention(LN(x)), then x + FFN(LN(x)),
+    as `nn.TransformerEncoderLayer(norm_first=True)` computes it (same parameter shapes, ReLU
+    FFN of width 4 * dim), except that the projections, the FFN and the norms run on the real
+    tokens only ([T, dim], no padding) and only attention sees padded groups (`Groups`).
+    Dropout acts on the residual branches and inside the FFN, not on the attention weights:
+    attention dropout keeps `scaled_dot_product_attention` off its fused CPU kernel and its
+    random draws were the largest single cost of a CPU step (docs/results.md, "Upstream training")."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm_attn = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ff1 = nn.Linear(dim, 4 * dim)
+        self.ff2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor, groups: "Groups") -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        x = x + F.dropout(self.out(groups.attend(self.qkv(self.norm_attn(x)), self.heads)), p, self.training)
+        hidden = F.dropout(F.relu(self.ff1(self.norm_ffn(x))), p, self.training)
+        return x + F.dropout(self.ff2(hidden), p, self.training)
+
+
+class Groups:
+    """Where a batch's packed sequences sit for attention: rows sorted by length and cut into
+    `buckets` groups of equal size, each padded to its own longest sequence. `index[g]` [rows,
+    m]: the packed position of each group slot (T, a zero row, for padding); `back`: the
+    permutation that puts the groups' valid slots back in packed order. A group pays for its
+    own padding only, and only in attention, the one part that must see a row as a whole."""
+
+    def __init__(self, lengths: torch.Tensor, starts: torch.Tensor, total: int, buckets: int,
+                 causal: bool) -> None:
+        self.causal, self.total = causal, total
+        order = torch.argsort(lengths)
+        self.index, self.valid, slots = [], [], []
+        for rows in order.tensor_split(min(buckets, len(order))):
+            m = int(lengths[rows].max())
+            steps = torch.arange(m, device=lengths.device)
+            valid = steps.unsqueeze(0) < lengths[rows].unsqueeze(1)
+            index = torch.where(valid, starts[rows].unsqueeze(1) + steps, total)
+            self.index.append(index)
+            self.valid.append(valid)
+            slots.append(index[valid])
+        self.back = torch.argsort(torch.cat(slots))
+
+    def attend(self, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        """[T, 3 * dim] packed queries, keys, values -> [T, dim] attention outputs. Causal: each
+        position sees itself and what precedes it in its row (a row's valid positions come
+        first, so padding is never among them). Bidirectional: every valid position of the row."""
+        dim = qkv.size(1) // 3
+        qkv = F.pad(qkv, (0, 0, 0, 1))
+        parts = []
+        for index, valid in zip(self.index, self.valid):
+            rows, m = index.shape
+            q, k, v = qkv[index].view(rows, m, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            mask = None if self.causal else valid[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+            parts.append(out.transpose(1, 2).reshape(rows, m, dim)[valid])
+        return torch.cat(parts)[self.back]
+
+
 class SequenceEncoder(nn.Module):
-    """Transformer over a padded event sequence, behind a learned CLS token.
+    """Transformer over each row's latest `max_len` events, behind a learned CLS token, computed
+    on the real events only (packed, no padding but in attention's groups: `Groups`).
 
     Bidirectional (`causal=False`): every event attends to every other and the CLS output is
     the summary. Causal: the CLS token comes first and each position attends to itself and
-    what came before, so position k's output is the state after the sequence's first k events
+    what came before, so position k's output is the state after the row's first k kept events
     (k = 0: the CLS token alone, "no history"): every prefix's state, for a next-event
     objective over the whole sequence, in one forward. The summary is then the state after the
-    last event. The CLS token is never masked, so an empty sequence (length 0) still has one
-    valid key and gives a learned "no history" vector instead of NaN. Position embeddings count
-    back from the most recent event, since sequences are oldest-first and right-padded.
-
-    Length buckets: the rows are sorted by length and cut into `buckets` groups of equal size,
-    each run padded to its own longest sequence, not the batch's. Padding is masked, so the
-    result is the padded batch's (up to float rounding); what goes is the work on padding,
-    which on skewed lengths (a few long histories, many short) is most of a padded batch.
+    last event. An empty sequence (length 0) is its CLS token alone and gives a learned "no
+    history" vector. Position embeddings count back from the most recent event (sequences are
+    oldest-first).
     """
 
     def __init__(self, dim: int, max_len: int, layers: int, heads: int, dropout: float,
                  causal: bool = False, buckets: int = 1) -> None:
         super().__init__()
         self.max_len, self.causal, self.buckets = max_len, causal, buckets
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.cls = nn.Parameter(torch.randn(1, dim) * 0.02)
         self.recency = nn.Embedding(max_len, dim)
-        layer = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=4 * dim, dropout=dropout, batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.layers = nn.ModuleList(EncoderLayer(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, every_state: bool = False) -> torch.Tensor:
-        """tokens: [B, n <= max_len, dim], valid in the first `lengths[b]` steps; returns the
-        summary of each sequence [B, dim], or with `every_state` [B, n + 1, dim]: the CLS
-        output, then each event's (zero past a row's bucket's longest sequence)."""
-        n = tokens.size(1)
-        lengths = lengths.clamp(max=n)
-        if self.buckets <= 1:
-            return self._encode(tokens, lengths, every_state)
-        order = torch.argsort(lengths)
-        parts = []
-        for rows in order.tensor_split(min(self.buckets, len(order))):
-            m = int(lengths[rows].max().clamp(min=1))
-            part = self._encode(tokens[rows, :m], lengths[rows], every_state)
-            parts.append(F.pad(part, (0, 0, 0, n - m)) if every_state else part)
-        return torch.cat(parts)[torch.argsort(order)]
-
-    def _encode(self, tokens: torch.Tensor, lengths: torch.Tensor, every_state: bool) -> torch.Tensor:
-        n = tokens.size(1)
-        steps = torch.arange(n, device=tokens.device)
-        lengths = lengths.unsqueeze(1)
-        padding = steps.unsqueeze(0) >= lengths
-        x = tokens + self.recency((lengths - 1 - steps).clamp(min=0))
-        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1)
-        padding = torch.cat([padding.new_zeros(x.size(0), 1), padding], dim=1)
-        mask = None
-        if self.causal:
-            mask = torch.ones(n + 1, n + 1, dtype=torch.bool, device=x.device).triu(diagonal=1)
-        states = self.norm(self.encoder(x, mask=mask, src_key_padding_mask=padding, is_causal=self.causal))
+    def forward(self, events: torch.Tensor, lengths: torch.Tensor,
+                every_state: bool = False) -> torch.Tensor:
+        """events: [E, dim], every row's events flat and oldest-first (`lengths` [B] of them
+        each); returns the summary of each row [B, dim], or with `every_state` the packed
+        states [T, dim] laid out as `layout(lengths)` says: per row its CLS output, then one
+        per kept event (the latest max_len)."""
+        packed = self.layout(lengths)
+        first_kept = torch.cumsum(lengths, 0) - packed.kept  # flat index of each row's oldest kept event
+        source = first_kept[packed.row] + packed.step - 1
+        events = F.pad(events, (0, 0, 0, 1))  # a row to point CLS slots at, even with no events
+        tokens = events[torch.where(packed.step > 0, source, len(events) - 1)]
+        recency = self.recency((packed.kept[packed.row] - packed.step).clamp(0, self.max_len - 1))  # CLS: unused
+        x = torch.where((packed.step > 0).unsqueeze(1), tokens + recency, self.cls)
+        groups = Groups(packed.kept + 1, packed.starts, len(x), self.buckets, self.causal)
+        for layer in self.layers:
+            x = layer(x, groups)
+        states = self.norm(x)
         if every_state:
             return states
-        if not self.causal:
-            return states[:, 0]
-        return states[torch.arange(len(states), device=states.device), lengths.squeeze(1)]
+        return states[packed.starts + packed.kept] if self.causal else states[packed.starts]
+
+    def layout(self, lengths: torch.Tensor) -> "Packed":
+        """Where each row's CLS and kept events sit among the packed tokens."""
+        kept = lengths.clamp(max=self.max_len)
+        size = kept + 1
+        starts = torch.cumsum(size, 0) - size
+        total = int(size.sum())
+        row = torch.repeat_interleave(torch.arange(len(kept), device=kept.device), size, output_size=total)
+        return Packed(kept, starts, row, torch.arange(total, device=kept.device) - starts[row])
+
+
+@dataclass
+class Packed:
+    """The packed token layout of a batch of sequences: `kept` [B] events per row (at most
+    max_len, the latest), `starts` [B] each row's first (CLS) slot; per slot [T], its `row` and
+    its `step` (0: CLS, k: the row's k-th kept event, oldest first)."""
+
+    kept: torch.Tensor
+    starts: torch.Tensor
+    row: torch.Tensor
+    step: torch.Tensor

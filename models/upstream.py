@@ -160,17 +160,6 @@ def _sequence_tables(cfg: UpstreamConfig) -> List[EmbeddingConfig]:
     return shared + [table("seq_action", ["seq_action"]), table("seq_gap", ["seq_gap"])]
 
 
-def _latest(events: JaggedTensor, n: int) -> torch.Tensor:
-    """[B, n, d]: each row's last n event embeddings (sequences are oldest-first), zero-padded
-    at the end. Unlike `to_padded_dense`, which keeps the first n, an over-long sequence loses
-    its oldest events, not its newest."""
-    keep = events.lengths().clamp(max=n).unsqueeze(1)
-    steps = torch.arange(n, device=keep.device)
-    values = F.pad(events.values(), (0, 0, 0, 1))  # one zero row to point padding at
-    start = events.offsets()[1:].unsqueeze(1) - keep
-    return values[torch.where(steps < keep, start + steps, values.size(0) - 1)]
-
-
 def _pooled(embeddings: KeyedTensor, features: Sequence[str]) -> torch.Tensor:
     """[B, len(features) * d] in the given feature order. A sharded EBC's output keys follow the
     sharding plan, not the config, so never rely on `KeyedTensor.values()`'s order."""
@@ -285,29 +274,23 @@ class UserTower(nn.Module):
         actions/gaps: the events' action and gap embeddings, jagged per row. Returns [B, d] unit
         user vectors, and with `prefixes` (causal encoder only) the prefixes' states."""
         lengths = actions.lengths()
-        # Pad to the longest sequence in the batch, not to max_len: attention cost is quadratic.
-        n = int(lengths.max().clamp(min=1, max=self.sequence.max_len))
         flat = (events.pin + events.category + events.advertiser + self.content(events.content)
                 + actions.values() + gaps.values())
-        tokens = _latest(JaggedTensor(values=flat, lengths=lengths), n)
         if not prefixes:
-            return self._unit(profile, self.sequence(tokens, lengths)), None
+            return self._unit(profile, self.sequence(flat, lengths)), None
         if not self.sequence.causal:
             raise ValueError("prefix states need the causal encoder (next_pin_weight > 0)")
-        states = self.sequence(tokens, lengths, every_state=True)  # [B, n + 1, d]: CLS, then each event
-        kept = lengths.clamp(max=n)
-        rows = torch.arange(len(states), device=states.device)
+        states = self.sequence(flat, lengths, every_state=True)  # packed: per row CLS, then each event
+        packed = self.sequence.layout(lengths)
+        kept, row, step = packed.kept, packed.row, packed.step
         # The state after k >= 1 of the kept events predicts kept event k + 1 (0-based: k).
-        k = torch.arange(n + 1, device=states.device).unsqueeze(0)
-        has_next = (k >= 1) & (k < kept.unsqueeze(1))
-        row, step = has_next.nonzero(as_tuple=True)
-        if len(row) > self.positions:
-            keep = torch.randperm(len(row), device=row.device)[: self.positions]
-            row, step = row[keep], step[keep]
+        position = ((step >= 1) & (step < kept[row])).nonzero().squeeze(1)
+        if len(position) > self.positions:
+            position = position[torch.randperm(len(position), device=position.device)[: self.positions]]
+        row, step = row[position], step[position]
         first_kept = actions.offsets()[1:] - kept  # flat index of each row's oldest kept event
-        hidden = torch.cat([states[rows, kept], states[row, step]])
-        vectors = self._unit(torch.cat([profile, profile[row]]), hidden)
-        return vectors[: len(rows)], Prefixes(vectors[len(rows):], first_kept[row] + step)
+        vectors = self._unit(torch.cat([profile, profile[row]]), states[torch.cat([packed.starts + kept, position])])
+        return vectors[: len(kept)], Prefixes(vectors[len(kept):], first_kept[row] + step)
 
     def _unit(self, profile: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         return self.unit(self.mlp(torch.cat([profile, history], dim=1)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 from typing import Dict, Optional, Sequence
 
@@ -114,7 +115,7 @@ def test_forward_backward_reaches_tables_and_transformer(model: DERM) -> None:
         "user_ebc.embedding_bags.t_user_id.weight",
         "context_ebc.embedding_bags.t_hour.weight",
         "towers.user.sequence.cls",
-        "towers.user.sequence.encoder.layers.0.self_attn.in_proj_weight",
+        "towers.user.sequence.layers.0.qkv.weight",
     ):
         assert params[name].grad.abs().sum() > 0, name
 
@@ -466,33 +467,85 @@ def test_distributed_model_parallel_and_train_pipeline() -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_length_buckets_give_the_padded_result_and_gradients(causal: bool) -> None:
-    """Running the batch in groups of similar length, each padded to its own longest, gives
-    the states and gradients of one batch padded to its longest (at every valid position), in
-    float64: in float32 a few parameter gradients, sums of many cancelling terms, differ in the
-    third digit by rounding alone."""
-    import copy
+def _padded_reference(encoder, events: torch.Tensor, lengths: torch.Tensor):
+    """What `encoder` computes, the padded way: each row's latest max_len events right-padded
+    to the longest, behind CLS, through PyTorch's own `nn.TransformerEncoder` (norm first,
+    dropout 0) holding the same weights. Returns the states [B, n + 1, d] and the reference
+    module (its parameters named as PyTorch names them)."""
+    from torch import nn
 
+    dim, heads = encoder.cls.size(1), encoder.layers[0].heads
+    layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+    reference = nn.ModuleDict({"layers": nn.TransformerEncoder(layer, len(encoder.layers), enable_nested_tensor=False),
+                               "norm": copy.deepcopy(encoder.norm)}).double()
+    for ours, theirs in zip(encoder.layers, reference["layers"].layers):
+        theirs.self_attn.in_proj_weight.data.copy_(ours.qkv.weight)
+        theirs.self_attn.in_proj_bias.data.copy_(ours.qkv.bias)
+        for a, b in (("out", "self_attn.out_proj"), ("ff1", "linear1"), ("ff2", "linear2"),
+                     ("norm_attn", "norm1"), ("norm_ffn", "norm2")):
+            theirs.get_submodule(b).load_state_dict(getattr(ours, a).state_dict())
+    kept = lengths.clamp(max=encoder.max_len)
+    n = int(kept.max())
+    ends = torch.cumsum(lengths, 0)
+    rows = []
+    for b in range(len(lengths)):
+        mine = events[ends[b] - kept[b]: ends[b]] + encoder.recency(torch.arange(int(kept[b]) - 1, -1, -1))
+        rows.append(torch.cat([encoder.cls, mine, events.new_zeros(n - int(kept[b]), dim)]))
+    x = torch.stack(rows)
+    padding = torch.arange(n + 1).unsqueeze(0) > kept.unsqueeze(1)
+    causal = torch.ones(n + 1, n + 1, dtype=torch.bool).triu(1) if encoder.causal else None
+    states = reference["norm"](reference["layers"](x, mask=causal, src_key_padding_mask=padding,
+                                                    is_causal=encoder.causal))
+    return states, reference
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_encoder_gives_the_padded_transformers_states_and_gradients(causal: bool) -> None:
+    """The packed encoder (real tokens only, attention in length groups) against the padded
+    batch through `nn.TransformerEncoder` with the same weights: the same states at every valid
+    position and the same gradients for the events and every weight, in float64 (in float32 a
+    few gradients, sums of many cancelling terms, differ in the third digit by rounding alone).
+    A row longer than max_len keeps its latest events; an empty row is its CLS alone."""
     from derl.models.blocks import SequenceEncoder
 
     torch.manual_seed(0)
-    padded = SequenceEncoder(8, 6, 2, 2, 0.0, causal=causal, buckets=1).double()
-    bucketed = copy.deepcopy(padded)
-    bucketed.buckets = 3
-    lengths = torch.tensor([0, 6, 2, 1, 5, 3, 6])
-    valid = torch.arange(7).unsqueeze(0) <= lengths.unsqueeze(1)  # CLS + each row's events
-    results = []
-    for encoder in (padded, bucketed):
-        tokens = torch.randn(7, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
-                             requires_grad=True)
-        states = encoder(tokens, lengths, every_state=True)
-        summary = encoder(tokens, lengths)
-        (states[valid].square().sum() + summary.sum()).backward()
-        results.append((states[valid], summary, tokens.grad, {n: p.grad for n, p in encoder.named_parameters()}))
-    (s1, y1, g1, p1), (s2, y2, g2, p2) = results
-    torch.testing.assert_close(s1, s2)
-    torch.testing.assert_close(y1, y2)
-    torch.testing.assert_close(g1, g2)
-    for name in p1:
-        torch.testing.assert_close(p1[name], p2[name], msg=name)
+    encoder = SequenceEncoder(8, 6, 2, 2, 0.0, causal=causal, buckets=3).double()
+    lengths = torch.tensor([0, 6, 2, 1, 9, 3, 6])
+    events = torch.randn(int(lengths.sum()), 8, dtype=torch.float64, requires_grad=True)
+    packed = encoder(events, lengths, every_state=True)
+    summary = encoder(events, lengths)
+    (packed.square().sum() + summary.sum()).backward()
+    ours = {n: p.grad.clone() for n, p in encoder.named_parameters()}
+    events_grad, events.grad = events.grad.clone(), None
+    encoder.zero_grad()
+
+    padded, reference = _padded_reference(encoder, events, lengths)
+    kept = lengths.clamp(max=6)
+    valid = torch.arange(padded.size(1)).unsqueeze(0) <= kept.unsqueeze(1)
+    last = padded[torch.arange(len(kept)), kept] if causal else padded[:, 0]
+    (padded[valid].square().sum() + last.sum()).backward()
+    torch.testing.assert_close(packed, padded[valid])
+    torch.testing.assert_close(summary, last)
+    torch.testing.assert_close(events_grad, events.grad)
+    for name in ("cls", "recency.weight"):  # the embeddings outside the layers
+        torch.testing.assert_close(ours[name], encoder.get_parameter(name).grad, msg=name)
+    for i, theirs in enumerate(reference["layers"].layers):
+        for a, b in (("qkv.weight", "self_attn.in_proj_weight"), ("qkv.bias", "self_attn.in_proj_bias"),
+                     ("out.weight", "self_attn.out_proj.weight"), ("ff1.weight", "linear1.weight"),
+                     ("ff2.bias", "linear2.bias"), ("norm_attn.weight", "norm1.weight"),
+                     ("norm_ffn.bias", "norm2.bias")):
+            torch.testing.assert_close(ours[f"layers.{i}.{a}"], theirs.get_parameter(b).grad, msg=a)
+    torch.testing.assert_close(ours["norm.weight"], reference["norm"].weight.grad)
+
+
+def test_length_groups_change_only_the_work() -> None:
+    """One attention group (the batch padded to its longest) and one per row give the same states."""
+    from derl.models.blocks import SequenceEncoder
+
+    torch.manual_seed(0)
+    one = SequenceEncoder(8, 6, 2, 2, 0.0, causal=True, buckets=1).double()
+    many = copy.deepcopy(one)
+    many.buckets = 7
+    lengths = torch.tensor([0, 6, 2, 1, 9, 3, 6])
+    events = torch.randn(int(lengths.sum()), 8, dtype=torch.float64)
+    torch.testing.assert_close(one(events, lengths, every_state=True), many(events, lengths, every_state=True))
