@@ -80,6 +80,7 @@ SUITES: Dict[str, Dict[str, object]] = {
         "datapipe_batch": 1024,
         "upstream": SMALL_UPSTREAM,  # TrainUpstreamConfig overrides
         "upstream_steps": 10,
+        "upstream_limits": {"steps": 3, "warmup": 1},  # upstream_bench.measure: timed, untimed steps
         "downstream": SMALL_RANKER,  # TrainDownstreamConfig overrides
         "downstream_steps": 40,
         "ann": ["--queries", "500", "--min-time", "0.2"],
@@ -93,6 +94,7 @@ SUITES: Dict[str, Dict[str, object]] = {
         "datapipe_batch": 2048,
         "upstream": {"embedding_dim": 64, "seq_layers": 2, "batch_size": 1024},
         "upstream_steps": 40,
+        "upstream_limits": {"steps": 8, "warmup": 2},
         "downstream": {"embedding_dim": 16, "batch_size": 1024},
         "downstream_steps": 200,
         "ann": ["--queries", "2000", "--min-time", "1.0"],
@@ -240,8 +242,28 @@ class Bench:
             self.row("upstream", f"train-upstream {domain}, {m['steps']} steps", m["world_size"],
                      m["train_examples_per_s"], "examples/s", proc["peak_rss_mb"], proc["wall_s"],
                      proc["load_1m"])
-        self.stages["upstream"] = {"rows": rows, "flags": self.upstream_flags}
-        return ", ".join(f"{r['domain']} {r['train_examples_per_s']:,.0f}" for r in rows) + " examples/s"
+        self.stages["upstream"] = {"rows": rows, "flags": self.upstream_flags, "limits": self.upstream_limits()}
+        return (", ".join(f"{r['domain']} {r['train_examples_per_s']:,.0f}" for r in rows) + " examples/s; "
+                f"transformer at {self.headline['upstream']['fraction_of_matmul_peak']:.2f} of the matmul rate, "
+                f"{self.headline['upstream_vs_sasrec_ratio']:.2f}x the reference SASRec")
+
+    def upstream_limits(self) -> List[Dict[str, object]]:
+        """The upstream benchmark's two 1-rank rows (pipeline; plain loop with the transformer's
+        FLOP rate and the reference SASRec beside it) at the world's stored sequence length;
+        their headline goes into bench.json (`upstream`, `upstream_vs_sasrec_ratio`)."""
+        from derl.benchmarks import upstream_bench
+
+        world, limits = self.world(), self.suite["upstream_limits"]
+        config = {**self.suite["upstream"], "out": self.out / "runs" / "upstream-limits"}
+        seq_len = upstream_bench.stored_seq_len(world)
+        with self.quiet("upstream-limits"):
+            rows = [upstream_bench.measure(world, config, seq_len, 1, loop, limits["steps"], limits["warmup"])
+                    for loop in ("pipeline", "plain")]
+        headline = upstream_bench.headline_of(rows)
+        self.headline["upstream"] = {"seq_len": seq_len, "examples_per_s": round(headline["examples_per_s"], 1),
+                                     "fraction_of_matmul_peak": round(headline["fraction_of_matmul_peak"], 4)}
+        self.headline["upstream_vs_sasrec_ratio"] = round(headline["upstream_vs_sasrec_ratio"], 3)
+        return rows
 
     def export(self) -> str:
         from derl.benchmarks.downstream_bench import run_derl
@@ -454,6 +476,8 @@ class Bench:
             "decoupled_vs_coupled_ratio": self.headline.get("decoupled_vs_coupled_ratio"),
             "decoupled_vs_coupled_scoring_ratio": self.headline.get("decoupled_vs_coupled_scoring_ratio"),
             "sharding_ws2_vs_ws1": self.headline.get("sharding_ws2_vs_ws1"),
+            "upstream": self.headline.get("upstream"),
+            "upstream_vs_sasrec_ratio": self.headline.get("upstream_vs_sasrec_ratio"),
             "machine": machine,
             "loadavg_1m": {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)},
             "env": env,
@@ -553,6 +577,17 @@ def _table(rows: List[Dict[str, object]], cols: Sequence[str], heads: Optional[S
             *("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows)]
 
 
+def _upstream_headline(result: Dict[str, object]) -> List[str]:
+    up = result.get("upstream")
+    if not up:
+        return []
+    return [f"**Upstream at sequence length {up['seq_len']}: {up['examples_per_s']:,.0f} examples/s** (1 rank, "
+            f"the training pipeline); the sequence transformer runs at {_fmt(up['fraction_of_matmul_peak'])} "
+            f"of this machine's matrix-multiply rate, and upstream_vs_sasrec_ratio = "
+            f"{_fmt(result['upstream_vs_sasrec_ratio'])} (examples/s over the reference SASRec's at the same "
+            f"width, depth and history lengths; `upstream_bench`).", ""]
+
+
 def markdown(result: Dict[str, object]) -> str:
     m, load = result["machine"], result["loadavg_1m"]
     lines = [
@@ -574,6 +609,7 @@ def markdown(result: Dict[str, object]) -> str:
         f"trains this many times faster on snapshot vectors than with the upstream towers inside it "
         f"(coupled); scoring: {_fmt(result['decoupled_vs_coupled_scoring_ratio'])}x.",
         "",
+        *_upstream_headline(result),
         "## Every stage",
         "",
         *_table(result["table"], ("stage", "what", "ranks", "throughput", "unit", "peak_rss_mb", "wall_s", "load_1m"),

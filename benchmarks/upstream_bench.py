@@ -53,7 +53,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -218,6 +218,28 @@ def headline_of(rows: List[Dict]) -> Dict[str, float]:
             "upstream_vs_sasrec_ratio": pipeline["examples_per_s"] / plain["sasrec_examples_per_s"]}
 
 
+def measure(world: Path, config: Dict, seq_len: int, world_size: int, loop: str, steps: int,
+            warmup: int, profile_steps: int = 0, threads: Optional[int] = None) -> Dict:
+    """One configuration's table row, measured in fresh processes (so its peak memory and
+    threads are its own): `config` holds TrainUpstreamConfig overrides with `out` and
+    `batch_size`; the plain loop also measures `upstream_limits` (one rank)."""
+    config = {**config, "data": world, "seq_len": seq_len, "max_steps": warmup + steps,
+              **_bench_days(world)}
+    spec = {"config": config, "seq_len": seq_len, "loop": loop, "steps": steps, "warmup": warmup,
+            "profile_steps": profile_steps, "threads": threads, "limits": loop == "plain"}
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        r = pool.submit(derl_dist.launch, _worker, world_size, spec).result()
+    return {
+        "seq_len": seq_len, "world_size": world_size, "loop": loop,
+        "threads": r["threads"], "mean_seq": r["mean_seq"],
+        "examples_per_s": world_size * config["batch_size"] * steps / r["seconds"],
+        "step_ms": 1e3 * r["seconds"] / steps,
+        **{k: r.get(k, "-") for k in ("embedding_%", "transformer_%", "data_%", "rest_%",
+                                      "profiled_step_ms", *LIMITS)},
+        "peak_rss_mb": r["peak_rss_mb"],
+    }
+
+
 def _worlds(args) -> Dict[int, Path]:
     if args.data:
         return {n: args.data for n in SEQ_LENS}
@@ -230,7 +252,7 @@ def _worlds(args) -> Dict[int, Path]:
     return worlds
 
 
-def _stored_seq_len(world: Path) -> int:
+def stored_seq_len(world: Path) -> int:
     return json.loads((world / WORLD_META).read_text())["config"]["sequence_length"]
 
 
@@ -273,37 +295,21 @@ def main() -> None:
     profile_steps = pick(args.profile_steps, 2, 3)
     args.batch_size = pick(args.batch_size, 256, 1024)
     worlds = _worlds(args)
+    config = {"out": args.out / "run", "batch_size": args.batch_size, "embedding_dim": args.embedding_dim,
+              "seq_layers": args.seq_layers}
 
     rows = []
     for seq_len in SEQ_LENS:
         for world_size, loop in ((1, "pipeline"), (1, "plain"), (2, "pipeline")):
-            config = {"data": worlds[seq_len], "out": args.out / "run", "batch_size": args.batch_size,
-                      "embedding_dim": args.embedding_dim, "seq_len": seq_len,
-                      "seq_layers": args.seq_layers, "max_steps": warmup + steps,
-                      **_bench_days(worlds[seq_len])}
-            spec = {"config": config, "seq_len": seq_len, "loop": loop, "steps": steps,
-                    "warmup": warmup, "profile_steps": profile_steps, "threads": args.threads,
-                    "limits": loop == "plain"}
             print(f"seq {seq_len}, {world_size} rank(s), {loop} ...", flush=True)
-            # A fresh process per configuration: its peak memory and threads are its own.
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                r = pool.submit(derl_dist.launch, _worker, world_size, spec).result()
-            examples = world_size * args.batch_size * steps
-            rows.append({
-                "seq_len": seq_len, "world_size": world_size, "loop": loop,
-                "threads": r["threads"], "mean_seq": r["mean_seq"],
-                "examples_per_s": examples / r["seconds"],
-                "step_ms": 1e3 * r["seconds"] / steps,
-                **{k: r.get(k, "-") for k in ("embedding_%", "transformer_%", "data_%", "rest_%",
-                                              "profiled_step_ms", *LIMITS)},
-                "peak_rss_mb": r["peak_rss_mb"],
-            })
+            rows.append(measure(worlds[seq_len], config, seq_len, world_size, loop, steps, warmup,
+                                profile_steps, args.threads))
     headline = {n: headline_of([r for r in rows if r["seq_len"] == n]) for n in SEQ_LENS}
     machine = {k: v for k, v in report.machine().items() if k != "threads"}  # per row instead
     meta = {**machine, "cores": os.cpu_count(), "batch_size": args.batch_size,
             "embedding_dim": args.embedding_dim, "seq_layers": args.seq_layers, "steps": steps,
             "warmup": warmup, "profile_steps": profile_steps,
-            "worlds": {n: f"{w} (stored seq {_stored_seq_len(w)})" for n, w in worlds.items()},
+            "worlds": {n: f"{w} (stored seq {stored_seq_len(w)})" for n, w in worlds.items()},
             "headline": headline}
     md = report.write(args.out, "upstream", rows, meta)
     _plot(rows, args.out / "upstream.png")

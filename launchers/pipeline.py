@@ -1,10 +1,12 @@
 """`derl pipeline`: every stage in order into one work folder, resumable, then one report.
 
-    derl pipeline --workdir W [--preset tiny|demo] [--data WORLD] [--nproc N] [--launcher local|torchx] [--refresh]
+    derl pipeline --workdir W [--preset tiny|demo] [--data WORLD] [--nproc N] [--launcher local|torchx]
+        [--refresh] [--coupled]
 
 generate -> train-upstream (engagement, conversion) -> export -> train-downstream (none,
-snapshot with each vector set and with a projection, coupled) -> evaluate, then W/report.json
-(evaluate's report plus `upstream`, `snapshot`, `data` and `stages` sections) and W/report.md.
+snapshot with each vector set and with a projection; coupled on the tiny preset or with
+--coupled) -> evaluate, then W/report.json (evaluate's report plus `upstream`, `snapshot`,
+`data` and `stages` sections) and W/report.md, which ends with each stage's time (also printed).
 
 `--data WORLD` runs the stack on an existing world (`derl import`, or one generated before)
 instead of generating one, with the preset's model sizes. Only what the world supports runs:
@@ -74,10 +76,12 @@ def plan(cfg: PipelineConfig) -> Plan:
     return Plan(cfg.data, domains, sources.has("ad_events"), lacks)
 
 
-def rankers(preset: Preset, domains: Tuple[str, ...] = tuple(DOMAINS)) -> Dict[str, Dict[str, Any]]:
-    """The downstream runs the report compares (name -> TrainDownstreamConfig overrides): the
-    three modes, the paper's vector ablation, and the learned projection, each with the
-    largest vector set the domains give (all four vectors; user and Pin without conversions)."""
+def rankers(preset: Preset, domains: Tuple[str, ...] = tuple(DOMAINS),
+            coupled: bool = False) -> Dict[str, Dict[str, Any]]:
+    """The downstream runs the report compares (name -> TrainDownstreamConfig overrides): none,
+    snapshot, the paper's vector ablation, the learned projection and, where the preset or
+    `coupled` asks, the coupled ranker; each with the largest vector set the domains give (all
+    four vectors; user and Pin without conversions)."""
     sets = vector_sets(list(domains))
     best = sets[-1]  # VECTOR_SETS grow: user, user_pin, all
     out = {
@@ -86,8 +90,9 @@ def rankers(preset: Preset, domains: Tuple[str, ...] = tuple(DOMAINS)) -> Dict[s
         **{f"snapshot-{v}": {"upstream": "snapshot", "vectors": v} for v in sets if v != best},
         "snapshot-projected": {"upstream": "snapshot", "vectors": best,
                                "projection_dim": preset.projection_dim},
-        "coupled": {"upstream": "coupled", "vectors": best},
     }
+    if preset.coupled or coupled:
+        out["coupled"] = {"upstream": "coupled", "vectors": best}
     return out
 
 
@@ -136,7 +141,7 @@ def stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
                                                **upstream_overrides(cfg, preset)})
         out.append(Stage(f"upstream-{d}", "train-upstream", flags, done=run / runs.METRICS,
                          inputs=("generate",), distributed=True, resumable=True, output=run))
-    ranker_runs = rankers(preset, p.domains) if p.has_ads else {}
+    ranker_runs = rankers(preset, p.domains, cfg.coupled) if p.has_ads else {}
     out.append(Stage("export", "export",
                      to_flags(ExportConfig, {"data": world, "out": snaps, "overwrite": True,
                                              "upstream": upstream_specs(w, p.domains)}),
@@ -303,6 +308,7 @@ def run(cfg: PipelineConfig) -> Dict[str, object]:
         for stage in refresh_stages(cfg, p):
             runner.run(stage)
     report = combined_report(cfg, p, runner.timings, time.perf_counter() - t0)
+    print(_timings_md(report), end="")
     print(f"[pipeline] done in {report['wall_s']:.0f} s: {cfg.workdir / 'report.md'} and report.json")
     return report
 
@@ -335,7 +341,7 @@ def combined_report(cfg: PipelineConfig, p: Plan, timings: Dict[str, object], wa
     if evaluated:
         md = (w / "evaluate" / "report.md").read_text().replace("](ne_over_steps.png)", "](evaluate/ne_over_steps.png)")
         md = md.replace("# Downstream evaluation", "## Downstream evaluation", 1)  # a section of this report
-    (w / "report.md").write_text(_upstream_md(report) + md + _refresh_md(report))
+    (w / "report.md").write_text(_upstream_md(report) + md + _refresh_md(report) + _timings_md(report))
     return report
 
 
@@ -361,6 +367,16 @@ def _upstream_md(report: Dict[str, object]) -> str:
         lines.append(f"| {d} | {i['rows']['users']:,} | {i['rows']['pins']:,} | {i['rows']['ads']:,} "
                      f"| {i['entities_per_s']:,.0f} |")
     return "\n".join(lines) + "\n\n"
+
+
+def _timings_md(report: Dict[str, object]) -> str:
+    """Each stage's seconds (a skipped one: what its finished run took), for the report's end."""
+    lines = ["", "## Stage timings", "", "| stage | seconds | |", "|---|---|---|"]
+    for name, t in report["stages"].items():
+        seconds = "-" if t["seconds"] is None else f"{t['seconds']:,.1f}"
+        lines.append(f"| {name} | {seconds} | {'skipped: done earlier' if t['skipped'] else ''} |")
+    lines.append(f"| all stages | {report['stages_s']:,.1f} | this invocation: {report['wall_s']:,.0f} s |")
+    return "\n".join(lines) + "\n"
 
 
 def _refresh_md(report: Dict[str, object]) -> str:

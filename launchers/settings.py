@@ -224,6 +224,8 @@ class PipelineConfig:
                             choices=("local", "torchx"))
     refresh: bool = setting(False, "then run one more day: incremental upstream, a refreshed "
                                    "snapshot, the old ranker scored with it")
+    coupled: bool = setting(False, "also train and score the coupled ranker (the upstream towers "
+                                   "inside it) where the preset leaves it out (demo: about 9 minutes more)")
 
     def __post_init__(self) -> None:
         check(self, positive=("nproc",))

@@ -51,6 +51,16 @@ def test_derl_bench_runs_the_stack_at_its_smallest_and_writes_its_reports(tiny_w
     stages = result["stages"]
     assert [r["domain"] for r in stages["upstream"]["rows"]] == ["engagement", "conversion"]
     assert all(r["steps"] == 2 for r in stages["upstream"]["rows"])
+    # The upstream benchmark's headline at the tiny world's length: both rows measured, the
+    # transformer below the plain matmul's rate (0.1-0.4 measured) and the ratio their quotient.
+    limits = stages["upstream"]["limits"]
+    assert [r["loop"] for r in limits] == ["pipeline", "plain"]
+    up = result["upstream"]
+    assert up["seq_len"] == limits[0]["seq_len"] and up["examples_per_s"] > 0
+    assert 0 < up["fraction_of_matmul_peak"] < 1
+    assert result["upstream_vs_sasrec_ratio"] == round(
+        limits[0]["examples_per_s"] / limits[1]["sasrec_examples_per_s"], 3)
+    assert "Upstream at sequence length" in (out / "bench.md").read_text()
     assert [r["domain"] for r in stages["export"]["rows"]] == ["engagement", "conversion"]
     users = len(SourceTables(tiny_world).read("users", columns=["user_id"]))
     assert all(0 < r["users"] <= users for r in stages["export"]["rows"])

@@ -120,7 +120,7 @@ def test_pipeline_on_a_world_runs_what_it_supports(no_conversions, tmp_path):
     from derl.launchers.pipeline import plan, stages
     from derl.launchers.settings import PipelineConfig
 
-    cfg = PipelineConfig(workdir=tmp_path / "w", preset="demo", data=no_conversions)
+    cfg = PipelineConfig(workdir=tmp_path / "w", preset="demo", data=no_conversions, coupled=True)
     p = plan(cfg)
     assert p.domains == ("engagement",) and p.has_ads and "conversion domain" in p.lacks[0]
     names = [s.name for s in stages(cfg, p)]

@@ -41,6 +41,7 @@ def test_the_pipeline_writes_one_report_of_every_stage(tiny_pipeline):
     md = (tiny_pipeline / "report.md").read_text()
     assert "## Upstream" in md and "## Downstream evaluation" in md and "| snapshot-user |" in md
     assert "Relative NE gain" in md
+    assert "## Stage timings" in md and "| upstream-engagement |" in md and "| all stages |" in md
     assert (tiny_pipeline / "evaluate" / "ne_over_steps.png").stat().st_size > 10_000
 
 
@@ -53,8 +54,17 @@ def test_a_rerun_skips_finished_stages_and_redoes_an_unfinished_one(tiny_pipelin
     p = derl("pipeline", "--workdir", str(tiny_pipeline), "--preset", "tiny")
     assert p.stdout.count("up to date, skipped") == 10  # generate, 2 upstream, export, 6 rankers
     assert "[pipeline] evaluate: derl evaluate" in p.stdout
+    assert "| downstream-coupled |" in p.stdout and "skipped: done earlier |" in p.stdout  # the closing table
     assert json.loads(stamp.read_text())["finished"]
     report = json.loads((tiny_pipeline / "report.json").read_text())
     assert not report["stages"]["evaluate"]["skipped"] and report["stages"]["downstream-coupled"]["skipped"]
     # The report's time is all the stages', the skipped ones' as first measured, not this re-run's.
     assert report["stages_s"] == round(sum(t["seconds"] for t in report["stages"].values()), 1) > report["wall_s"]
+
+
+def test_the_demo_preset_trains_the_coupled_ranker_only_when_asked():
+    from derl.launchers.pipeline import rankers
+    from derl.launchers.presets import PRESETS
+
+    assert set(rankers(PRESETS["demo"])) == RANKERS - {"coupled"}
+    assert set(rankers(PRESETS["demo"], coupled=True)) == set(rankers(PRESETS["tiny"])) == RANKERS
