@@ -47,6 +47,8 @@ class TrainUpstreamConfig:
     embedding_dim: int = setting(_upstream("embedding_dim"), "width of every table and of the entity vectors")
     seq_len: int = setting(_upstream("seq_len"), "sequence events the model reads")
     seq_layers: int = setting(_upstream("seq_layers"), "transformer layers over the user sequence")
+    seq_heads: int = setting(_upstream("seq_heads"), "attention heads of the sequence transformer "
+                                                     "(--embedding-dim must be a multiple)")
     seq_dropout: float = setting(_upstream("seq_dropout"), "dropout in the sequence transformer")
     tower_dims: Tuple[int, ...] = setting(_upstream("tower_dims"), "hidden widths of the user and Pin towers")
     interaction_dims: Tuple[int, ...] = setting(_upstream("interaction_dims"),
@@ -86,15 +88,14 @@ class TrainUpstreamConfig:
 
     def __post_init__(self) -> None:
         check(self, positive=("nproc", "max_steps", "epochs", "batch_size", "embedding_dim", "seq_len",
-                              "seq_layers", "temperature", "embedding_lr", "dense_lr", "checkpoint_every",
+                              "seq_layers", "seq_heads", "temperature", "embedding_lr", "dense_lr", "checkpoint_every",
                               "eval_batch_size", "memory_per_rank_gb", "next_pin_positions", "next_pin_negatives",
                               "length_buckets"),
               non_negative=("eval_every", "contrastive_weight", "next_pin_weight"), below_one=("seq_dropout",),
               fraction=("logq_strength",), widths=("tower_dims", "interaction_dims"),
               day=("from_day", "until"))
-        heads = _upstream("seq_heads")
-        if self.embedding_dim % heads:
-            raise ValueError(f"--embedding-dim must be a multiple of the {heads} attention heads, "
+        if self.embedding_dim % self.seq_heads:
+            raise ValueError(f"--embedding-dim must be a multiple of --seq-heads {self.seq_heads}, "
                              f"got {self.embedding_dim}")
         if self.from_day and self.until and self.from_day > self.until:
             raise ValueError(f"--from-day {self.from_day} is after --until {self.until}")
@@ -105,7 +106,8 @@ class TrainUpstreamConfig:
         extra = {"contrastive_positives": self.contrastive_positives} if self.contrastive_positives else {}
         return UpstreamConfig.for_domain(
             self.domain, vocab, embedding_dim=self.embedding_dim, seq_len=self.seq_len,
-            seq_layers=self.seq_layers, seq_dropout=self.seq_dropout, tower_dims=self.tower_dims,
+            seq_layers=self.seq_layers, seq_heads=self.seq_heads, seq_dropout=self.seq_dropout,
+            tower_dims=self.tower_dims,
             interaction_dims=self.interaction_dims, contrastive=self.contrastive,
             contrastive_weight=self.contrastive_weight, logq_strength=self.logq_strength,
             center_entities=self.center, temperature=self.temperature, next_pin_weight=self.next_pin_weight,
