@@ -46,7 +46,7 @@ PRESETS: Dict[str, Preset] = {
     "demo": Preset(
         world="demo",
         # Two heads of 16 (four of 8 by default): attention's CPU kernel on 8-wide heads took a
-        # seventh of a step (docs/results.md, "Demo pipeline").
+        # fifth of a step (docs/results.md, "Demo pipeline").
         upstream={"embedding_dim": 32, "seq_layers": 1, "seq_heads": 2, "tower_dims": (128, 64),
                   "interaction_dims": (128, 64), "batch_size": 1024, "dense_lr": 3e-3,
                   "embedding_lr": 0.1, "from_day": "2026-01-10"},
