@@ -56,8 +56,8 @@ PRESETS: Dict[str, Preset] = {
         upstream_epochs={"engagement": 1, "conversion": 0.5},
         downstream={"embedding_dim": 16, "batch_size": 1024, "epochs": 1},
         projection_dim=32,
-        # On this world the coupled ranker trains and scores at ~1/25 of the snapshot ranker's
-        # rate: more than the rest of the demo together (docs/results.md, "Demo pipeline").
+        # On this world the coupled ranker trained and scored at ~1/25 of the snapshot ranker's
+        # rate (with the padded encoder): 8 of the demo's 34 minutes then (docs/results.md, "Demo pipeline").
         coupled=False,
     ),
 }
