@@ -82,6 +82,11 @@ class EncoderLayer(nn.Module):
         self.norm_ffn = nn.LayerNorm(dim)
         self.ff1 = nn.Linear(dim, 4 * dim)
         self.ff2 = nn.Linear(4 * dim, dim)
+        # As `nn.MultiheadAttention` starts: Xavier projections, zero biases (nn.Linear's default
+        # random biases gave a small model measurably worse retrieval: docs/results.md, "Upstream training").
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, groups: "Groups") -> torch.Tensor:
         p = self.dropout if self.training else 0.0
