@@ -72,6 +72,8 @@ class TrainUpstreamConfig:
                                       "at most this many of the batch's distinct next Pins as its negatives")
     length_buckets: int = setting(_upstream("length_buckets"),
                                   "groups of similar sequence length the transformer runs a batch in")
+    bf16: bool = setting(_upstream("seq_bf16"), "keep the sequence transformer's matmuls in float32 where "
+                                                "the hardware multiplies bf16")
     embedding_lr: float = setting(default_of(OptimConfig, "embedding_lr"), "fused row-wise Adagrad")
     dense_lr: float = setting(default_of(OptimConfig, "dense_lr"), "Adam, every dense parameter")
     checkpoint_every: int = setting(200, "steps between checkpoints")
@@ -84,7 +86,7 @@ class TrainUpstreamConfig:
     # What a resumed run may change: where, how long and how it runs, not what it trains.
     RUN_CONTROL: ClassVar[Tuple[str, ...]] = (
         "data", "out", "nproc", "max_steps", "epochs", "resume", "overwrite", "from_day", "until",
-        "checkpoint_every", "eval_every", "eval_batch_size", "memory_per_rank_gb", "length_buckets")
+        "checkpoint_every", "eval_every", "eval_batch_size", "memory_per_rank_gb", "length_buckets", "bf16")
 
     def __post_init__(self) -> None:
         check(self, positive=("nproc", "max_steps", "epochs", "batch_size", "embedding_dim", "seq_len",
@@ -112,7 +114,7 @@ class TrainUpstreamConfig:
             contrastive_weight=self.contrastive_weight, logq_strength=self.logq_strength,
             center_entities=self.center, temperature=self.temperature, next_pin_weight=self.next_pin_weight,
             next_pin_positions=self.next_pin_positions, next_pin_negatives=self.next_pin_negatives,
-            length_buckets=self.length_buckets, **extra)
+            length_buckets=self.length_buckets, seq_bf16=self.bf16, **extra)
 
 
 @dataclass(frozen=True)

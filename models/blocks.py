@@ -71,7 +71,9 @@ class EncoderLayer(nn.Module):
     tokens only ([T, dim], no padding) and only attention sees padded groups (`Groups`).
     Dropout acts on the residual branches and inside the FFN, not on the attention weights:
     attention dropout keeps `scaled_dot_product_attention` off its fused CPU kernel and its
-    random draws were the largest single cost of a CPU step (docs/results.md, "Upstream training")."""
+    random draws were the largest single cost of a CPU step (docs/results.md, "Upstream training").
+    Attention itself always runs in float32, also under bf16 autocast (`SequenceEncoder`): the
+    CPU's fused attention backward ran 4.5x slower in bf16 than in float32."""
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -90,9 +92,33 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, groups: "Groups") -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        x = x + F.dropout(self.out(groups.attend(self.qkv(self.norm_attn(x)), self.heads)), p, self.training)
-        hidden = F.dropout(F.relu(self.ff1(self.norm_ffn(x))), p, self.training)
-        return x + F.dropout(self.ff2(hidden), p, self.training)
+        x = x + dropout(self.out(groups.attend(self.qkv(self.norm_attn(x)), self.heads)), p)
+        hidden = dropout(F.relu(self.ff1(self.norm_ffn(x))), p)
+        return x + dropout(self.ff2(hidden), p)
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-time dropout (`F.dropout(x, p)`). On CPU the keep mask comes from 16 random bits
+    per element, four to each full-range int64 draw, where `bernoulli_` spends a draw on every
+    element: on a [26,600, 256] activation 20 ms against 49 (docs/results.md, "Upstream
+    training"). A kept element is scaled by 1 / its exact keep probability, (65536 - cut) / 65536."""
+    if p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p)
+    cut = round(p * 65536)
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
+    keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= cut - 32768
+    return torch.where(keep, x * (65536 / (65536 - cut)), 0.0)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware (CUDA with bf16, a CPU with AVX-512
+    BF16 or AMX); elsewhere bf16 autocast is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    caps = torch.cpu.get_capabilities() if device.type == "cpu" else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 class Groups:
@@ -122,13 +148,14 @@ class Groups:
         position sees itself and what precedes it in its row (a row's valid positions come
         first, so padding is never among them). Bidirectional: every valid position of the row."""
         dim = qkv.size(1) // 3
-        qkv = F.pad(qkv, (0, 0, 0, 1))
+        qkv = F.pad(qkv.to(torch.promote_types(qkv.dtype, torch.float32)), (0, 0, 0, 1))  # bf16 -> float32
         parts = []
         for index, valid in zip(self.index, self.valid):
             rows, m = index.shape
             q, k, v = qkv[index].view(rows, m, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
             mask = None if self.causal else valid[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+            with torch.autocast(qkv.device.type, enabled=False):  # float32 attention (EncoderLayer)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
             parts.append(out.transpose(1, 2).reshape(rows, m, dim)[valid])
         return torch.cat(parts)[self.back]
 
@@ -145,12 +172,16 @@ class SequenceEncoder(nn.Module):
     last event. An empty sequence (length 0) is its CLS token alone and gives a learned "no
     history" vector. Position embeddings count back from the most recent event (sequences are
     oldest-first).
+
+    `bf16`: the layers' projections and feed-forward under bf16 autocast where the device
+    multiplies bf16 in hardware (`native_bf16`); the residual stream, the norms and attention
+    stay float32, and so does everything on other devices.
     """
 
     def __init__(self, dim: int, max_len: int, layers: int, heads: int, dropout: float,
-                 causal: bool = False, buckets: int = 1) -> None:
+                 causal: bool = False, buckets: int = 1, bf16: bool = False) -> None:
         super().__init__()
-        self.max_len, self.causal, self.buckets = max_len, causal, buckets
+        self.max_len, self.causal, self.buckets, self.bf16 = max_len, causal, buckets, bf16
         self.cls = nn.Parameter(torch.randn(1, dim) * 0.02)
         self.recency = nn.Embedding(max_len, dim)
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, dropout) for _ in range(layers))
@@ -170,8 +201,9 @@ class SequenceEncoder(nn.Module):
         recency = self.recency((packed.kept[packed.row] - packed.step).clamp(0, self.max_len - 1))  # CLS: unused
         x = torch.where((packed.step > 0).unsqueeze(1), tokens + recency, self.cls)
         groups = Groups(packed.kept + 1, packed.starts, len(x), self.buckets, self.causal)
-        for layer in self.layers:
-            x = layer(x, groups)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16 and native_bf16(x.device)):
+            for layer in self.layers:
+                x = layer(x, groups)
         states = self.norm(x)
         if every_state:
             return states

@@ -90,6 +90,10 @@ class UpstreamConfig:
     # The sequence encoder runs the batch in this many groups of similar length, each padded to
     # its own longest (`SequenceEncoder`): the same result for less work on padding.
     length_buckets: int = 4
+    # The sequence transformer's matmuls in bf16 where the hardware has them (`SequenceEncoder`):
+    # 1.2-1.3x the upstream's training rate on an AVX-512 BF16 CPU, quality within seed noise
+    # (docs/results.md, "Upstream training").
+    seq_bf16: bool = True
 
     def __post_init__(self) -> None:
         missing = [
@@ -261,7 +265,7 @@ class UserTower(nn.Module):
         self.content = nn.Linear(cfg.content_dim, d)
         self.sequence = SequenceEncoder(
             d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout, causal=cfg.next_pin_weight > 0,
-            buckets=cfg.length_buckets)
+            buckets=cfg.length_buckets, bf16=cfg.seq_bf16)
         self.mlp = Tower((len(USER_FEATURES) + 1) * d, cfg.tower_dims, d)
         self.unit = _Unit(d, cfg.center_entities)
         self.positions = cfg.next_pin_positions

@@ -538,6 +538,50 @@ def test_packed_encoder_gives_the_padded_transformers_states_and_gradients(causa
     torch.testing.assert_close(ours["norm.weight"], reference["norm"].weight.grad)
 
 
+def test_cpu_dropout_drops_p_and_keeps_the_mean() -> None:
+    """The 16-bit keep mask: about p of the elements zeroed, independently in each of an int64
+    draw's four lanes, the rest scaled so the expectation stays x; the gradient is the same mask."""
+    from derl.models.blocks import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(4000, 250, requires_grad=True)
+    y = dropout(x, 0.1)
+    dropped = (y == 0).float()
+    assert abs(dropped.mean().item() - 0.1) < 0.002
+    lanes = dropped.flatten().view(-1, 4).mean(0)  # the four 16-bit lanes of each draw
+    assert (lanes - 0.1).abs().max() < 0.004, lanes
+    assert abs(y.mean().item() - 1.0) < 0.003
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())
+    assert dropout(x, 0.0) is x
+
+
+@pytest.mark.skipif(not __import__("derl.models.blocks", fromlist=["native_bf16"]).native_bf16(torch.device("cpu")),
+                    reason="this CPU has no bf16 matmuls")
+def test_bf16_encoder_stays_close_to_float32() -> None:
+    """bf16 autocast changes the rounding of the projections and the feed-forward, not what the
+    encoder computes: states within bf16's precision of the float32 ones, gradients pointing the
+    same way, and a float64 encoder untouched by it."""
+    from derl.models.blocks import SequenceEncoder
+
+    torch.manual_seed(0)
+    exact = SequenceEncoder(64, 32, 2, 2, 0.0, causal=True, buckets=3)
+    fast = copy.deepcopy(exact)
+    fast.bf16 = True
+    lengths = torch.randint(0, 40, (64,))
+    events = torch.randn(int(lengths.sum()), 64)
+    a, b = exact(events, lengths, every_state=True), fast(events, lengths, every_state=True)
+    assert not torch.equal(a, b)  # autocast did run
+    torch.testing.assert_close(b, a, atol=0.05, rtol=0)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p), q in zip(exact.named_parameters(), fast.parameters()):
+        cosine = F.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine)
+    double = copy.deepcopy(fast).double()
+    torch.testing.assert_close(double(events.double(), lengths), exact.double()(events.double(), lengths))
+
+
 def test_length_groups_change_only_the_work() -> None:
     """One attention group (the batch padded to its longest) and one per row give the same states."""
     from derl.models.blocks import SequenceEncoder
