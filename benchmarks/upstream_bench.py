@@ -70,7 +70,8 @@ from derl.launchers.settings import TrainUpstreamConfig
 
 EMBEDDING_MODULES = ("user_ebc", "context_ebc", "sequence_ec")
 # `upstream_limits` figures in the table (the plain 1-rank rows).
-LIMITS = ("transformer_gflop_s", "matmul_gflop_s", "fraction_of_matmul_peak", "sasrec_examples_per_s")
+LIMITS = ("transformer_gflop_s", "matmul_gflop_s", "matmul_dtype", "fraction_of_matmul_peak",
+          "sasrec_examples_per_s")
 SEQ_LENS = (32, 128)
 # Train on the last upstream days: the reader goes through days in order (a bounded shuffle),
 # so a short run from the first day would see users with no history yet: empty sequences.
@@ -278,7 +279,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", type=Path, help="source folder (default: worlds made under --out)")
     p.add_argument("--steps", type=int, help="timed steps (default 20; --quick 3)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 4: the first steps run slow; --quick 1)")
     p.add_argument("--profile-steps", type=int,
                    help="steps profiled for the breakdown (default 3; --quick 2)")
     p.add_argument("--batch-size", type=int, help="per rank (default 1024; --quick 256)")
@@ -291,7 +292,7 @@ def main() -> None:
     def pick(given, quick, full):
         return given if given is not None else quick if args.quick else full
 
-    steps, warmup = pick(args.steps, 3, 20), pick(args.warmup, 1, 3)
+    steps, warmup = pick(args.steps, 3, 20), pick(args.warmup, 1, 4)
     profile_steps = pick(args.profile_steps, 2, 3)
     args.batch_size = pick(args.batch_size, 256, 1024)
     worlds = _worlds(args)

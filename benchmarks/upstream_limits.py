@@ -8,7 +8,8 @@ limit and a peer, side by side in one run").
   at its executed size, padding of each length group included) / the seconds of that forward
   + backward, timed alone in training mode (dropout on), median of `reps`.
 - matmul_gflop_s: a plain `torch.mm` of the FFN's shape, [tokens, d] x [d, 4d], in the same
-  process and threads; fraction_of_matmul_peak = their ratio.
+  process and threads, in the dtype the encoder's projections multiply in (`matmul_dtype`:
+  bfloat16 where its bf16 autocast is on, else float32); fraction_of_matmul_peak = their ratio.
 - sasrec_examples_per_s: the seqrec suite's `sasrec` (BCE, one negative per position; its
   default heads and dropout) training on windows with the batch's history lengths (the latest
   seq_len events, random item ids from the world's Pin vocabulary), padded to the batch's
@@ -26,6 +27,7 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
                                      sdpa_backward_flop, sdpa_flop)
 
 from derl.benchmarks.seqrec.models import SASRec
+from derl.models.blocks import native_bf16
 from derl.benchmarks.seqrec.train import Settings
 
 _aten = torch.ops.aten
@@ -66,7 +68,8 @@ def measure(encoder: torch.nn.Module, events: torch.Tensor, lengths: torch.Tenso
 
     d = events.size(1)
     tokens = int((lengths.clamp(max=encoder.max_len) + 1).sum())
-    a, b = torch.randn(tokens, d), torch.randn(d, 4 * d)
+    dtype = torch.bfloat16 if encoder.bf16 and native_bf16(events.device) else torch.float32
+    a, b = torch.randn(tokens, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
     mm_s = _seconds(lambda: torch.mm(a, b), max(reps, 20))
     transformer_gflop_s = flops / transformer_s / 1e9
     matmul_gflop_s = 2 * tokens * d * 4 * d / mm_s / 1e9
@@ -76,6 +79,7 @@ def measure(encoder: torch.nn.Module, events: torch.Tensor, lengths: torch.Tenso
         "transformer_ms": 1e3 * transformer_s,
         "transformer_gflop_s": transformer_gflop_s,
         "matmul_gflop_s": matmul_gflop_s,
+        "matmul_dtype": str(dtype).removeprefix("torch."),
         "fraction_of_matmul_peak": transformer_gflop_s / matmul_gflop_s,
         "sasrec_examples_per_s": sasrec_examples_per_s(
             lengths.clamp(max=encoder.max_len), n_items, d, len(encoder.layers), encoder.max_len, reps),

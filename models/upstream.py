@@ -91,8 +91,8 @@ class UpstreamConfig:
     # its own longest (`SequenceEncoder`): the same result for less work on padding.
     length_buckets: int = 4
     # The sequence transformer's matmuls in bf16 where the hardware has them (`SequenceEncoder`):
-    # 1.2-1.3x the upstream's training rate on an AVX-512 BF16 CPU, quality within seed noise
-    # (docs/results.md, "Upstream training").
+    # 1.19x the upstream's training rate at length 32 on an AVX-512 BF16 CPU, quality within
+    # seed noise (docs/results.md, "Upstream training").
     seq_bf16: bool = True
 
     def __post_init__(self) -> None:

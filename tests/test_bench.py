@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from derl.benchmarks import bench, downstream_bench, scaling_bench
 from derl.datapipes.sources import SourceTables
 from derl.launchers import cli
+from derl.models.blocks import native_bf16
 
 
 @pytest.mark.slow
@@ -52,12 +54,15 @@ def test_derl_bench_runs_the_stack_at_its_smallest_and_writes_its_reports(tiny_w
     assert [r["domain"] for r in stages["upstream"]["rows"]] == ["engagement", "conversion"]
     assert all(r["steps"] == 2 for r in stages["upstream"]["rows"])
     # The upstream benchmark's headline at the tiny world's length: both rows measured, the
-    # transformer below the plain matmul's rate (0.1-0.4 measured) and the ratio their quotient.
+    # transformer below the plain matmul's rate (0.1-0.4 of a float32 one measured, 0.06 of a bf16
+    # one) and the ratio their quotient.
     limits = stages["upstream"]["limits"]
     assert [r["loop"] for r in limits] == ["pipeline", "plain"]
     up = result["upstream"]
     assert up["seq_len"] == limits[0]["seq_len"] and up["examples_per_s"] > 0
     assert 0 < up["fraction_of_matmul_peak"] < 1
+    # ... against a matmul in the dtype the encoder's projections run in here.
+    assert limits[1]["matmul_dtype"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
     assert result["upstream_vs_sasrec_ratio"] == round(
         limits[0]["examples_per_s"] / limits[1]["sasrec_examples_per_s"], 3)
     assert "Upstream at sequence length" in (out / "bench.md").read_text()
