@@ -47,9 +47,11 @@ PRESETS: Dict[str, Preset] = {
         world="demo",
         # Two heads of 16 (four of 8 by default): attention's CPU kernel on 8-wide heads took a
         # fifth of a step (docs/results.md, "Demo pipeline").
+        # Float32 matmuls: at this width bf16 autocast cost more than it saved (5,232 against
+        # 4,940 examples/s on the engagement model; it pays at d 64, docs/results.md, "Demo pipeline").
         upstream={"embedding_dim": 32, "seq_layers": 1, "seq_heads": 2, "tower_dims": (128, 64),
                   "interaction_dims": (128, 64), "batch_size": 1024, "dense_lr": 3e-3,
-                  "embedding_lr": 0.1, "from_day": "2026-01-10"},
+                  "embedding_lr": 0.1, "from_day": "2026-01-10", "bf16": False},
         # The last two days before the cut: `make demo` in ten minutes (docs/results.md, "Demo
         # pipeline"). The conversion domain's main table is the ad impressions; half a pass over
         # them keeps its cost that of the engagement domain's.
