@@ -91,8 +91,9 @@ class UpstreamConfig:
     # its own longest (`SequenceEncoder`): the same result for less work on padding.
     length_buckets: int = 4
     # The sequence transformer's matmuls in bf16 where the hardware has them (`SequenceEncoder`):
-    # 1.19x the upstream's training rate at length 32 on an AVX-512 BF16 CPU, quality within
-    # seed noise (docs/results.md, "Upstream training").
+    # 1.19x the upstream's training rate at d 64 on an AVX-512 BF16 CPU, quality within seed
+    # noise; slower at d 32, where the demo preset turns it off (docs/results.md, "Upstream
+    # training" and "Demo pipeline").
     seq_bf16: bool = True
 
     def __post_init__(self) -> None:
