@@ -27,7 +27,6 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
                                      sdpa_backward_flop, sdpa_flop)
 
 from derl.benchmarks.seqrec.models import SASRec
-from derl.models.blocks import native_bf16
 from derl.benchmarks.seqrec.train import Settings
 
 _aten = torch.ops.aten
@@ -68,7 +67,7 @@ def measure(encoder: torch.nn.Module, events: torch.Tensor, lengths: torch.Tenso
 
     d = events.size(1)
     tokens = int((lengths.clamp(max=encoder.max_len) + 1).sum())
-    dtype = torch.bfloat16 if encoder.bf16 and native_bf16(events.device) else torch.float32
+    dtype = encoder.matmul_dtype(events.device)
     a, b = torch.randn(tokens, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
     mm_s = _seconds(lambda: torch.mm(a, b), max(reps, 20))
     transformer_gflop_s = flops / transformer_s / 1e9

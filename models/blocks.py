@@ -7,6 +7,7 @@ modules (DDP-replicated) and TorchRec's train pipelines treat them as FX leaves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -112,6 +113,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(keep, x * (65536 / (65536 - cut)), 0.0)
 
 
+@lru_cache(maxsize=None)  # asked every forward; the hardware does not change
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware (CUDA with bf16, a CPU with AVX-512
     BF16 or AMX); elsewhere bf16 autocast is emulated and slower than float32."""
@@ -187,6 +189,10 @@ class SequenceEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
+    def matmul_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the layers' projections and feed-forward multiply in on `device`."""
+        return torch.bfloat16 if self.bf16 and native_bf16(device) else torch.float32
+
     def forward(self, events: torch.Tensor, lengths: torch.Tensor,
                 every_state: bool = False) -> torch.Tensor:
         """events: [E, dim], every row's events flat and oldest-first (`lengths` [B] of them
@@ -201,7 +207,7 @@ class SequenceEncoder(nn.Module):
         recency = self.recency((packed.kept[packed.row] - packed.step).clamp(0, self.max_len - 1))  # CLS: unused
         x = torch.where((packed.step > 0).unsqueeze(1), tokens + recency, self.cls)
         groups = Groups(packed.kept + 1, packed.starts, len(x), self.buckets, self.causal)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16 and native_bf16(x.device)):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.matmul_dtype(x.device) == torch.bfloat16):
             for layer in self.layers:
                 x = layer(x, groups)
         states = self.norm(x)
