@@ -497,7 +497,7 @@ class DERM(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
         ids = self.sequence_ec(batch.sparse)
-        profile = _pooled(self.user_ebc(batch.sparse), USER_FEATURES)
+        profile = self._profile(batch.sparse)
         dense = batch.dense
         # Indexed, not unpacked: under the train pipeline's tracer the towers' output is a proxy.
         towers = self.towers(ids, dense["content_emb"], profile, dense["seq_content"], dense["seq_is_ad"],
@@ -509,11 +509,15 @@ class DERM(nn.Module):
         loss, losses = self.loss(logits, user, pin, pin_ids, batch.labels, dense, towers[2])
         return loss, {"logits": logits, "user_emb": user, "pin_emb": pin, "losses": losses}
 
+    def _profile(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """[B, 4d] the user's pooled profile embeddings, in USER_FEATURES order."""
+        return _pooled(self.user_ebc(sparse), USER_FEATURES)
+
     def embed_users(self, sparse: KeyedJaggedTensor, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, d] unit user vectors, without labels (dense: the events' `seq_content` and
         `seq_is_ad`). `sparse` still carries every key of `cfg.sparse_features`; pin and
         context features may be empty lists."""
-        profile = _pooled(self.user_ebc(sparse), USER_FEATURES)
+        profile = self._profile(sparse)
         return self.towers(self.sequence_ec(sparse), None, profile, dense["seq_content"], dense["seq_is_ad"])[0]
 
     def embed_both(self, sparse: KeyedJaggedTensor,
@@ -521,7 +525,7 @@ class DERM(nn.Module):
         """([B, d] user, [B, d] pin) unit vectors of each row, without labels, reading each
         table once: under TorchRec's train pipeline an embedding module may be called only once
         per forward (the coupled ranker runs the towers this way)."""
-        profile = _pooled(self.user_ebc(sparse), USER_FEATURES)
+        profile = self._profile(sparse)
         towers = self.towers(self.sequence_ec(sparse), dense["content_emb"], profile, dense["seq_content"],
                              dense["seq_is_ad"])
         return towers[0], towers[1]
