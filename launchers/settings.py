@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
+from derl.datapipes.batch import USER_FEATURES
 from derl.datapipes.domains import DOMAINS, VECTOR_SETS
 from derl.launchers.config import check, default_of, setting
 from derl.models.downstream import UPSTREAM_MODES, RankerConfig
@@ -53,6 +54,9 @@ class TrainUpstreamConfig:
     tower_dims: Tuple[int, ...] = setting(_upstream("tower_dims"), "hidden widths of the user and Pin towers")
     interaction_dims: Tuple[int, ...] = setting(_upstream("interaction_dims"),
                                                 "hidden widths of the interaction tower")
+    user_features: Tuple[str, ...] = setting(_upstream("user_features"),
+                                             "comma-separated profile features the user tower reads, of "
+                                             "user_id, country, age_bucket, gender")
     contrastive: bool = setting(_upstream("contrastive"), "drop the in-batch contrastive term: BCE heads only (ablation)")
     logq_strength: float = setting(_upstream("logq_strength"),
                                    "share of the logQ correction in training: 0 leaves popularity out "
@@ -96,6 +100,9 @@ class TrainUpstreamConfig:
               non_negative=("eval_every", "contrastive_weight", "next_pin_weight"), below_one=("seq_dropout",),
               fraction=("logq_strength",), widths=("tower_dims", "interaction_dims"),
               day=("from_day", "until"))
+        if not self.user_features or set(self.user_features) - set(USER_FEATURES):
+            raise ValueError(f"--user-features must name some of {','.join(USER_FEATURES)}, "
+                             f"got {','.join(self.user_features)!r}")
         if self.embedding_dim % self.seq_heads:
             raise ValueError(f"--embedding-dim must be a multiple of --seq-heads {self.seq_heads}, "
                              f"got {self.embedding_dim}")
@@ -109,7 +116,7 @@ class TrainUpstreamConfig:
         return UpstreamConfig.for_domain(
             self.domain, vocab, embedding_dim=self.embedding_dim, seq_len=self.seq_len,
             seq_layers=self.seq_layers, seq_heads=self.seq_heads, seq_dropout=self.seq_dropout,
-            tower_dims=self.tower_dims,
+            user_features=self.user_features, tower_dims=self.tower_dims,
             interaction_dims=self.interaction_dims, contrastive=self.contrastive,
             contrastive_weight=self.contrastive_weight, logq_strength=self.logq_strength,
             center_entities=self.center, temperature=self.temperature, next_pin_weight=self.next_pin_weight,

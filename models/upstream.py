@@ -54,6 +54,10 @@ class UpstreamConfig:
     seq_layers: int = 2
     seq_heads: int = 4
     seq_dropout: float = 0.1
+    # The profile features the user tower reads (a subset of USER_FEATURES). Without user_id the
+    # user vector is what the profile and the history say, not a free vector per user that learns
+    # each user's past Pins by heart (docs/seqrec.md, "derl").
+    user_features: Tuple[str, ...] = USER_FEATURES
     tower_dims: Tuple[int, ...] = (256, 128)
     interaction_dims: Tuple[int, ...] = (256, 128)
     content_dim: int = CONTENT_DIM
@@ -97,6 +101,8 @@ class UpstreamConfig:
     seq_bf16: bool = True
 
     def __post_init__(self) -> None:
+        if not self.user_features or set(self.user_features) - set(USER_FEATURES):
+            raise ValueError(f"user_features must be some of {USER_FEATURES}, got {self.user_features}")
         missing = [
             f for f in self.sparse_features if f not in SHARED_TABLES and f not in self.num_embeddings
         ]
@@ -122,7 +128,7 @@ class UpstreamConfig:
     @property
     def sparse_features(self) -> Tuple[str, ...]:
         """The KJT keys a DERM reads."""
-        return USER_FEATURES + PIN_FEATURES + SEQUENCE_FEATURES + self.context_features
+        return self.user_features + PIN_FEATURES + SEQUENCE_FEATURES + self.context_features
 
     @classmethod
     def for_domain(
@@ -267,7 +273,7 @@ class UserTower(nn.Module):
         self.sequence = SequenceEncoder(
             d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout, causal=cfg.next_pin_weight > 0,
             buckets=cfg.length_buckets, bf16=cfg.seq_bf16)
-        self.mlp = Tower((len(USER_FEATURES) + 1) * d, cfg.tower_dims, d)
+        self.mlp = Tower((len(cfg.user_features) + 1) * d, cfg.tower_dims, d)
         self.unit = _Unit(d, cfg.center_entities)
         self.positions = cfg.next_pin_positions
 
@@ -275,7 +281,7 @@ class UserTower(nn.Module):
         self, profile: torch.Tensor, events: PinFeatures, actions: JaggedTensor, gaps: JaggedTensor,
         prefixes: bool = False,
     ) -> Tuple[torch.Tensor, Optional[Prefixes]]:
-        """profile: [B, 4d] pooled embeddings; events: the sequence's Pins, flat in event order;
+        """profile: [B, len(user_features) * d] pooled embeddings; events: the sequence's Pins, flat in event order;
         actions/gaps: the events' action and gap embeddings, jagged per row. Returns [B, d] unit
         user vectors, and with `prefixes` (causal encoder only) the prefixes' states."""
         lengths = actions.lengths()
@@ -488,7 +494,7 @@ class DERM(nn.Module):
         def bags(features: Sequence[str]) -> EmbeddingBagCollection:
             return EmbeddingBagCollection(_bag_tables(cfg, features), device=table_device)
 
-        self.user_ebc = bags(USER_FEATURES)
+        self.user_ebc = bags(cfg.user_features)
         self.context_ebc = bags(cfg.context_features)
         self.sequence_ec = EmbeddingCollection(_sequence_tables(cfg), device=table_device)
         self.towers = EntityTowers(cfg)
@@ -510,8 +516,8 @@ class DERM(nn.Module):
         return loss, {"logits": logits, "user_emb": user, "pin_emb": pin, "losses": losses}
 
     def _profile(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """[B, 4d] the user's pooled profile embeddings, in USER_FEATURES order."""
-        return _pooled(self.user_ebc(sparse), USER_FEATURES)
+        """[B, len(user_features) * d] the user's pooled profile embeddings."""
+        return _pooled(self.user_ebc(sparse), self.cfg.user_features)
 
     def embed_users(self, sparse: KeyedJaggedTensor, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, d] unit user vectors, without labels (dense: the events' `seq_content` and

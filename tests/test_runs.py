@@ -131,6 +131,8 @@ BAD_FLAGS = [
     ("train-upstream", ["--logq-strength", "2"], "--logq-strength must be between 0 and 1, got 2.0"),
     ("train-upstream", ["--embedding-dim", "30"], "--embedding-dim must be a multiple of --seq-heads 4"),
     ("train-upstream", ["--seq-heads", "0"], "--seq-heads must be positive"),
+    ("train-upstream", ["--user-features", "user_id,age"],
+     "--user-features must name some of user_id,country,age_bucket,gender, got 'user_id,age'"),
     ("train-upstream", ["--epochs", "0"], "--epochs must be positive, got 0.0"),
     ("train-upstream", ["--until", "2026-1-5"], "--until must be a day written YYYY-MM-DD, got '2026-1-5'"),
     ("train-upstream", ["--from-day", "2026-01-09", "--until", "2026-01-05"], "--from-day 2026-01-09 is after --until"),

@@ -22,7 +22,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from derl.datapipes.batch import NUM_GAP_BUCKETS, Batch
 import torch.nn.functional as F
@@ -118,6 +118,23 @@ def test_forward_backward_reaches_tables_and_transformer(model: DERM) -> None:
         "towers.user.sequence.layers.0.qkv.weight",
     ):
         assert params[name].grad.abs().sum() > 0, name
+
+
+def test_a_user_tower_without_user_id_has_no_such_table_and_ignores_the_id() -> None:
+    """Batches always carry every profile key; a tower told to leave user_id out reads the rest."""
+    batch = make_batch(small_config())
+    ids = dict(batch.sparse.to_dict())  # a copy: the KJT caches and hands out this dict
+    ids["user_id"] = JaggedTensor(values=(ids["user_id"].values() + 1) % VOCAB["user_id"],
+                                  lengths=ids["user_id"].lengths())
+    other_ids = KeyedJaggedTensor.from_jt_dict(ids)
+    for features, ignores in ((("country", "age_bucket", "gender"), True), (None, False)):
+        torch.manual_seed(0)
+        model = DERM(small_config(**({"user_features": features} if features else {}))).eval()
+        assert any("t_user_id" in name for name, _ in model.named_parameters()) is not ignores
+        same = torch.allclose(model.embed_users(batch.sparse, batch.dense), model.embed_users(other_ids, batch.dense))
+        assert same is ignores
+    with pytest.raises(ValueError, match="user_features must be some of"):
+        small_config(user_features=("user_id", "age"))
 
 
 def test_outputs_are_unit_norm_and_match_embed_methods(model: DERM) -> None:
