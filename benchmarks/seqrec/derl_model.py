@@ -15,8 +15,8 @@ the day before, the earlier items on the days before those (docs/importing.md). 
   item, evaluated by `train.evaluate` like every other model.
 
 derl's sequences hold the last 32 events (`UpstreamConfig.seq_len`), not the protocol's 50.
-Settings: `--derl-epochs`, the presets' small model unless `--derl-model default`, and any
-other `derl train-upstream` flags in `--derl-args "..."`.
+Settings: `--derl-epochs`, the presets' small model unless `--derl-model default`, with
+`SEQREC_UPSTREAM` on top, and any other `derl train-upstream` flags in `--derl-args "..."`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,13 @@ from derl.launchers.presets import SMALL_UPSTREAM
 from derl.launchers.settings import TrainUpstreamConfig
 
 DAYS = 8  # the synthesized days: training items on the first 6
+
+# What the seqrec protocol asks of the upstream beyond a preset (docs/seqrec.md, "derl"):
+# temperature 0.1 (0.05 by default); no user-id embedding (with one per user, the user vector
+# learns each user's training items by heart and test NDCG@10 falls after a few epochs); the
+# next-Pin term over more prefixes and negatives; float32 matmuls (bf16 is slower at d 16).
+SEQREC_UPSTREAM = {"temperature": 0.1, "user_features": ("country", "age_bucket", "gender"),
+                   "next_pin_positions": 4096, "next_pin_negatives": 2048, "bf16": False}
 
 
 class SnapshotScores(nn.Module):
@@ -97,7 +104,8 @@ def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = N
           "--days", str(DAYS), "--overwrite")
     days = SourceTables(world).days("engagements")
     val_day, test_day = days[-2], days[-1]
-    overrides = {**(SMALL_UPSTREAM if settings.derl_model == "small" else {}), "epochs": settings.derl_epochs,
+    overrides = {**(SMALL_UPSTREAM if settings.derl_model == "small" else {}), **SEQREC_UPSTREAM,
+                 "epochs": settings.derl_epochs,
                  "seed": settings.seed, "until": days[-3], "overwrite": (run / "config.json").exists()}
     t0 = time.perf_counter()
     _derl("train-upstream", *to_flags(TrainUpstreamConfig, {"data": world, "out": run, **overrides}),

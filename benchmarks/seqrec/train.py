@@ -66,7 +66,7 @@ class Settings:
     sampling: str = "uniform"  # sasrec-ssm: uniform | popularity (with logQ)
     # derl (derl_model.py): epochs of `derl train-upstream`, and its model (the presets' small
     # one, or the TrainUpstreamConfig defaults)
-    derl_epochs: int = 5
+    derl_epochs: int = 30
     derl_model: str = "small"
     derl_args: str = ""  # more `derl train-upstream` flags, after the model's: "--seq-len 50 ..."
 
