@@ -235,19 +235,33 @@ def test_beautys_first_users_split_as_the_file_says(tmp_path):
 
 @pytest.mark.slow
 def test_derl_upstream_runs_in_the_suite_through_the_derl_commands(tmp_path):
-    """`derl` in the seqrec suite: import, train-upstream, two exports, scored like the others."""
+    """`derl` in the seqrec suite: import, train-upstream in chunks, two exports a chunk, scored
+    like the others, the chunk best on validation reported; a rerun resumes after the last chunk."""
     from derl.benchmarks.seqrec.suite import run
 
     lines = (DATA / "amazon-seq" / "Beauty.txt").read_text().splitlines()[:300]
     (tmp_path / "b300.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    run(["--out", str(out), "--dataset", f"b300={tmp_path / 'b300.txt'}", "--models", "derl",
-         "--derl-epochs", "1"])
+    args = ["--out", str(out), "--dataset", f"b300={tmp_path / 'b300.txt'}", "--models", "derl",
+            "--derl-eval-every", "1", "--derl-patience", "5"]
+    run([*args, "--derl-epochs", "1"])
+    work = out / "state" / "b300-derl-work"
+    first = json.loads((work / "progress.json").read_text())["points"]
+    assert [p["epoch"] for p in first] == [1]
+    # As a run killed after its first chunk: the rerun (its result removed) trains only the second.
+    (out / "results" / "b300-derl.json").unlink()
+    run([*args, "--derl-epochs", "2"])
     result = json.loads((out / "results" / "b300-derl.json").read_text())
+    points = json.loads((work / "progress.json").read_text())["points"]
+    assert points[0] == first[0] and [p["epoch"] for p in points] == [1, 2]
+    steps = sorted(int(p.name.split("-")[1]) for p in (work / "upstream" / "checkpoints").glob("step-*"))
+    assert steps[-1] == 2 * steps[0]  # resumed: one run of two epochs, not two runs of one
+    best = max(points, key=lambda p: p["val"]["ndcg@10"])
+    assert result["best_epoch"] == best["epoch"] and result["test"] == best["test"]
+    assert [c["epoch"] for c in result["curve"]] == [1, 2] and result["epochs"] == 2
     for stage in ("val", "test"):
         assert all(0.0 <= v <= 1.0 for v in result[stage].values())
         assert result[stage]["hr@20"] >= result[stage]["hr@10"] >= result[stage]["hr@5"]
     assert result["train_s"] > 0 and result["train_examples_per_s"] > 0
-    world = out / "state" / "b300-derl-work" / "world"
-    assert json.loads((world / "_world.json").read_text())["format"] == "seq-lines"
+    assert json.loads((work / "world" / "_world.json").read_text())["format"] == "seq-lines"
     assert json.loads((out / "bench.json").read_text())["seqrec"]["b300"]["derl"]["hr@10"] == result["test"]["hr@10"]

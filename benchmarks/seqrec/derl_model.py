@@ -14,22 +14,27 @@ the day before, the earlier items on the days before those (docs/importing.md). 
   retrieval prior (weight x log of the item's share of the training interactions), over every
   item, evaluated by `train.evaluate` like every other model.
 
+Training runs in chunks of `--derl-eval-every` epochs (each `derl train-upstream --resume`s
+the last), scored after each; the result is the chunk best on validation, as the other models
+keep their best state (early stopping after `--derl-patience` chunks, at most `--derl-epochs`).
+
 derl's sequences hold the last 32 events (`UpstreamConfig.seq_len`), not the protocol's 50.
-Settings: `--derl-epochs`, the presets' small model unless `--derl-model default`, with
+Settings: the presets' small model unless `--derl-model default`, with
 `SEQREC_UPSTREAM` on top, and any other `derl train-upstream` flags in `--derl-args "..."`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -37,6 +42,7 @@ from derl.benchmarks.seqrec.data import Split
 from derl.datapipes.snapshots import Snapshot
 from derl.datapipes.snapshots.parts import part_paths, read_parts
 from derl.datapipes.sources import SourceTables
+from derl.launchers import runs
 from derl.launchers.config import to_flags
 from derl.launchers.presets import SMALL_UPSTREAM
 from derl.launchers.settings import TrainUpstreamConfig
@@ -93,24 +99,25 @@ def _vectors(snap: Snapshot, world: SourceTables, entity: str, source: str, size
     return out
 
 
-def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = None,
-        trainable: bool = True, desc: str = "", progress: bool = True) -> Dict[str, object]:
+def _train_chunk(world: Path, run: Path, overrides: Dict[str, object], epochs: int, derl_args: str,
+                 fresh: bool) -> float:
+    """`derl train-upstream` up to `epochs` (a fresh run, or resumed from its last checkpoint:
+    the learning rates are constant, so chunks add up to one run); its seconds."""
+    resume = not fresh and runs.latest_checkpoint(run) is not None
+    flags = {"data": world, "out": run, **overrides, "epochs": epochs,
+             "resume": resume, "overwrite": not resume and (run / runs.CONFIG).exists()}
+    t0 = time.perf_counter()
+    _derl("train-upstream", *to_flags(TrainUpstreamConfig, flags), *derl_args.split())
+    return time.perf_counter() - t0
+
+
+def _score_snapshots(split: Split, settings, world: Path, run: Path, snaps: Path, days: List[str],
+                     desc: str, progress: bool) -> Dict[str, object]:
+    """Export the user vectors as of the validation and the test day and every item's vector,
+    and score them as `train.evaluate` scores every model: {"val": metrics, "test": metrics}."""
     from derl.benchmarks.seqrec import train
 
-    work = Path(state_path).parent / f"{Path(state_path).stem}-work"
-    world, run, snaps = work / "world", work / "upstream", work / "snapshots"
-    _write_seq_lines(split, work / "sequences.txt")
-    _derl("import", "seq-lines", "--input", str(work / "sequences.txt"), "--out", str(world),
-          "--days", str(DAYS), "--overwrite")
-    days = SourceTables(world).days("engagements")
     val_day, test_day = days[-2], days[-1]
-    overrides = {**(SMALL_UPSTREAM if settings.derl_model == "small" else {}), **SEQREC_UPSTREAM,
-                 "epochs": settings.derl_epochs,
-                 "seed": settings.seed, "until": days[-3], "overwrite": (run / "config.json").exists()}
-    t0 = time.perf_counter()
-    _derl("train-upstream", *to_flags(TrainUpstreamConfig, {"data": world, "out": run, **overrides}),
-          *settings.derl_args.split())
-    train_s = time.perf_counter() - t0
     for day in (val_day, test_day):
         _derl("export", "--data", str(world), "--out", str(snaps), "--cut", day, "--version", day,
               "--upstream", f"engagement={run}", "--overwrite")
@@ -123,13 +130,59 @@ def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = N
     counts = split.train_counts().double()
     prior = (dot["retrieval_prior_weight"] * torch.log(counts.clamp(min=0.5) / counts.sum())).float()
     scorer = SnapshotScores(users, items, prior, dot["temperature"])
-    metrics = json.loads((run / "metrics.json").read_text())
-    result = train.fit(scorer, split, settings, None, trainable=False, desc=desc, progress=progress)
-    result.update(train_s=round(train_s, 1), s_per_epoch=round(train_s / settings.derl_epochs, 2),
-                  train_examples_per_s=metrics["train_examples_per_s"],
-                  epochs=settings.derl_epochs, best_epoch=settings.derl_epochs, stopped="fixed epochs",
-                  upstream_run=str(run), upstream_recall_at_50_val_day=metrics["recall@50"])
-    return result
+    return train.fit(scorer, split, settings, None, trainable=False, desc=desc, progress=progress)
+
+
+def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = None,
+        trainable: bool = True, desc: str = "", progress: bool = True) -> Dict[str, object]:
+    """Train in chunks of `derl_eval_every` epochs, export and score after each, stop after
+    `derl_patience` chunks without a better validation NDCG@10 or at `derl_epochs`; the result
+    is the best chunk's, as `train.fit` keeps the best state of the other models. Each chunk's
+    scores go to WORK/progress.json: a rerun with the same settings resumes after the last one."""
+    from derl.benchmarks.seqrec.train import SELECT
+
+    work = Path(state_path).parent / f"{Path(state_path).stem}-work"
+    world, run, snaps, log = work / "world", work / "upstream", work / "snapshots", work / "progress.json"
+    shape = {"data": [split.n_users, split.n_items, int(split.train_len.sum())],
+             **{k: getattr(settings, k) for k in ("seed", "derl_model", "derl_args", "derl_eval_every")}}
+    state = json.loads(log.read_text()) if log.is_file() else {}
+    fresh = state.get("shape") != shape
+    if fresh:
+        state = {"shape": shape, "points": [], "train_s": 0.0}
+        _write_seq_lines(split, work / "sequences.txt")
+        _derl("import", "seq-lines", "--input", str(work / "sequences.txt"), "--out", str(world),
+              "--days", str(DAYS), "--overwrite")
+    days = SourceTables(world).days("engagements")
+    overrides = {**(SMALL_UPSTREAM if settings.derl_model == "small" else {}), **SEQREC_UPSTREAM,
+                 "seed": settings.seed, "until": days[-3]}
+    every, last = settings.derl_eval_every, settings.derl_epochs
+    points: List[Dict[str, object]] = state["points"]
+    for epochs in [*range(every, last, every), last]:
+        best = max(points, key=lambda p: p["val"][SELECT], default=None)
+        if best is not None and sum(p["epoch"] > best["epoch"] for p in points) >= settings.derl_patience:
+            break
+        if any(p["epoch"] == epochs for p in points):
+            continue
+        state["train_s"] += _train_chunk(world, run, overrides, epochs, settings.derl_args, fresh)
+        fresh = False
+        scores = _score_snapshots(split, settings, world, run, snaps, days, desc, progress)
+        metrics = json.loads((run / "metrics.json").read_text())
+        points.append({"epoch": epochs, "val": scores["val"], "test": scores["test"],
+                       "train_examples_per_s": metrics["train_examples_per_s"],
+                       "upstream_recall_at_50_val_day": metrics["recall@50"]})
+        log.with_suffix(".tmp").write_text(json.dumps(state, indent=1))
+        os.replace(log.with_suffix(".tmp"), log)  # after each chunk: a kill loses at most one
+        print(f"derl {desc}: epoch {epochs}, validation {SELECT} {scores['val'][SELECT]:.4f}", flush=True)
+    best = max(points, key=lambda p: p["val"][SELECT])
+    trained = points[-1]["epoch"]
+    return {"device": "cpu", "threads": settings.threads, "params": 0, "settings": asdict(settings),
+            "test": best["test"], "val": best["val"], "train_s": round(state["train_s"], 1),
+            "s_per_epoch": round(state["train_s"] / trained, 2),
+            "train_examples_per_s": best["train_examples_per_s"], "epochs": trained,
+            "best_epoch": best["epoch"],
+            "stopped": "max epochs" if trained == last else f"patience ({settings.derl_patience} evaluations)",
+            "curve": [{"epoch": p["epoch"], "val_" + SELECT: p["val"][SELECT]} for p in points],
+            "upstream_run": str(run), "upstream_recall_at_50_val_day": best["upstream_recall_at_50_val_day"]}
 
 
 def build(split: Split, settings) -> nn.Module:

@@ -64,9 +64,12 @@ class Settings:
     max_len: int = 50
     negatives: int = 256  # sasrec-ssm
     sampling: str = "uniform"  # sasrec-ssm: uniform | popularity (with logQ)
-    # derl (derl_model.py): epochs of `derl train-upstream`, and its model (the presets' small
-    # one, or the TrainUpstreamConfig defaults)
-    derl_epochs: int = 30
+    # derl (derl_model.py): at most `derl_epochs` of `derl train-upstream`, scored on validation
+    # every `derl_eval_every`, stopped after `derl_patience` scores without a better one; its
+    # model (the presets' small one, or the TrainUpstreamConfig defaults)
+    derl_epochs: int = 50
+    derl_eval_every: int = 5
+    derl_patience: int = 2
     derl_model: str = "small"
     derl_args: str = ""  # more `derl train-upstream` flags, after the model's: "--seq-len 50 ..."
 
