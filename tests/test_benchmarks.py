@@ -50,3 +50,18 @@ def test_headroom_names_a_snapshot_version_it_cannot_find(tiny_pipeline, tmp_pat
     with pytest.raises(SnapshotError, match="2099-01-01"):
         headroom_bench.main(["--data", str(tiny_pipeline / "world"), "--snapshots",
                              str(tiny_pipeline / "snapshots"), "--version", "2099-01-01", "--out", str(tmp_path)])
+
+
+def test_ceiling_orders_the_estimators_by_what_they_know(tiny_world, tmp_path):
+    """The ceiling table on the tiny world: knowing more of the hidden state never scores worse,
+    and the world's own expected saves retrieve better than popularity."""
+    import json
+
+    from derl.benchmarks import ceiling_bench
+
+    ceiling_bench.main(["--data", str(tiny_world), "--out", str(tmp_path)])
+    value = {r["estimator"]: r["value"] for r in json.loads((tmp_path / "ceiling.json").read_text())["rows"]}
+    assert value["true latents (last upstream day)"] < value["user from engaged Pins' true latents, true ad"] < 1.0
+    assert value["true latents (last upstream day)"] < value["true user, ad from content"] < 1.0
+    assert value["the world's expected saves (Bayes)"] > value["popularity"]
+    assert value["the world's expected saves (Bayes)"] >= value["true-latent dot + log popularity (best weight)"]
