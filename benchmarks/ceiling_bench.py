@@ -3,10 +3,12 @@ issue targets are set in, the headroom benchmark's CTR NE and upstream recall@50
 
     python -m derl.benchmarks.ceiling_bench --data W --out DIR
 
-No model is trained. Each row is an estimator that is handed part of the world's hidden state
-(`datapipes.world`), so it bounds what a model that must learn that part could reach:
+No model is trained. Each row is an estimator handed part of the world's hidden state
+(`datapipes.world.hidden_state`); the true-latent rows and the world's expected saves are strict
+bounds, the others references for a model that must learn the part it was not handed:
 - CTR NE on the evaluation day (the logistic of `headroom_bench`, fitted on the downstream days)
-  on the user·ad dot of: the true latents on the last upstream day (what a snapshot could know); a user as the action-weighted mean of the true
+  on the user·ad dot of: the true latents on the last upstream day (what a snapshot could know);
+  a user as the action-weighted mean of the true
   latents of the Pins they engaged with in the upstream window (perfect Pin vectors, the user
   known only through behaviour); the true user with the ad known only through its content
   embedding (the posterior mean given the projection, fitted on the true latents);
@@ -98,17 +100,17 @@ def measure(data: Path) -> List[Dict[str, object]]:
     days = sources.days("engagements")
     first, last = split.downstream_days
     fit_days = [d for d in days if first <= d <= last]
-    upstream = (split.upstream_days[0], split.upstream_days[1])
+    upstream = split.upstream_days
     val_day = split.cut_day  # the day after the upstream window, where upstream recall is measured
-    cfg, e = W._state_on(data, split.upstream_days[1])
-    history = _history_users(_engagements(sources, upstream), e.pin_latent, cfg.num_users)
+    cfg, e = W.hidden_state(data, split.upstream_days[1])
+    eng = _engagements(sources, upstream)
+    history = _history_users(eng, e.pin_latent, cfg.num_users)
     content = _content_pins(data, e.pin_latent)
     rows = [{"figure": "CTR NE", "estimator": name, "value": round(_ctr_ne(data, fit_days, split.eval_day, u, p), 4)}
             for name, u, p in (("true latents (last upstream day)", e.user_latent, e.pin_latent),
                                ("user from engaged Pins' true latents, true ad", history, e.pin_latent),
                                ("true user, ad from content", e.user_latent, content))]
 
-    eng = _engagements(sources, upstream)
     count = np.bincount(eng["pin_id"][eng["action"] != S.Action.IMPRESSION], minlength=cfg.num_pins)
     val = _engagements(sources, (val_day, val_day))
     saved = val["action"] == S.Action.SAVE
@@ -116,27 +118,15 @@ def measure(data: Path) -> List[Dict[str, object]]:
     users = np.unique(saves_user)
     rows.append({"figure": f"recall@{K}", "estimator": "popularity",
                  "value": round(float(np.isin(saves_pin, popular_pins(sources, upstream, K)).mean()), 4)})
-    _, ev = W._state_on(data, val_day)
-    live = ev.pin_created_day <= days.index(val_day)
+    _, ev = W.hidden_state(data, val_day)
     log_count = np.log(count + 1.0)
     best = max(_recall(lambda b, w=w: w * ev.user_latent[b] @ ev.pin_latent.T + log_count, users, saves_user, saves_pin)
                for w in (2.0, 4.0, 8.0, 12.0))
     rows.append({"figure": f"recall@{K}", "estimator": "true-latent dot + log popularity (best weight)",
                  "value": round(best, 4)})
-    pop = ev.pin_popularity * live
-    topic_pop = np.bincount(ev.pin_topic, weights=pop, minlength=cfg.num_topics)[ev.pin_topic]
-
-    def expected_saves(block: np.ndarray) -> np.ndarray:
-        a = ev.user_latent[block] @ ev.pin_latent.T
-        topic = ev.pin_topic[None, :]
-        mine = 0.7 * (topic == ev.user_topics[block, :1]) + 0.3 * (topic == ev.user_topics[block, 1:])
-        shown = cfg.relevant_share * mine * pop / topic_pop + (1 - cfg.relevant_share) * pop / pop.sum()
-        closeup = sum(p * W._sigmoid(4 * a + ev.pin_quality + bias - 1.8)
-                      for p, bias in zip(W.SURFACE_PROBS, W.SURFACE_ENGAGEMENT_BIAS))
-        return np.log(shown * closeup * W._sigmoid(6 * a - 3) * (1 - W._sigmoid(-5 * a - 3)) + 1e-30)
-
     rows.append({"figure": f"recall@{K}", "estimator": "the world's expected saves (Bayes)",
-                 "value": round(_recall(expected_saves, users, saves_user, saves_pin), 4)})
+                 "value": round(_recall(lambda b: W.log_expected_saves(cfg, ev, days.index(val_day), b),
+                                        users, saves_user, saves_pin), 4)})
     return rows
 
 

@@ -116,6 +116,7 @@ PRESETS: Dict[str, WorldConfig] = {
 SURFACE_PROBS = np.array([0.6, 0.25, 0.15])
 SURFACE_ENGAGEMENT_BIAS = np.array([0.0, 0.4, 0.2])  # search and related Pins engage more
 SURFACE_CLICK_BIAS = np.array([0.0, 0.5, 0.2])
+MAIN_TOPIC_SHARE = 0.7  # of a user's topical organic impressions, the share from their first topic
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -285,13 +286,25 @@ def _pins_table(cfg: WorldConfig, e: _Entities, rng: np.random.Generator) -> pa.
     )
 
 
+def _p_hide(affinity: np.ndarray) -> np.ndarray:
+    return _sigmoid(-5.0 * affinity - 3.0)
+
+
+def _p_closeup(affinity: np.ndarray, quality: np.ndarray, surface_bias) -> np.ndarray:
+    return _sigmoid(4.0 * affinity + quality + surface_bias - 1.8)
+
+
+def _p_save_given_closeup(affinity: np.ndarray) -> np.ndarray:
+    return _sigmoid(6.0 * affinity - 3.0)
+
+
 def _draw_outcomes(rng: np.random.Generator, affinity: np.ndarray, quality: np.ndarray,
                    surface: np.ndarray) -> np.ndarray:
     """The strongest action per impression; each action answers affinity differently."""
     n = len(affinity)
-    hide = rng.random(n) < _sigmoid(-5.0 * affinity - 3.0)
-    closeup = rng.random(n) < _sigmoid(4.0 * affinity + quality + SURFACE_ENGAGEMENT_BIAS[surface] - 1.8)
-    save = closeup & (rng.random(n) < _sigmoid(6.0 * affinity - 3.0))
+    hide = rng.random(n) < _p_hide(affinity)
+    closeup = rng.random(n) < _p_closeup(affinity, quality, SURFACE_ENGAGEMENT_BIAS[surface])
+    save = closeup & (rng.random(n) < _p_save_given_closeup(affinity))
     click = closeup & (rng.random(n) < _sigmoid(2.5 * affinity + quality - 1.2))
     long_click = click & (rng.random(n) < _sigmoid(4.0 * affinity - 1.5))
     action = np.full(n, S.Action.IMPRESSION, dtype=np.int8)
@@ -326,7 +339,7 @@ def _ad_logits(cfg: WorldConfig, e: _Entities, user: np.ndarray, pin: np.ndarray
     return affinity, click, conversion
 
 
-def _state_on(root: Path, day: str) -> Tuple[WorldConfig, _Entities]:
+def hidden_state(root: Path, day: str) -> Tuple[WorldConfig, _Entities]:
     """A generated world's config and hidden state as they were on `day`, rebuilt from its seed."""
     if not (Path(root) / WORLD_META).is_file():
         raise ValueError(f"{root}: no {WORLD_META}, not a world made by `derl generate`; only a "
@@ -349,7 +362,7 @@ def latent_state(root: Path, day: str) -> Tuple[np.ndarray, np.ndarray]:
     """([users, K], [Pins, K]) unit latents of a generated world as they were on `day`, rows in
     id order: the ground truth no model sees (a user·Pin dot is the affinity that drives every
     outcome), rebuilt from the world's seed for tests and benchmarks to measure against."""
-    _, e = _state_on(root, day)
+    _, e = hidden_state(root, day)
     return e.user_latent, e.pin_latent
 
 
@@ -358,13 +371,29 @@ def ad_truth(root: Path, day: str, ads: Dict[str, np.ndarray]) -> Dict[str, np.n
     position, as in ad_events): the user·ad "affinity", P("click") with the click noise
     integrated out, and P("conversion") given a click. No model can beat these probabilities
     on average: they are the ceiling a benchmark measures the rankers against."""
-    cfg, e = _state_on(root, day)
+    cfg, e = hidden_state(root, day)
     user, pin = np.asarray(ads["user_id"]), np.asarray(ads["pin_id"])
     affinity, click, conversion = _ad_logits(cfg, e, user, pin, np.asarray(ads["surface"]), np.asarray(ads["position"]))
     # E[sigmoid(z + noise·N(0, 1))] by Gauss-Hermite quadrature (probabilists' weights sum to sqrt(2 pi)).
     nodes, weights = np.polynomial.hermite_e.hermegauss(32)
     p_click = _sigmoid(click[:, None] + cfg.click_noise * nodes[None, :]) @ (weights / weights.sum())
     return {"affinity": affinity, "click": p_click, "conversion": _sigmoid(conversion)}
+
+
+def log_expected_saves(cfg: WorldConfig, e: _Entities, day_index: int, users: np.ndarray) -> np.ndarray:
+    """[len(users), Pins] log of each user's expected organic saves of each Pin on a day whose
+    state `e` is (`hidden_state`): P(the Pin is shown) x P(save | shown), surfaces averaged. The
+    world's own ranking for retrieval, which no model's beats on average."""
+    live = e.pin_created_day <= day_index
+    pop = e.pin_popularity * live
+    topic_pop = np.bincount(e.pin_topic, weights=pop, minlength=cfg.num_topics)[e.pin_topic]
+    topic = e.pin_topic[None, :]
+    topical = (MAIN_TOPIC_SHARE * (topic == e.user_topics[users, :1])
+               + (1 - MAIN_TOPIC_SHARE) * (topic == e.user_topics[users, 1:]))
+    shown = cfg.relevant_share * topical * pop / topic_pop + (1 - cfg.relevant_share) * pop / pop.sum()
+    a = e.user_latent[users] @ e.pin_latent.T
+    closeup = sum(p * _p_closeup(a, e.pin_quality, bias) for p, bias in zip(SURFACE_PROBS, SURFACE_ENGAGEMENT_BIAS))
+    return np.log(shown * closeup * _p_save_given_closeup(a) * (1 - _p_hide(a)) + 1e-30)
 
 
 def _simulate_day(cfg: WorldConfig, e: _Entities, campaign: np.ndarray, day_index: int,
@@ -382,7 +411,7 @@ def _simulate_day(cfg: WorldConfig, e: _Entities, campaign: np.ndarray, day_inde
     # Organic: many impressions per active user, a mix of relevant and popular Pins.
     n_org = rng.poisson(cfg.organic_per_active_user * (0.5 + e.user_activity[active]))
     user = np.repeat(active, n_org)
-    topic = e.user_topics[user, (rng.random(len(user)) > 0.7).astype(np.int64)]
+    topic = e.user_topics[user, (rng.random(len(user)) > MAIN_TOPIC_SHARE).astype(np.int64)]
     relevant = rng.random(len(user)) < cfg.relevant_share
     pin = np.where(relevant, organic.draw(rng, topic, len(user)), organic.draw(rng, None, len(user)))
     surface = rng.choice(S.NUM_SURFACES, size=len(user), p=SURFACE_PROBS)
