@@ -50,10 +50,10 @@ from derl.launchers.settings import TrainUpstreamConfig
 DAYS = 8  # the synthesized days: training items on the first 6
 
 # What the seqrec protocol asks of the upstream beyond a preset (docs/seqrec.md, "derl"):
-# temperature 0.1 (0.05 by default); no user-id embedding (with one per user, the user vector
-# learns each user's training items by heart and test NDCG@10 falls after a few epochs); the
-# next-Pin term over more prefixes and negatives; float32 matmuls (bf16 is slower at d 16).
-SEQREC_UPSTREAM = {"temperature": 0.1, "user_features": ("country", "age_bucket", "gender"),
+# no user-id embedding (with one per user, the user vector learns each user's training items
+# by heart and test NDCG@10 falls after a few epochs); the next-Pin term over more prefixes and
+# negatives; float32 matmuls (bf16 is slower at d 16).
+SEQREC_UPSTREAM = {"user_features": ("country", "age_bucket", "gender"),
                    "next_pin_positions": 4096, "next_pin_negatives": 2048, "bf16": False}
 
 
