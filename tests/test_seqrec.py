@@ -3,8 +3,11 @@ reference models and the resumable loop, on small files written here (and Beauty
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -214,10 +217,36 @@ def test_derl_bench_suite_seqrec_writes_its_results_and_skips_finished_runs(tmp_
     assert json.loads((out / "bench.json").read_text())["seqrec"]["toy"]["popularity"]["epochs"] == 0
     assert (out / "bench.md").is_file() and (out / "seqrec.png").is_file()
     assert (out / "state" / "toy-sasrec.pt").is_file() and (out / "results" / "toy-sasrec.json").is_file()
+    # Each row names the command that reproduces it: parsed back, it gives the row's settings.
+    from derl.benchmarks.seqrec.suite import add_arguments, settings_for
+
+    command = entry["command"]
+    assert command in (out / "bench.md").read_text()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(shlex.split(command)[2:])
+    assert args.out == out and args.dataset == [f"toy={tmp_path / 'succ.txt'}"] and args.models == "sasrec"
+    recorded = json.loads((out / "results" / "toy-sasrec.json").read_text())["settings"]
+    assert dataclasses.asdict(settings_for("sasrec", args)) == recorded
     before = (out / "results" / "toy-sasrec.json").read_text()
     again = bench.run(argv)  # finished: skipped, results kept
     assert (out / "results" / "toy-sasrec.json").read_text() == before
     assert again["seqrec"]["toy"]["sasrec"] == entry
+
+
+def test_a_rows_command_carries_flag_like_values_and_switches_back_to_its_settings(tmp_path):
+    from derl.benchmarks.seqrec.suite import DATASETS, add_arguments, row_command, settings_for
+
+    settings = dataclasses.replace(Settings(**MODELS["derl"].defaults), derl_args="--seq-len 50 --seed 3",
+                                   bf16=True, threads=1)
+    result = {"dataset": "beauty", "path": str(DATASETS["beauty"]), "model": "derl",
+              "settings": dataclasses.asdict(settings)}
+    command = row_command(tmp_path / "my out", result)
+    assert "--dataset beauty " in command  # a known data set by name, not by path
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(shlex.split(command)[2:])
+    assert args.out == tmp_path / "my out" and dataclasses.asdict(settings_for("derl", args)) == result["settings"]
 
 
 @pytest.mark.skipif(not BEAUTY.is_file(), reason="needs ../shared/data/amazon-seq/Beauty.txt")

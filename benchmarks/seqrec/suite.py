@@ -17,7 +17,7 @@ of the same command continues the unfinished runs and skips the finished ones (t
 kept; delete the result file to rerun one). After every run the suite rewrites, from every
 result under DIR/results: DIR/bench.json (`seqrec.<dataset>.<model>`: test HR/NDCG@5/10/20,
 the same on validation under `val`, train_s, train_examples_per_s, s_per_epoch, epochs,
-best_epoch), DIR/bench.md (a table per dataset beside the published figures) and DIR/seqrec.png
+best_epoch, and the command that reproduces the row), DIR/bench.md (a table per dataset beside the published figures) and DIR/seqrec.png
 (validation NDCG@10 over epochs).
 """
 
@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -233,7 +234,8 @@ def write(out: Path, command: str, errors: Dict[str, str], load: Dict[str, float
         "suite": "seqrec", "command": command, "machine": {**machine(), "cores": os.cpu_count()},
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "loadavg_1m": load, "wall_s": round(wall_s, 1), "select": "val " + SELECT,
-        "seqrec": {ds: {m: {**r["test"], "val": r["val"], **{k: r.get(k) for k in KEEP}}
+        "seqrec": {ds: {m: {**r["test"], "val": r["val"], **{k: r.get(k) for k in KEEP},
+                            "command": row_command(out, r)}
                         for m, r in runs.items()} for ds, runs in found.items()},
         "datasets": {ds: {"path": next(iter(runs.values()))["path"], **next(iter(runs.values()))["stats"]}
                      for ds, runs in found.items()},
@@ -246,13 +248,35 @@ def write(out: Path, command: str, errors: Dict[str, str], load: Dict[str, float
     return bench
 
 
+def row_command(out: Path, result: Dict[str, object]) -> str:
+    """The `derl bench` command that reproduces one result: its dataset and model, and every
+    setting it ran with that is not that model's default, the derl_* ones for derl only (the
+    result records its settings, so the command holds for rows measured by any invocation)."""
+    defaults = dataclasses.asdict(Settings(**MODELS[result["model"]].defaults))
+    name, path = result["dataset"], Path(result["path"])
+    dataset = name if DATASETS.get(name) == path else f"{name}={path}"
+    flags = []
+    for key, value in result["settings"].items():
+        if value == defaults.get(key, value) or (key.startswith("derl_") and result["model"] != "derl"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.append(f"{flag}={shlex.quote(str(value))}" if str(value).startswith("-") or " " in str(value)
+                         else f"{flag} {value}")
+    return " ".join(["derl bench --suite seqrec --out", shlex.quote(str(out)), "--dataset", shlex.quote(dataset),
+                     "--models", result["model"], *flags])
+
+
 def _gap(measured: float, published: Optional[float]) -> str:
     return "-" if not published else f"{100 * (measured / published - 1):+.1f} %"
 
 
 def markdown(bench: Dict[str, object], found: Dict[str, Dict[str, Dict[str, object]]]) -> str:
     m = bench["machine"]
-    lines = ["# derl bench (seqrec suite)", "", "```", bench["command"], "```", "",
+    lines = ["# derl bench (seqrec suite)", "", f"Last invocation: `{bench['command']}`; each row's own "
+             "command is under its table.", "",
              f"{bench['device']} ({m['cpu']}, {m['cores']} cores, torch {m['torch']}), {m['date']}; "
              f"1-minute load average {bench['loadavg_1m']['start']} at start, {bench['loadavg_1m']['end']} "
              f"at the end of this invocation. Leave-one-out, full ranking over every item, the user's "
@@ -280,6 +304,9 @@ def markdown(bench: Dict[str, object], found: Dict[str, Dict[str, Dict[str, obje
                          + f" | {r['val']['ndcg@10']:.4f} | {published} | {gap} | {r['epochs']} ({r['best_epoch']}) | "
                          + (f"{r['s_per_epoch']:.2f}" if r.get("s_per_epoch") else "-") + " | "
                          + (f"{speed:,.0f}" if speed else "-") + " |")
+        lines += ["", "Each row's command (a rerun skips a row whose DIR/results/<dataset>-<model>.json is "
+                  "there: delete it to rerun the row):", "", "```",
+                  *(bench["seqrec"][ds][name]["command"] for name in runs), "```"]
         if pub:
             lines += ["", "Published (test HR@10 / NDCG@10): "
                       + "; ".join(f"{k} {v['hr@10']:.4f} / {v['ndcg@10']:.4f}" for k, v in pub.items())
