@@ -267,14 +267,16 @@ def test_derl_upstream_runs_in_the_suite_through_the_derl_commands(tmp_path):
     """`derl` in the seqrec suite: import, train-upstream in chunks, two exports a chunk, scored
     like the others, the chunk best on validation reported; a rerun resumes after the last chunk."""
     from derl.benchmarks.seqrec.suite import run
+    from derl.datapipes.sources import SourceTables
 
     lines = (DATA / "amazon-seq" / "Beauty.txt").read_text().splitlines()[:300]
     (tmp_path / "b300.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     args = ["--out", str(out), "--dataset", f"b300={tmp_path / 'b300.txt'}", "--models", "derl",
-            "--derl-eval-every", "1", "--derl-patience", "5"]
+            "--derl-eval-every", "1", "--derl-patience", "5", "--derl-days", "6"]
     run([*args, "--derl-epochs", "1"])
     work = out / "state" / "b300-derl-work"
+    assert SourceTables(work / "world").days("engagements") == [f"2000-01-0{d}" for d in range(1, 7)]
     first = json.loads((work / "progress.json").read_text())["points"]
     assert [p["epoch"] for p in first] == [1]
     # As a run killed after its first chunk: the rerun (its result removed) trains only the second.

@@ -47,7 +47,6 @@ from derl.launchers.config import to_flags
 from derl.launchers.presets import SMALL_UPSTREAM
 from derl.launchers.settings import TrainUpstreamConfig
 
-DAYS = 8  # the synthesized days: training items on the first 6
 
 # What the seqrec protocol asks of the upstream beyond a preset (docs/seqrec.md, "derl"):
 # no user-id embedding (with one per user, the user vector learns each user's training items
@@ -144,14 +143,14 @@ def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = N
     work = Path(state_path).parent / f"{Path(state_path).stem}-work"
     world, run, snaps, log = work / "world", work / "upstream", work / "snapshots", work / "progress.json"
     shape = {"data": [split.n_users, split.n_items, int(split.train_len.sum())],
-             **{k: getattr(settings, k) for k in ("seed", "derl_model", "derl_args", "derl_eval_every")}}
+             **{k: getattr(settings, k) for k in ("seed", "derl_model", "derl_args", "derl_eval_every", "derl_days")}}
     state = json.loads(log.read_text()) if log.is_file() else {}
     fresh = state.get("shape") != shape
     if fresh:
         state = {"shape": shape, "points": [], "train_s": 0.0}
         _write_seq_lines(split, work / "sequences.txt")
         _derl("import", "seq-lines", "--input", str(work / "sequences.txt"), "--out", str(world),
-              "--days", str(DAYS), "--overwrite")
+              "--days", str(settings.derl_days), "--overwrite")
     days = SourceTables(world).days("engagements")
     overrides = {**(SMALL_UPSTREAM if settings.derl_model == "small" else {}), **SEQREC_UPSTREAM,
                  "seed": settings.seed, "until": days[-3]}

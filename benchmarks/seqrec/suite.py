@@ -92,7 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              "patience": "evaluations without a better validation NDCG@10 before stopping",
              "threads": "torch threads (0: every core)", "bucket": "batches per length-sorted chunk (0: none)",
              "sampling": "sasrec-ssm negatives: uniform | popularity (with logQ)",
-             "negatives": "sasrec-ssm sampled negatives per batch"}
+             "negatives": "sasrec-ssm sampled negatives per batch",
+             "derl_days": "derl: days the seq-lines import spreads each history over"}
     for name, f in fields.items():
         flag = "--" + name.replace("_", "-")
         if f.type in ("bool", bool):

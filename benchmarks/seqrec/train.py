@@ -71,6 +71,7 @@ class Settings:
     derl_eval_every: int = 5
     derl_patience: int = 2
     derl_model: str = "small"
+    derl_days: int = 8  # the import's synthesized days: the training items spread over the first D - 2
     derl_args: str = ""  # more `derl train-upstream` flags, after the model's: "--seq-len 50 ..."
 
 
