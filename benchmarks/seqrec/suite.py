@@ -17,8 +17,8 @@ of the same command continues the unfinished runs and skips the finished ones (t
 kept; delete the result file to rerun one). After every run the suite rewrites, from every
 result under DIR/results: DIR/bench.json (`seqrec.<dataset>.<model>`: test HR/NDCG@5/10/20,
 the same on validation under `val`, train_s, train_examples_per_s, s_per_epoch, epochs,
-best_epoch, and the command that reproduces the row), DIR/bench.md (a table per dataset beside the published figures) and DIR/seqrec.png
-(validation NDCG@10 over epochs).
+best_epoch, and the command that reproduces the row), DIR/bench.md (a table per dataset
+beside the published figures) and DIR/seqrec.png (validation NDCG@10 over epochs).
 """
 
 from __future__ import annotations
