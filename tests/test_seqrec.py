@@ -249,6 +249,16 @@ def test_a_rows_command_carries_flag_like_values_and_switches_back_to_its_settin
     assert args.out == tmp_path / "my out" and dataclasses.asdict(settings_for("derl", args)) == result["settings"]
 
 
+def test_too_few_derl_days_fail_that_run_naming_the_flag(tmp_path):
+    from derl.benchmarks.seqrec.suite import run
+
+    _successor_split(tmp_path, users=20, items=10, length=5)
+    result = run(["--out", str(tmp_path / "out"), "--dataset", f"toy={tmp_path / 'succ.txt'}",
+                  "--models", "derl", "--derl-days", "2"])
+    assert "--derl-days must be at least 3" in result["errors"]["toy/derl"]
+    assert not (tmp_path / "out" / "results" / "toy-derl.json").exists()
+
+
 @pytest.mark.skipif(not BEAUTY.is_file(), reason="needs ../shared/data/amazon-seq/Beauty.txt")
 def test_beautys_first_users_split_as_the_file_says(tmp_path):
     with open(BEAUTY) as f:
