@@ -218,13 +218,11 @@ def test_derl_bench_suite_seqrec_writes_its_results_and_skips_finished_runs(tmp_
     assert (out / "bench.md").is_file() and (out / "seqrec.png").is_file()
     assert (out / "state" / "toy-sasrec.pt").is_file() and (out / "results" / "toy-sasrec.json").is_file()
     # Each row names the command that reproduces it: parsed back, it gives the row's settings.
-    from derl.benchmarks.seqrec.suite import add_arguments, settings_for
+    from derl.benchmarks.seqrec.suite import settings_for
 
     command = entry["command"]
     assert command in (out / "bench.md").read_text()
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(shlex.split(command)[2:])
+    args = _parse_bench_command(command)
     assert args.out == out and args.dataset == [f"toy={tmp_path / 'succ.txt'}"] and args.models == "sasrec"
     recorded = json.loads((out / "results" / "toy-sasrec.json").read_text())["settings"]
     assert dataclasses.asdict(settings_for("sasrec", args)) == recorded
@@ -234,8 +232,17 @@ def test_derl_bench_suite_seqrec_writes_its_results_and_skips_finished_runs(tmp_
     assert again["seqrec"]["toy"]["sasrec"] == entry
 
 
+def _parse_bench_command(command: str) -> argparse.Namespace:
+    """`derl bench ...` as the suite's own parser reads it."""
+    from derl.benchmarks.seqrec.suite import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(shlex.split(command)[2:])
+
+
 def test_a_rows_command_carries_flag_like_values_and_switches_back_to_its_settings(tmp_path):
-    from derl.benchmarks.seqrec.suite import DATASETS, add_arguments, row_command, settings_for
+    from derl.benchmarks.seqrec.suite import DATASETS, row_command, settings_for
 
     settings = dataclasses.replace(Settings(**MODELS["derl"].defaults), derl_args="--seq-len 50 --seed 3",
                                    bf16=True, threads=1)
@@ -243,9 +250,7 @@ def test_a_rows_command_carries_flag_like_values_and_switches_back_to_its_settin
               "settings": dataclasses.asdict(settings)}
     command = row_command(tmp_path / "my out", result)
     assert "--dataset beauty " in command  # a known data set by name, not by path
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(shlex.split(command)[2:])
+    args = _parse_bench_command(command)
     assert args.out == tmp_path / "my out" and dataclasses.asdict(settings_for("derl", args)) == result["settings"]
 
 
