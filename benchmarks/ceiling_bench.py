@@ -1,7 +1,8 @@
-"""Ceilings: how far the demo world's own information lets any upstream go on the two figures
-issue targets are set in, the headroom benchmark's CTR NE and upstream recall@50 of saves.
+"""Ceilings: how far the demo world's own information lets any upstream go on the three figures
+issue targets are set in: the headroom benchmark's CTR NE, upstream recall@50 of saves and the
+snapshot ranker's NE gain over `none`.
 
-    python -m derl.benchmarks.ceiling_bench --data W --out DIR
+    python -m derl.benchmarks.ceiling_bench --data W --out DIR [--rankers PRESET --nproc N]
 
 No model is trained. Each row is an estimator handed part of the world's hidden state
 (`datapipes.world.hidden_state`); the true-latent rows and the world's expected saves are strict
@@ -15,12 +16,24 @@ bounds, the others references for a model that must learn the part it was not ha
 - recall@50 of the validation day's saves, every Pin ranked: popularity (as `derl
   train-upstream` reports it); the true-latent dot plus log popularity, best of a few weights;
   and the world's own expected saves of the user for each Pin (impression probability x P(save)),
-  which no ranking beats on average.
+  which no ranking beats on average;
+- with `--rankers PRESET`, the CTR and CVR NE gain over `none` on the evaluation day (`derl
+  evaluate`'s paired bootstrap) of the preset's snapshot ranker (`--vectors user_pin`, as the
+  pipeline trains it) on a snapshot of the world's true latents on the cut day (every user,
+  every Pin created before it: no exported snapshot knows more; the dot temperature 1 / the
+  world's click weight of the affinity); of the same with each user as the action-weighted mean
+  of their engaged Pins' true latents (as in the CTR NE rows); and of the world's own
+  probabilities (`ad_truth`), which no ranker beats on average. The rankers, `none` included,
+  are trained here with the preset's downstream settings and seed 0, as `derl pipeline` trains
+  its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -31,10 +44,15 @@ from derl.benchmarks import report
 from derl.benchmarks.headroom_bench import _day, _logistic
 from derl.datapipes import schema as S
 from derl.datapipes import world as W
+from derl.datapipes.snapshots import write_snapshot
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
+from derl.launchers import evaluate, runs
+from derl.launchers.config import to_flags
+from derl.launchers.presets import PRESETS
+from derl.launchers.settings import EvaluateConfig, TrainDownstreamConfig
 from derl.launchers.upstream_eval import popular_pins
-from derl.models.metrics import binary_metrics
+from derl.models.metrics import binary_metrics, bootstrap_ne_gain
 
 K = 50
 ACTION_WEIGHT = {S.Action.CLOSEUP: 1.0, S.Action.CLICK: 1.0, S.Action.LONG_CLICK: 2.0, S.Action.SAVE: 4.0,
@@ -130,13 +148,92 @@ def measure(data: Path) -> List[Dict[str, object]]:
     return rows
 
 
+def _planted_snapshots(data: Path, work: Path, cut: str) -> Dict[str, Path]:
+    """Two snapshot roots, each version `cut` with engagement-domain vectors for every Pin created
+    before `cut` (its true latent) and: "truth", every user's true latent on that day;
+    "engaged", each user with an engagement in the upstream window as the action-weighted mean
+    of their engaged Pins' true latents (perfect Pin vectors, the user known by behaviour)."""
+    sources = SourceTables(data)
+    cfg, e = W.hidden_state(data, cut)
+    pins = np.flatnonzero(e.pin_created_day < sources.days("engagements").index(cut))
+    engaged = _history_users(_engagements(sources, default_split(sources.days("ad_events")).upstream_days),
+                             e.pin_latent, cfg.num_users)
+    active = np.flatnonzero(np.linalg.norm(engaged, axis=1) > 0)
+    users = {"truth": (np.arange(cfg.num_users), e.user_latent), "engaged": (active, _unit(engaged[active]))}
+    roots = {}
+    for name, user_table in users.items():
+        roots[name] = work / f"snapshots-{name}"
+        write_snapshot(roots[name], cut, cut, {"engagement/users": user_table,
+                                               "engagement/pins": (pins, e.pin_latent[pins])},
+                       dim=cfg.latent_dim, temperature=1.0 / cfg.click_affinity, normalised=True)
+    return roots
+
+
+def _train_ranker(data: Path, out: Path, preset: str, nproc: int, **overrides) -> None:
+    flags = to_flags(TrainDownstreamConfig, {"data": data, "out": out, "seed": 0, **overrides,
+                                             **PRESETS[preset].downstream})
+    cmd = [sys.executable, "-m", "derl.launchers.cli", "train-downstream", *flags, "--nproc", str(nproc)]
+    print("[ceiling] " + " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _bayes_gains(data: Path, none_run: Path) -> Dict[str, Dict[str, float]]:
+    """NE gain over `none` of the world's own P(click) and P(conversion | click), on its rows."""
+    pred = runs.read_predictions(none_run)
+    day = runs.read_metrics(none_run)["eval_day"]
+    table = SourceTables(data).read("ad_events", (day, day),
+                                    columns=["request_id", "user_id", "pin_id", "surface", "position"])
+    rows = {c: table.column(c).to_numpy() for c in table.column_names}
+    at = np.argsort(rows["request_id"])
+    at = at[np.searchsorted(rows["request_id"], pred["request_id"], sorter=at)]
+    truth = W.ad_truth(data, day, {k: rows[k][at] for k in ("user_id", "pin_id", "surface", "position")})
+    clicked = pred["clicked"] > 0
+    return {"CTR": bootstrap_ne_gain(pred["clicked"], truth["click"], pred["p_ctr"]),
+            "CVR": bootstrap_ne_gain(pred["converted"][clicked], truth["conversion"][clicked], pred["p_cvr"][clicked])}
+
+
+ESTIMATORS = {"truth": "snapshot: true user, true Pin (user_pin; the preset's ranker)",
+              "engaged": "snapshot: user from engaged Pins' true latents, true Pin (user_pin)",
+              "bayes": "the world's own probabilities (Bayes)"}
+
+
+def ranker_ceiling(data: Path, preset: str, nproc: int) -> List[Dict[str, object]]:
+    """The NE-gain rows (module docstring); the rankers are trained in a temporary folder."""
+    cut = default_split(SourceTables(data).days("ad_events")).cut_day
+    with tempfile.TemporaryDirectory(prefix="derl-ceiling-") as tmp:
+        work = Path(tmp)
+        _train_ranker(data, work / "none", preset, nproc, upstream="none")
+        for name, root in _planted_snapshots(data, work, cut).items():
+            _train_ranker(data, work / name, preset, nproc, upstream="snapshot", vectors="user_pin", snapshots=root)
+        report = evaluate.run(EvaluateConfig(runs=tuple(f"{n}={work / n}" for n in ("none", "truth", "engaged")),
+                                             out=work / "evaluate"))
+        gains = {n: {t.upper(): g for t, g in report["ne_gain_over_baseline"][n].items()} for n in ("truth", "engaged")}
+        gains["bayes"] = _bayes_gains(data, work / "none")
+    return [{"figure": f"{task} NE gain over none (%)", "estimator": ESTIMATORS[name],
+             "value": round(100 * by_task[task]["gain"], 3),
+             "interval": f"[{100 * by_task[task]['ci_low']:+.2f}, {100 * by_task[task]['ci_high']:+.2f}]"}
+            for task in ("CTR", "CVR") for name, by_task in gains.items()]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="a generated world (derl generate)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rankers", choices=sorted(PRESETS),
+                   help="also train `none` and rankers on true-latent snapshots with this preset's downstream "
+                        "settings and report their NE gain over `none` (about 3 minutes on the demo world)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks of each ranker run (default 2, as the pipeline's)")
     args = p.parse_args(argv)
-    meta = {**report.machine(), "command": f"python -m derl.benchmarks.ceiling_bench --data {args.data} --out {args.out}"}
-    print(report.write(args.out, "ceiling", measure(args.data), meta).read_text())
+    if args.nproc < 1:
+        p.error(f"--nproc must be at least 1, got {args.nproc}")
+    command = f"python -m derl.benchmarks.ceiling_bench --data {args.data} --out {args.out}"
+    if args.rankers:
+        command += f" --rankers {args.rankers} --nproc {args.nproc}"
+    rows = [{**r, "interval": "–"} for r in measure(args.data)]
+    if args.rankers:
+        rows += ranker_ceiling(args.data, args.rankers, args.nproc)
+    meta = {**report.machine(), "command": command}
+    print(report.write(args.out, "ceiling", rows, meta).read_text())
 
 
 if __name__ == "__main__":

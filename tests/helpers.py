@@ -27,23 +27,11 @@ def derl(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
 
 def plant_snapshot(root, version: str, cut_day: str, tables: dict, dim: int, ads=(), replace: bool = False,
                    reached=None) -> dict:
-    """Write a complete, verifiable snapshot version by hand: `tables` maps "domain/entity" to
-    (ids, [n, dim] vectors). Every domain gets an ad index over the `ads` among its Pins (empty
-    by default). LATEST names it. `replace` and `reached` go to the commit (`reached` defaults
-    to the fault hook, so that DERL_FAULT kills a planting process at a commit step)."""
-    import numpy as np
-
-    from derl.datapipes.snapshots import SnapshotWriter, write_part
+    """`write_snapshot` with the tests' defaults: a version by hand, not normalised, dot
+    temperature 0.05, and the fault hook as `reached` (DERL_FAULT kills a planting process at a
+    commit step)."""
+    from derl.datapipes.snapshots import write_snapshot
     from derl.launchers import faults
 
-    writer = SnapshotWriter(root, version, dim).prepare()
-    domains: dict = {}
-    for key, (ids, vectors) in tables.items():
-        domain, entity = key.split("/")
-        write_part(writer.part(domain, entity, 0), ids, vectors)
-        domains.setdefault(domain, {"rows": {"users": 0, "pins": 0, "ads": 0},
-                                    "dot": {"temperature": 0.05}})["rows"][entity] = len(ids)
-    for domain, info in domains.items():
-        info["rows"]["ads"] = writer.ads_index(domain, np.sort(np.asarray(ads, np.int64)))["size"]
-    return writer.commit({"cut_day": cut_day, "dim": dim, "normalised": False, "domains": domains},
-                         replace=replace, reached=reached or faults.reached)
+    return write_snapshot(root, version, cut_day, tables, dim, temperature=0.05, normalised=False, ads=ads,
+                          replace=replace, reached=reached or faults.reached)

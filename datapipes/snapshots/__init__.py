@@ -24,9 +24,9 @@ exports whose lock is free.
 
 Modules: `parts` (the part schema, its one writer and reader), `store` (layout, versions,
 verification, pins, gc), `index` (the ad index), `reader` (`Snapshot`, `EmbeddingTable`),
-`join` (`SnapshotJoin`, point in time), `writer` (`SnapshotWriter`: hidden folder, commit),
-`refresh` (align and smooth onto the previous version; collective, needs torch, so import it
-from `derl.datapipes.snapshots.refresh`).
+`join` (`SnapshotJoin`, point in time), `writer` (`SnapshotWriter`: hidden folder, commit;
+`write_snapshot`: a whole version from vectors in hand), `refresh` (align and smooth onto the
+previous version; collective, needs torch, so import it from `derl.datapipes.snapshots.refresh`).
 """
 
 from derl.datapipes.snapshots.index import FLAT_INDEX_MAX, HNSW_EF_SEARCH
@@ -37,11 +37,12 @@ from derl.datapipes.snapshots.reader import EmbeddingTable, Snapshot
 from derl.datapipes.snapshots.store import (ADS_IDS, ADS_INDEX, ENTITIES, LATEST, MANIFEST, PINS, SnapshotError,
                                             catalogue, cut_days, gc, latest, nonfinite_rows, pin, pinned, plain_name, refuse_replacing, unpin,
                                             resolve, sha256, verify, versions)
-from derl.datapipes.snapshots.writer import SnapshotWriter
+from derl.datapipes.snapshots.writer import SnapshotWriter, write_snapshot
 
 __all__ = [
     "ADS_IDS", "ADS_INDEX", "ENTITIES", "FLAT_INDEX_MAX", "HNSW_EF_SEARCH", "LATEST", "MANIFEST", "PINS",
     "EmbeddingTable", "PartWriter", "Snapshot", "SnapshotError", "SnapshotJoin", "SnapshotWriter",
     "catalogue", "cut_days", "embedding_schema", "gc", "latest", "nonfinite_rows", "part_name", "part_paths", "pin", "pinned", "unpin",
     "plain_name", "read_part", "read_parts", "refuse_replacing", "resolve", "sha256", "verify", "versions", "write_part",
+    "write_snapshot",
 ]

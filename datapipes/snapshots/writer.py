@@ -38,7 +38,7 @@ from typing import IO, Callable, Dict, Optional
 import numpy as np
 
 from derl.datapipes.snapshots.index import build_ads_index
-from derl.datapipes.snapshots.parts import part_name
+from derl.datapipes.snapshots.parts import part_name, write_part
 from derl.datapipes.snapshots.store import (BESIDE, LATEST, LOCK, MANIFEST, TMP, SnapshotError, check_tables,
                                             files_of, plain_name, refuse_replacing, sha256, take_lock)
 
@@ -131,3 +131,24 @@ class SnapshotWriter:
         if self._lock is not None:
             self.lock.unlink()
         return manifest
+
+
+def write_snapshot(root: Path, version: str, cut_day: str, tables: Dict[str, tuple], dim: int, *,
+                   temperature: float, normalised: bool, ads=(), replace: bool = False,
+                   reached: Callable[[str], object] = lambda point: None) -> dict:
+    """A complete version from vectors in hand, without an upstream run: `tables` maps
+    "domain/entity" to (ids, [n, dim] vectors); every domain gets an ad index over the `ads`
+    among its Pins and its dot temperature (`temperature`, what a ranker divides the dot by).
+    For vectors no model exported: the tests' planted tables, the ceiling benchmark's true
+    latents. LATEST names it."""
+    writer = SnapshotWriter(root, version, dim).prepare()
+    domains: Dict[str, dict] = {}
+    for key, (ids, vectors) in tables.items():
+        domain, entity = key.split("/")
+        write_part(writer.part(domain, entity, 0), ids, vectors)
+        domains.setdefault(domain, {"rows": {"users": 0, "pins": 0, "ads": 0},
+                                    "dot": {"temperature": temperature}})["rows"][entity] = len(ids)
+    for domain, info in domains.items():
+        info["rows"]["ads"] = writer.ads_index(domain, np.sort(np.asarray(ads, np.int64)))["size"]
+    return writer.commit({"cut_day": cut_day, "dim": dim, "normalised": normalised, "domains": domains},
+                         replace=replace, reached=reached)
