@@ -4,15 +4,20 @@ snapshot ranker's NE gain over `none`.
 
     python -m derl.benchmarks.ceiling_bench --data W --out DIR [--rankers PRESET --nproc N]
 
-No model is trained. Each row is an estimator handed part of the world's hidden state
-(`datapipes.world.hidden_state`); the true-latent rows and the world's expected saves are strict
-bounds, the others references for a model that must learn the part it was not handed:
+Without `--rankers` no model is trained. Each row is an estimator handed part of the world's
+hidden state (`datapipes.world.hidden_state`); the true-latent rows and the world's expected
+saves are strict bounds, the others references for a model that must learn the part it was not
+handed:
 - CTR NE on the evaluation day (the logistic of `headroom_bench`, fitted on the downstream days)
   on the user·ad dot of: the true latents on the last upstream day (what a snapshot could know);
   a user as the action-weighted mean of the true
   latents of the Pins they engaged with in the upstream window (perfect Pin vectors, the user
   known only through behaviour); the true user with the ad known only through its content
   embedding (the posterior mean given the projection, fitted on the true latents);
+- the linear probe's R² (as the headroom benchmark reads a snapshot's vectors with it) of the
+  true latents from what a tower could learn them from: a user's engaged Pins (their
+  action-weighted mean of true latents, users with an engagement) and a Pin's content
+  embedding (its posterior mean, as above);
 - recall@50 of the validation day's saves, every Pin ranked: popularity (as `derl
   train-upstream` reports it); the true-latent dot plus log popularity, best of a few weights;
   and the world's own expected saves of the user for each Pin (impression probability x P(save)),
@@ -41,7 +46,7 @@ import numpy as np
 import pyarrow.dataset as ds
 
 from derl.benchmarks import report
-from derl.benchmarks.headroom_bench import _day, _logistic
+from derl.benchmarks.headroom_bench import _day, _logistic, probe_r2
 from derl.datapipes import schema as S
 from derl.datapipes import world as W
 from derl.datapipes.snapshots import write_snapshot
@@ -128,6 +133,12 @@ def measure(data: Path) -> List[Dict[str, object]]:
             for name, u, p in (("true latents (last upstream day)", e.user_latent, e.pin_latent),
                                ("user from engaged Pins' true latents, true ad", history, e.pin_latent),
                                ("true user, ad from content", e.user_latent, content))]
+    active = np.flatnonzero(np.linalg.norm(history, axis=1) > 0)
+    rows += [{"figure": f"latent probe R² ({entity})", "estimator": name, "value": round(probe_r2(x, y), 4)}
+             for entity, name, x, y in (
+                 ("users", "action-weighted mean of engaged Pins' true latents (users who engaged)",
+                  _unit(history[active]), e.user_latent[active]),
+                 ("Pins", "content embedding (posterior mean, the projection known)", content, e.pin_latent))]
 
     count = np.bincount(eng["pin_id"][eng["action"] != S.Action.IMPRESSION], minlength=cfg.num_pins)
     val = _engagements(sources, (val_day, val_day))

@@ -11,7 +11,11 @@ snapshot version live on that day (or --version for all):
 - CTR NE (all impressions) and CVR NE (clicked ones) of: the training days' base rate; a
   logistic regression on the snapshot's dots, 0 where a vector is missing (what a ranker can
   take from the vectors alone); one on the true affinity (what a perfect upstream would hand
-  over); and the world's true probabilities, which no model beats on average.
+  over); and the world's true probabilities, which no model beats on average;
+- per domain and entity, a linear probe: the R² of the world's true latents on the cut day
+  from the snapshot's vectors (least squares with an intercept, over the ids the table holds;
+  for Pins also over the evaluation day's ads), which says which tower loses the signal. The
+  ceiling benchmark has the references (a Pin's content, a user's engaged Pins).
 
 The rankers (`derl evaluate`) also see ids and context, so their NE is not comparable row for
 row; the gap between "snapshot dots" and "true affinity" is what a better upstream would add.
@@ -31,7 +35,7 @@ from derl.benchmarks import report
 from derl.datapipes.snapshots import SnapshotJoin
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
-from derl.datapipes.world import ad_truth
+from derl.datapipes.world import ad_truth, latent_state
 from derl.models.metrics import binary_metrics
 
 COLUMNS = ["user_id", "pin_id", "surface", "position", "clicked", "converted"]
@@ -84,6 +88,30 @@ def _logistic(x: np.ndarray, y: np.ndarray, x_eval: np.ndarray) -> np.ndarray:
     return torch.sigmoid(Xe @ w).detach().numpy()
 
 
+def probe_r2(features: np.ndarray, truth: np.ndarray) -> float:
+    """R² of `truth` [n, k] from `features` [n, d] by least squares with an intercept: the share
+    of the truth's variance a linear read-out of the features recovers."""
+    x = np.column_stack([features.astype(np.float64), np.ones(len(features))])
+    coef, *_ = np.linalg.lstsq(x, truth, rcond=None)
+    return float(1.0 - ((truth - x @ coef) ** 2).sum() / ((truth - truth.mean(axis=0)) ** 2).sum())
+
+
+def _probes(data: Path, snap, ads: np.ndarray) -> Dict[str, Dict[str, float]]:
+    """Per domain: the linear probe's R² for users, Pins, and the Pins among `ads`."""
+    truth = dict(zip(("users", "pins"), latent_state(data, snap.manifest["cut_day"])))
+    out = {}
+    for domain in snap.domains:
+        r2 = {}
+        for entity in ("users", "pins"):
+            table = snap.table(domain, entity)
+            r2[entity] = round(probe_r2(table.vectors, truth[entity][table.ids]), 4)
+        pins = snap.table(domain, "pins")
+        shown = np.isin(pins.ids, ads)
+        r2["ad_pins"] = round(probe_r2(pins.vectors[shown], truth["pins"][pins.ids[shown]]), 4)
+        out[domain] = r2
+    return out
+
+
 def measure(data: Path, snapshots: Path, version: Optional[str] = None) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     split = default_split(SourceTables(data).days("ad_events"))
     first, last = split.downstream_days
@@ -114,7 +142,9 @@ def measure(data: Path, snapshots: Path, version: Optional[str] = None) -> Tuple
     versions = {day: join.version_on(day) for day in [*train_days, split.eval_day]}
     meta = {"versions": versions, "fit_days": f"{first}..{last}", "eval_day": split.eval_day,
             "dot_true_affinity_correlation": {d: round(c, 4) for d, c in correlation.items()},
-            "eval_rows_with_vectors": round(float(np.mean(test[f"found_{domains[0]}"])), 4)}
+            "eval_rows_with_vectors": round(float(np.mean(test[f"found_{domains[0]}"])), 4),
+            "latent_probe_r2": _probes(data, join.snapshot(versions[split.eval_day]),
+                                       np.unique(_day(data, split.eval_day)["pin_id"]))}
     return rows, meta
 
 

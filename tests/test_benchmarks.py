@@ -39,6 +39,24 @@ def test_headroom_sets_the_snapshot_between_base_rate_and_the_world_truth(tiny_p
     assert set(result["meta"]["dot_true_affinity_correlation"]) == {"engagement", "conversion"}
     assert result["meta"]["dot_true_affinity_correlation"]["engagement"] > 0.1  # measured 0.35
     assert (tmp_path / "headroom.md").read_text().count("| ctr |") == 4
+    probe = result["meta"]["latent_probe_r2"]
+    assert set(probe) == {"engagement", "conversion"}
+    # Measured: users 0.078 and 0.045, Pins 0.118 and 0.118, ad Pins 0.136 and 0.120 (engagement,
+    # conversion); a vector that carried none of the latent would give about 0.
+    assert all(0.02 < r2 < 1 for by_entity in probe.values() for r2 in by_entity.values())
+
+
+def test_the_linear_probe_recovers_a_linear_image_and_not_noise():
+    import numpy as np
+
+    from derl.benchmarks.headroom_bench import probe_r2
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(2000, 4))
+    assert probe_r2(truth @ rng.normal(size=(4, 8)) + 3.0, truth) > 0.999
+    assert abs(probe_r2(rng.normal(size=(2000, 8)), truth)) < 0.01
+    half = probe_r2(np.column_stack([truth[:, :2], rng.normal(size=(2000, 6))]), truth)
+    assert 0.45 < half < 0.55  # two of the four unit-variance columns
 
 
 def test_headroom_names_a_snapshot_version_it_cannot_find(tiny_pipeline, tmp_path):
@@ -65,6 +83,9 @@ def test_ceiling_orders_the_estimators_by_what_they_know(tiny_world, tmp_path):
     assert value["true latents (last upstream day)"] < value["true user, ad from content"] < 1.0
     assert value["the world's expected saves (Bayes)"] > value["popularity"]
     assert value["the world's expected saves (Bayes)"] >= value["true-latent dot + log popularity (best weight)"]
+    probes = [r["value"] for r in json.loads((tmp_path / "ceiling.json").read_text())["rows"]
+              if r["figure"].startswith("latent probe")]
+    assert len(probes) == 2 and all(0.15 < v < 1 for v in probes)  # measured users 0.333, Pins 0.298
 
 
 def test_ceiling_rankers_put_the_worlds_own_probabilities_above_every_snapshot(tiny_world, tmp_path):
