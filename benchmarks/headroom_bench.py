@@ -47,13 +47,14 @@ def _day(data: Path, day: str) -> Dict[str, np.ndarray]:
 
 
 def _features(data: Path, join: SnapshotJoin, days: List[str]) -> Dict[str, np.ndarray]:
-    """Labels, the snapshot's dots and found flags, and the world's truth, for `days`' ads."""
+    """Labels, the snapshot's dots and found flags, the world's truth and the ad, for `days`' ads."""
     parts = []
     for day in days:
         rows, snap = _day(data, day), join.snapshot(join.version_on(day))
         truth = ad_truth(data, day, rows)
         f = {"clicked": rows["clicked"].astype(np.float64), "converted": rows["converted"].astype(np.float64),
-             "affinity": truth["affinity"], "p_click": truth["click"], "p_conversion": truth["conversion"]}
+             "affinity": truth["affinity"], "p_click": truth["click"], "p_conversion": truth["conversion"],
+             "pin_id": rows["pin_id"]}
         for domain in snap.domains:
             users, no_user = snap.table(domain, "users").lookup(rows["user_id"])
             pins, no_pin = snap.table(domain, "pins").lookup(rows["pin_id"])
@@ -144,7 +145,7 @@ def measure(data: Path, snapshots: Path, version: Optional[str] = None) -> Tuple
             "dot_true_affinity_correlation": {d: round(c, 4) for d, c in correlation.items()},
             "eval_rows_with_vectors": round(float(np.mean(test[f"found_{domains[0]}"])), 4),
             "latent_probe_r2": _probes(data, join.snapshot(versions[split.eval_day]),
-                                       np.unique(_day(data, split.eval_day)["pin_id"]))}
+                                       np.unique(test["pin_id"]))}
     return rows, meta
 
 
