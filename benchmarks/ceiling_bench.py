@@ -17,7 +17,9 @@ handed:
 - the linear probe's R² (as the headroom benchmark reads a snapshot's vectors with it) of the
   true latents from what a tower could learn them from: a user's engaged Pins (their
   action-weighted mean of true latents, users with an engagement) and a Pin's content
-  embedding (its posterior mean, as above);
+  embedding (its posterior mean, as above); and a user's engaged Pins read through their content
+  (the action-weighted mean of those posterior means): a reference for a model with no hidden
+  state at all;
 - recall@50 of the validation day's saves, every Pin ranked: popularity (as `derl
   train-upstream` reports it); the true-latent dot plus log popularity, best of a few weights;
   and the world's own expected saves of the user for each Pin (impression probability x P(save)),
@@ -27,7 +29,9 @@ handed:
   pipeline trains it) on a snapshot of the world's true latents on the cut day (every user,
   every Pin created before it: no exported snapshot knows more; the dot temperature 1 / the
   world's click weight of the affinity); of the same with each user as the action-weighted mean
-  of their engaged Pins' true latents (as in the CTR NE rows); and of the world's own
+  of their engaged Pins' true latents (as in the CTR NE rows); of a snapshot from the tables
+  alone, read with the world's content model: every Pin its content posterior, every user the
+  action-weighted mean of their engaged Pins' posteriors; and of the world's own
   probabilities (`ad_truth`), which no ranker beats on average. The rankers, `none` included,
   are trained here with the preset's downstream settings and seed 0, as `derl pipeline` trains
   its own.
@@ -134,10 +138,13 @@ def measure(data: Path) -> List[Dict[str, object]]:
                                ("user from engaged Pins' true latents, true ad", history, e.pin_latent),
                                ("true user, ad from content", e.user_latent, content))]
     active = np.flatnonzero(np.linalg.norm(history, axis=1) > 0)
+    from_content = _history_users(eng, content, cfg.num_users)
     rows += [{"figure": f"latent probe R² ({entity})", "estimator": name, "value": round(probe_r2(x, y), 4)}
              for entity, name, x, y in (
                  ("users", "action-weighted mean of engaged Pins' true latents (users who engaged)",
                   _unit(history[active]), e.user_latent[active]),
+                 ("users", "action-weighted mean of engaged Pins' content posteriors (users who engaged)",
+                  _unit(from_content[active]), e.user_latent[active]),
                  ("Pins", "content embedding (posterior mean, the projection known)", content, e.pin_latent))]
 
     count = np.bincount(eng["pin_id"][eng["action"] != S.Action.IMPRESSION], minlength=cfg.num_pins)
@@ -160,22 +167,28 @@ def measure(data: Path) -> List[Dict[str, object]]:
 
 
 def _planted_snapshots(data: Path, work: Path, cut: str) -> Dict[str, Path]:
-    """Two snapshot roots, each version `cut` with engagement-domain vectors for every Pin created
-    before `cut` (its true latent) and: "truth", every user's true latent on that day;
-    "engaged", each user with an engagement in the upstream window as the action-weighted mean
-    of their engaged Pins' true latents (perfect Pin vectors, the user known by behaviour)."""
+    """Three snapshot roots, each version `cut` with engagement-domain vectors for every Pin created
+    before `cut`: "truth", every Pin's and every user's true latent on that day; "engaged", true
+    Pins and each user with an engagement in the upstream window as the action-weighted mean of
+    their engaged Pins' true latents (perfect Pin vectors, the user known by behaviour);
+    "content", each Pin as its content embedding's posterior mean and each user as the same
+    mean of their engaged Pins' posteriors (what the tables show, read with the world's own
+    content model)."""
     sources = SourceTables(data)
     cfg, e = W.hidden_state(data, cut)
     pins = np.flatnonzero(e.pin_created_day < sources.days("engagements").index(cut))
-    engaged = _history_users(_engagements(sources, default_split(sources.days("ad_events")).upstream_days),
-                             e.pin_latent, cfg.num_users)
-    active = np.flatnonzero(np.linalg.norm(engaged, axis=1) > 0)
-    users = {"truth": (np.arange(cfg.num_users), e.user_latent), "engaged": (active, _unit(engaged[active]))}
+    eng = _engagements(sources, default_split(sources.days("ad_events")).upstream_days)
+    content = _content_pins(data, e.pin_latent)
+    snapshots = {"truth": (np.arange(cfg.num_users), e.user_latent, e.pin_latent)}
+    for name, pin_vectors in (("engaged", e.pin_latent), ("content", content)):
+        users = _history_users(eng, pin_vectors, cfg.num_users)
+        active = np.flatnonzero(np.linalg.norm(users, axis=1) > 0)
+        snapshots[name] = (active, _unit(users[active]), _unit(pin_vectors))
     roots = {}
-    for name, user_table in users.items():
+    for name, (user_ids, users, pin_vectors) in snapshots.items():
         roots[name] = work / f"snapshots-{name}"
-        write_snapshot(roots[name], cut, cut, {"engagement/users": user_table,
-                                               "engagement/pins": (pins, e.pin_latent[pins])},
+        write_snapshot(roots[name], cut, cut, {"engagement/users": (user_ids, users),
+                                               "engagement/pins": (pins, pin_vectors[pins])},
                        dim=cfg.latent_dim, temperature=1.0 / cfg.click_affinity, normalised=True)
     return roots
 
@@ -205,6 +218,7 @@ def _bayes_gains(data: Path, none_run: Path) -> Dict[str, Dict[str, float]]:
 
 ESTIMATORS = {"truth": "snapshot: true user, true Pin (user_pin; the preset's ranker)",
               "engaged": "snapshot: user from engaged Pins' true latents, true Pin (user_pin)",
+              "content": "snapshot: Pin from its content (posterior mean), user from their engaged Pins' (user_pin)",
               "bayes": "the world's own probabilities (Bayes)"}
 
 
@@ -216,9 +230,10 @@ def ranker_ceiling(data: Path, preset: str, nproc: int) -> List[Dict[str, object
         _train_ranker(data, work / "none", preset, nproc, upstream="none")
         for name, root in _planted_snapshots(data, work, cut).items():
             _train_ranker(data, work / name, preset, nproc, upstream="snapshot", vectors="user_pin", snapshots=root)
-        report = evaluate.run(EvaluateConfig(runs=tuple(f"{n}={work / n}" for n in ("none", "truth", "engaged")),
+        planted = ("truth", "engaged", "content")
+        report = evaluate.run(EvaluateConfig(runs=tuple(f"{n}={work / n}" for n in ("none", *planted)),
                                              out=work / "evaluate"))
-        gains = {n: {t.upper(): g for t, g in report["ne_gain_over_baseline"][n].items()} for n in ("truth", "engaged")}
+        gains = {n: {t.upper(): g for t, g in report["ne_gain_over_baseline"][n].items()} for n in planted}
         gains["bayes"] = _bayes_gains(data, work / "none")
     return [{"figure": f"{task} NE gain over none (%)", "estimator": ESTIMATORS[name],
              "value": round(100 * by_task[task]["gain"], 3),
@@ -231,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--data", type=Path, required=True, help="a generated world (derl generate)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rankers", choices=sorted(PRESETS),
-                   help="also train `none` and rankers on true-latent snapshots with this preset's downstream "
+                   help="also train `none` and rankers on snapshots planted from the hidden state with this preset's downstream "
                         "settings and report their NE gain over `none` (about 3 minutes on the demo world)")
     p.add_argument("--nproc", type=int, default=2, help="ranks of each ranker run (default 2, as the pipeline's)")
     args = p.parse_args(argv)

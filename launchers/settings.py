@@ -74,6 +74,9 @@ class TrainUpstreamConfig:
                                       "at most this many of the batch's sequence prefixes in the next-Pin term")
     next_pin_negatives: int = setting(_upstream("next_pin_negatives"),
                                       "at most this many of the batch's distinct next Pins as its negatives")
+    dot_rank_weight: float = setting(_upstream("dot_rank_weight"),
+                                     "weight of a pairwise (AUC) loss on the user·Pin dot over the "
+                                     "batch's labelled rows, per task (0: off)")
     length_buckets: int = setting(_upstream("length_buckets"),
                                   "groups of similar sequence length the transformer runs a batch in")
     bf16: bool = setting(_upstream("seq_bf16"), "keep the sequence transformer's matmuls in float32 where "
@@ -97,7 +100,7 @@ class TrainUpstreamConfig:
                               "seq_layers", "seq_heads", "temperature", "embedding_lr", "dense_lr", "checkpoint_every",
                               "eval_batch_size", "memory_per_rank_gb", "next_pin_positions", "next_pin_negatives",
                               "length_buckets"),
-              non_negative=("eval_every", "contrastive_weight", "next_pin_weight"), below_one=("seq_dropout",),
+              non_negative=("eval_every", "contrastive_weight", "next_pin_weight", "dot_rank_weight"), below_one=("seq_dropout",),
               fraction=("logq_strength",), widths=("tower_dims", "interaction_dims"),
               day=("from_day", "until"))
         if not self.user_features or set(self.user_features) - set(USER_FEATURES):
@@ -121,7 +124,8 @@ class TrainUpstreamConfig:
             contrastive_weight=self.contrastive_weight, logq_strength=self.logq_strength,
             center_entities=self.center, temperature=self.temperature, next_pin_weight=self.next_pin_weight,
             next_pin_positions=self.next_pin_positions, next_pin_negatives=self.next_pin_negatives,
-            length_buckets=self.length_buckets, seq_bf16=self.bf16, **extra)
+            dot_rank_weight=self.dot_rank_weight, length_buckets=self.length_buckets,
+            seq_bf16=self.bf16, **extra)
 
 
 @dataclass(frozen=True)

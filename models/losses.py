@@ -1,4 +1,5 @@
-"""Losses shared by derl models: weighted multi-task BCE, in-batch sampled softmax, next-item softmax."""
+"""Losses shared by derl models: weighted multi-task BCE, in-batch sampled softmax, next-item softmax,
+pairwise ranking."""
 
 from __future__ import annotations
 
@@ -90,3 +91,15 @@ def next_item_softmax_loss(
     negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([positive.unsqueeze(1), negative], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def pairwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of softplus(s_neg - s_pos) over every (positive, negative) pair of the rows: the
+    logistic surrogate of one minus the AUC of `scores` for `labels` (> 0 positive). Needs no
+    bias, so a score can be trained to rank rows whose base rate it does not know. 0 (with a
+    gradient path) when the rows hold no pair."""
+    positive = labels > 0
+    pos, neg = scores[positive], scores[~positive]
+    if not len(pos) or not len(neg):
+        return scores.sum() * 0.0
+    return F.softplus(neg.unsqueeze(0) - pos.unsqueeze(1)).mean()

@@ -35,7 +35,12 @@ from derl.datapipes.batch import (
 from derl.datapipes.domains import DOMAINS, NEGATIVE_LABELS
 from derl.datapipes.schema import CONTENT_DIM
 from derl.models.blocks import SequenceEncoder, Tower
-from derl.models.losses import in_batch_softmax_loss, multi_task_bce, next_item_softmax_loss
+from derl.models.losses import (
+    in_batch_softmax_loss,
+    multi_task_bce,
+    next_item_softmax_loss,
+    pairwise_logistic_loss,
+)
 
 # Each sequence feature that reads a candidate Pin feature's table: an event's Pin and the
 # candidate Pin start from the same vectors, and the Pin tower can embed either.
@@ -101,6 +106,11 @@ class UpstreamConfig:
     # noise; slower at d 32, where the demo preset turns it off (docs/results.md, "Upstream
     # training" and "Demo pipeline").
     seq_bf16: bool = True
+    # Weight of the pointwise dot term: per task, a pairwise logistic (AUC) loss of
+    # scale_task x user·pin over the batch's labelled rows. The contrastive and next-Pin terms
+    # teach the dot which Pins a user engages with among all Pins, exposure included; this one
+    # which of the Pins they were shown they engage with, which is what a ranker reads it for.
+    dot_rank_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.user_features or set(self.user_features) - set(USER_FEATURES):
@@ -431,6 +441,8 @@ class UpstreamLoss(nn.Module):
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)
+        # Per task, the dot's scale in the pointwise dot term (negative for hide, learned).
+        self.dot_scale = nn.Parameter(torch.ones(len(cfg.tasks))) if cfg.dot_rank_weight > 0 else None
 
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(min=0.01)
@@ -462,6 +474,12 @@ class UpstreamLoss(nn.Module):
             n = next_pins
             parts["next_pin"] = cfg.next_pin_weight * next_item_softmax_loss(
                 n.states, n.targets, n.items, n.counts, n.negatives, self.temperature(), cfg.logq_strength)
+        if self.dot_scale is not None:
+            dot = (user * pin).sum(dim=1)
+            ranked = [pairwise_logistic_loss(self.dot_scale[i] * dot, labels[t])
+                      for i, t in enumerate(cfg.tasks) if t in labels]
+            if ranked:
+                parts["dot_rank"] = cfg.dot_rank_weight * torch.stack(ranked).mean()
         if cfg.contrastive:
             key = cfg.sampling_prob_key
             if key is not None and key not in dense:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 import socket
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -27,7 +29,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from derl.datapipes.batch import NUM_GAP_BUCKETS, Batch
 import torch.nn.functional as F
 
-from derl.models.losses import in_batch_softmax_loss, next_item_softmax_loss
+from derl.models.losses import in_batch_softmax_loss, next_item_softmax_loss, pairwise_logistic_loss
 from derl.models.upstream import DERM, SHARED_TABLES, UpstreamConfig
 
 VOCAB = dict(
@@ -279,6 +281,35 @@ def test_next_item_softmax_matches_hand_computation() -> None:
         expected.append(-torch.log_softmax(logits, 0)[0])
     got = next_item_softmax_loss(states, targets, items, counts, negatives, t, beta)
     torch.testing.assert_close(got, torch.stack(expected).mean())
+
+
+def test_pairwise_logistic_matches_hand_computation() -> None:
+    scores, labels = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    pairs = [(0.5, -1.0), (0.5, 0.0), (2.0, -1.0), (2.0, 0.0)]  # (positive, negative)
+    expected = torch.tensor([math.log1p(math.exp(n - p)) for p, n in pairs]).mean()
+    torch.testing.assert_close(pairwise_logistic_loss(scores, labels), expected)
+    # No pair (all positive, or all negative): zero, and still a graph to backpropagate through.
+    none = scores.clone().requires_grad_()
+    loss = pairwise_logistic_loss(none, torch.ones(4))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(none.grad, torch.zeros(4))
+
+
+def test_dot_rank_term_follows_its_weight_and_trains_the_dot_scales() -> None:
+    torch.manual_seed(0)
+    off = DERM(small_config())
+    _, out = off(make_batch(off.cfg))
+    assert "dot_rank" not in out["losses"] and off.loss.dot_scale is None
+    on = DERM(small_config(dot_rank_weight=2.0, contrastive=False, next_pin_weight=0.0))
+    loss, out = on(make_batch(on.cfg))
+    # Three tasks with a pair each in the default batch (click, save, hide): the weight times
+    # their mean pairwise loss, from the outputs' own dot.
+    dot = (out["user_emb"] * out["pin_emb"]).sum(dim=1).detach()
+    labels = make_batch(on.cfg).labels
+    expected = 2.0 * torch.stack([pairwise_logistic_loss(dot, labels[t]) for t in ("click", "save", "hide")]).mean()
+    torch.testing.assert_close(out["losses"]["dot_rank"], expected)
+    loss.backward()
+    assert on.loss.dot_scale.grad is not None and bool((on.loss.dot_scale.grad != 0).any())
 
 
 def test_context_does_not_reach_entity_embeddings(model: DERM) -> None:
