@@ -85,10 +85,14 @@ def test_ceiling_orders_the_estimators_by_what_they_know(tiny_world, tmp_path):
     assert value["the world's expected saves (Bayes)"] >= value["true-latent dot + log popularity (best weight)"]
     probe = {r["estimator"]: r["value"] for r in json.loads((tmp_path / "ceiling.json").read_text())["rows"]
              if r["figure"].startswith("latent probe")}
-    assert len(probe) == 3 and all(0.1 < v < 1 for v in probe.values())  # measured users 0.333 and 0.184, Pins 0.298
-    # A user read through their Pins' content knows less than one read through their true latents.
-    assert (probe["action-weighted mean of engaged Pins' content posteriors (users who engaged)"]
-            < probe["action-weighted mean of engaged Pins' true latents (users who engaged)"])
+    # Measured: users 0.333 (true Pins), 0.184 (content), 0.206 (tables); Pins 0.298 (content), 0.327 (tables).
+    assert len(probe) == 5 and all(0.1 < v < 1 for v in probe.values())
+    # A user read through their Pins' content knows less than one read through their true latents,
+    # and reading the engagements beside the content adds to both users and Pins.
+    users_from = "action-weighted mean of engaged Pins' {} (users who engaged)".format
+    assert probe[users_from("content posteriors")] < probe[users_from("true latents")]
+    assert probe["from the tables (`_table_vectors`; users who engaged)"] > probe[users_from("content posteriors")]
+    assert probe["from the tables (`_table_vectors`)"] > probe["content embedding (posterior mean, the projection known)"]
 
 
 def test_ceiling_rankers_put_the_worlds_own_probabilities_above_every_snapshot(tiny_world, tmp_path):
@@ -106,7 +110,7 @@ def test_ceiling_rankers_put_the_worlds_own_probabilities_above_every_snapshot(t
     for task in ("CTR", "CVR"):
         gain = {name: rows[(f"{task} NE gain over none (%)", label)]
                 for name, label in ceiling_bench.ESTIMATORS.items()}
-        assert gain["bayes"]["value"] > max(gain[name]["value"] for name in ("truth", "engaged", "content"))
+        assert gain["bayes"]["value"] > max(gain[name]["value"] for name in ceiling_bench.ESTIMATORS if name != "bayes")
         low, high = (float(x) for x in gain["bayes"]["interval"].strip("[]").split(","))
         assert low < gain["bayes"]["value"] < high
         assert low > 0 or task == "CVR"  # the tiny world's evaluation day has too few conversions
