@@ -106,10 +106,11 @@ class UpstreamConfig:
     # noise; slower at d 32, where the demo preset turns it off (docs/results.md, "Upstream
     # training" and "Demo pipeline").
     seq_bf16: bool = True
-    # Weight of the pointwise dot term: per task, a pairwise logistic (AUC) loss of
-    # scale_task x user·pin over the batch's labelled rows. The contrastive and next-Pin terms
-    # teach the dot which Pins a user engages with among all Pins, exposure included; this one
-    # which of the Pins they were shown they engage with, which is what a ranker reads it for.
+    # Weight of the dot-rank term: per task, a pairwise logistic (AUC) loss of scale_task x
+    # user·pin over the batch's labelled rows (0: off; docs/results.md, "Headroom"). The
+    # contrastive and next-Pin terms teach the dot which Pins a user engages with among all
+    # Pins, exposure included; this one which of the Pins they were shown they engage with,
+    # which is what a ranker reads it for.
     dot_rank_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -425,7 +426,8 @@ class InteractionTower(nn.Module):
 
 
 class UpstreamLoss(nn.Module):
-    """Weighted BCE over the tasks labelled in the batch + the weighted contrastive and next-Pin terms.
+    """Weighted BCE over the tasks labelled in the batch + the weighted contrastive, next-Pin and
+    (optional) dot-rank terms.
 
     The temperature is fixed by default: a learned one is driven down by the contrastive term
     alone and changes the scale of the space between retrains, which the snapshot smoothing
@@ -441,7 +443,7 @@ class UpstreamLoss(nn.Module):
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)
-        # Per task, the dot's scale in the pointwise dot term (negative for hide, learned).
+        # Per task, the dot's scale in the dot-rank term (learned; hide's may turn negative).
         self.dot_scale = nn.Parameter(torch.ones(len(cfg.tasks))) if cfg.dot_rank_weight > 0 else None
 
     def temperature(self) -> torch.Tensor:
