@@ -66,7 +66,9 @@ from derl.launchers.upstream_eval import popular_pins
 from derl.models.metrics import binary_metrics, bootstrap_ne_gain
 
 K = 50
-TABLE_ROUNDS = 3  # `_table_vectors`: the demo world's figures settle by the third (+0.78 % CTR after one, +0.79 % after three)
+# `_table_vectors`' rounds: the demo world's figures settle by the third (+0.78 % CTR after one,
+# +0.79 % after three).
+TABLE_ROUNDS = 3
 ACTION_WEIGHT = {S.Action.CLOSEUP: 1.0, S.Action.CLICK: 1.0, S.Action.LONG_CLICK: 2.0, S.Action.SAVE: 4.0,
                  S.Action.HIDE: -2.0}
 
@@ -93,15 +95,15 @@ def _history_users(eng: Dict[str, np.ndarray], pins: np.ndarray, num_users: int)
     return users
 
 
-def _table_vectors(sources: SourceTables, days, content: np.ndarray, true_pins: np.ndarray,
-                   num_users: int) -> Tuple[np.ndarray, np.ndarray]:
+def _table_vectors(sources: SourceTables, days, eng: Dict[str, np.ndarray], content: np.ndarray,
+                   true_pins: np.ndarray, num_users: int) -> Tuple[np.ndarray, np.ndarray]:
     """(users [U, K], zero without an engagement, not normalised; Pins [P, K]) from the upstream
-    days' tables, read with the world's content model: a reference, not a bound. From the content
+    days' tables (`eng`: their engagements, as `_engagements` reads them), read with the world's
+    content model: a reference, not a bound. From the content
     posteriors, TABLE_ROUNDS times: each user the action-weighted mean of their engaged Pins'
     vectors; then each Pin with an engagement or an ad click the least-squares read-out (fitted on
     the true latents, as the content model is) of its content posterior and the mean of the users
     who engaged with or clicked it; a Pin with neither keeps its content posterior."""
-    eng = _engagements(sources, days)
     ads = sources.read("ad_events", days, columns=["user_id", "pin_id", "clicked"])
     clicked = ads.column("clicked").to_numpy() > 0
     ad_user, ad_pin = (ads.column(c).to_numpy()[clicked] for c in ("user_id", "pin_id"))
@@ -173,7 +175,7 @@ def measure(data: Path) -> List[Dict[str, object]]:
                                ("true user, ad from content", e.user_latent, content))]
     active = np.flatnonzero(np.linalg.norm(history, axis=1) > 0)
     from_content = _history_users(eng, content, cfg.num_users)
-    table_users, table_pins = _table_vectors(sources, upstream, content, e.pin_latent, cfg.num_users)
+    table_users, table_pins = _table_vectors(sources, upstream, eng, content, e.pin_latent, cfg.num_users)
     rows += [{"figure": f"latent probe R² ({entity})", "estimator": name, "value": round(probe_r2(x, y), 4)}
              for entity, name, x, y in (
                  ("users", "action-weighted mean of engaged Pins' true latents (users who engaged)",
@@ -218,7 +220,8 @@ def _planted_snapshots(data: Path, work: Path, cut: str) -> Dict[str, Path]:
     split = default_split(sources.days("ad_events"))
     eng = _engagements(sources, split.upstream_days)
     content = _content_pins(data, e.pin_latent)
-    table_users, table_pins = _table_vectors(sources, split.upstream_days, content, e.pin_latent, cfg.num_users)
+    table_users, table_pins = _table_vectors(sources, split.upstream_days, eng, content, e.pin_latent,
+                                             cfg.num_users)
     snapshots = {"truth": (np.arange(cfg.num_users), e.user_latent, e.pin_latent)}
     for name, users, pin_vectors in (("engaged", _history_users(eng, e.pin_latent, cfg.num_users), e.pin_latent),
                                      ("content", _history_users(eng, content, cfg.num_users), content),
@@ -288,8 +291,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--data", type=Path, required=True, help="a generated world (derl generate)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rankers", choices=sorted(PRESETS),
-                   help="also train `none` and rankers on snapshots planted from the hidden state with this preset's downstream "
-                        "settings and report their NE gain over `none` (about 3 minutes on the demo world)")
+                   help="also train `none` and rankers on snapshots planted from the hidden state with this "
+                        "preset's downstream settings and report their NE gain over `none` (about 4 minutes on "
+                        "the demo world)")
     p.add_argument("--nproc", type=int, default=2, help="ranks of each ranker run (default 2, as the pipeline's)")
     args = p.parse_args(argv)
     if args.nproc < 1:

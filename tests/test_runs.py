@@ -138,6 +138,7 @@ BAD_FLAGS = [
     ("train-upstream", ["--from-day", "2026-01-09", "--until", "2026-01-05"], "--from-day 2026-01-09 is after --until"),
     ("train-upstream", ["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite replaces it"),
     ("train-upstream", ["--eval-every", "-1"], "--eval-every must be 0 or more, got -1"),
+    ("train-upstream", ["--dot-rank-weight", "-1"], "--dot-rank-weight must be 0 or more, got -1.0"),
     ("train-downstream", ["--upstream", "none", "--batch-size", "0"], "--batch-size must be positive, got 0"),
     ("train-downstream", ["--upstream", "none", "--over-arch", "0"], "--over-arch must be positive widths"),
     ("train-downstream", ["--upstream", "none", "--dense-arch", "32,0"], "--dense-arch must be positive widths"),
