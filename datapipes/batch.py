@@ -15,6 +15,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from derl.datapipes import schema as S
+
 # Sparse features, one id per example unless noted.
 USER_FEATURES = ("user_id", "country", "age_bucket", "gender")
 PIN_FEATURES = ("pin_id", "category", "advertiser_id")  # advertiser_id: empty for organic Pins
@@ -32,6 +34,23 @@ ALL_SPARSE_FEATURES = USER_FEATURES + PIN_FEATURES + SEQUENCE_FEATURES + CONTEXT
 NUM_GAP_BUCKETS = 16
 # Ad slot positions above this share one bucket.
 NUM_POSITIONS = 32
+
+
+def feature_vocab(id_sizes: Dict[str, int]) -> Dict[str, int]:
+    """num_embeddings per sparse feature, from the sizes of the id columns (largest id + 1 of
+    user_id, country, age_bucket, gender, pin_id, category, advertiser_id, campaign_id): the
+    sequence features share their Pin column's size, the enums have fixed ones."""
+    return {
+        **id_sizes,
+        "seq_pin_id": id_sizes["pin_id"],
+        "seq_category": id_sizes["category"],
+        "seq_advertiser_id": id_sizes["advertiser_id"],
+        "seq_action": S.NUM_ACTIONS,
+        "seq_gap": NUM_GAP_BUCKETS,
+        "surface": S.NUM_SURFACES,
+        "hour": S.NUM_HOURS,
+        "position": NUM_POSITIONS,
+    }
 
 # Dense features: the Pin's content embedding [B, CONTENT_DIM]; the content of the sequence's Pins
 # [events, CONTENT_DIM], one row per `seq_pin_id` value (jagged like it); `seq_is_ad` [events]

@@ -56,26 +56,38 @@ class ReaderConfig:
     drop_last: bool = False
 
 
+# How long a consumer that stops early waits for the prefetch thread to finish the item it is
+# building (after that the daemon thread is left to end on its own).
+PREFETCH_JOIN_S = 60.0
+
+
 def _prefetched(make: Callable[[], Iterator[Batch]], depth: int) -> Iterator[Batch]:
-    """Run `make()` in a background thread, `depth` items ahead; errors surface to the caller."""
+    """Run `make()` in a background thread, `depth` items ahead; errors surface to the caller.
+
+    A consumer may stop early (a training loop takes a fixed number of steps, then closes its
+    stream): every hand-over, the end marker and an error included, gives up once `stop` is
+    set, so the thread never waits on a queue nobody reads, and closing never blocks on it."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
 
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def work() -> None:
         try:
             for item in make():
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(end)
+            put(end)
         except BaseException as e:  # handed to the consumer, raised there
-            q.put(e)
+            put(e)
 
     thread = threading.Thread(target=work, daemon=True, name="derl-prefetch")
     thread.start()
@@ -89,7 +101,7 @@ def _prefetched(make: Callable[[], Iterator[Batch]], depth: int) -> Iterator[Bat
             yield item
     finally:
         stop.set()
-        thread.join()  # never leave a thread inside torch code at interpreter exit
+        thread.join(PREFETCH_JOIN_S)  # not left inside torch code at interpreter exit, if it can help
 
 
 class ExampleReader:

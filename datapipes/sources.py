@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from derl.datapipes import schema as S
-from derl.datapipes.batch import NUM_GAP_BUCKETS, NUM_POSITIONS
+from derl.datapipes.batch import feature_vocab
 
 
 class DataError(ValueError):
@@ -252,24 +252,9 @@ class SourceTables:
         def size(table: str, column: str) -> int:
             return int((self.column_range(table, column)[1] or 0) + 1)
 
-        return {
-            "user_id": size("users", "user_id"),
-            "country": size("users", "country"),
-            "age_bucket": size("users", "age_bucket"),
-            "gender": size("users", "gender"),
-            "pin_id": size("pins", "pin_id"),
-            "category": size("pins", "category"),
-            "advertiser_id": size("pins", "advertiser_id"),
-            "campaign_id": size("pins", "campaign_id"),
-            "seq_pin_id": size("pins", "pin_id"),
-            "seq_category": size("pins", "category"),
-            "seq_advertiser_id": size("pins", "advertiser_id"),
-            "seq_action": S.NUM_ACTIONS,
-            "seq_gap": NUM_GAP_BUCKETS,
-            "surface": S.NUM_SURFACES,
-            "hour": S.NUM_HOURS,
-            "position": NUM_POSITIONS,
-        }
+        users = ("user_id", "country", "age_bucket", "gender")
+        pins = ("pin_id", "category", "advertiser_id", "campaign_id")
+        return feature_vocab({**{c: size("users", c) for c in users}, **{c: size("pins", c) for c in pins}})
 
     def inspect(self) -> List[dict]:
         """One summary per table: files, rows, day range, id ranges (from metadata only)."""
@@ -292,7 +277,13 @@ class SourceTables:
 
 
 def shard_units(units: Sequence[ReadUnit], rank: int, world_size: int) -> List[ReadUnit]:
-    """Rank r reads units r, r+W, r+2W, ...: disjoint shares that cover every unit once."""
+    """Rank `rank`'s units: disjoint shares that cover every unit once, balanced by rows.
+
+    Units are dealt largest first, each to the rank with the fewest rows so far (ties: fewer
+    units, then the lower rank), so that no rank holds only small row groups: every rank takes
+    the same number of steps, and a share much smaller than the others would leave most of the
+    data unread (or, wrapping into its next epoch, read twice). The deal depends on the units
+    alone, so every rank computes the same one; a share keeps the units' order."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     if len(units) < world_size:
@@ -300,7 +291,15 @@ def shard_units(units: Sequence[ReadUnit], rank: int, world_size: int) -> List[R
             f"{len(units)} row groups cannot be split between {world_size} ranks; "
             "write smaller row groups or use fewer ranks"
         )
-    return list(units[rank::world_size])
+    rows, count = [0] * world_size, [0] * world_size
+    mine = []
+    for i in sorted(range(len(units)), key=lambda i: -units[i].num_rows):  # stable: ties in order
+        r = min(range(world_size), key=lambda k: (rows[k], count[k], k))
+        rows[r] += units[i].num_rows
+        count[r] += 1
+        if r == rank:
+            mine.append(i)
+    return [units[i] for i in sorted(mine)]
 
 
 def unique_order(ids: np.ndarray, column: str, files: Sequence[Path],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +37,24 @@ from derl.datapipes.sequences import SequenceBuffer
 
 WORLD_META = "_world.json"
 T = TypeVar("T")
+
+
+def world_id(identity: dict) -> str:
+    """A world's id (`_world.json`'s `world_id`): a digest of what made it, the generator's seed
+    and config or the imported inputs' sha256 and the import's options, so the same world
+    written twice has the same id and another world another. Every run, snapshot and ranker
+    records the id of the world it came from, and the stages that hand over check it."""
+    return "w" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_world_id(root: Path) -> Optional[str]:
+    """The id of the world at `root`; a world written before derl recorded one gets the digest
+    of its `_world.json`; None for a folder of tables without one (unidentified: not checked)."""
+    path = Path(root) / WORLD_META
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    return meta.get("world_id") or world_id({"_world.json": meta})
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,19 @@ PRESETS: Dict[str, WorldConfig] = {
         row_group_size=262_144,
     ),
 }
+
+AGE_BUCKETS = 7
+GENDERS = 3
+
+
+def id_sizes(cfg: WorldConfig) -> Dict[str, int]:
+    """The sizes of the id columns a world of `cfg` writes, without writing it: what its models'
+    tables hold (`feature_vocab`), for planning a world too large to generate here."""
+    return {"user_id": cfg.num_users, "country": cfg.num_countries, "age_bucket": AGE_BUCKETS,
+            "gender": GENDERS, "pin_id": cfg.num_pins, "category": cfg.num_categories,
+            "advertiser_id": cfg.num_advertisers,
+            "campaign_id": cfg.num_advertisers * cfg.campaigns_per_advertiser}
+
 
 SURFACE_PROBS = np.array([0.6, 0.25, 0.15])
 SURFACE_ENGAGEMENT_BIAS = np.array([0.0, 0.4, 0.2])  # search and related Pins engage more
@@ -244,13 +276,13 @@ def _users_table(cfg: WorldConfig, e: _Entities, rng: np.random.Generator) -> pa
     country = np.where(
         rng.random(U) < 0.3, e.user_topics[:, 0] % cfg.num_countries, rng.integers(0, cfg.num_countries, U)
     )
-    age = np.clip(np.round(3 + 2 * e.user_latent[:, 0] + rng.normal(0, 1, U)), 0, 6)
+    age = np.clip(np.round(3 + 2 * e.user_latent[:, 0] + rng.normal(0, 1, U)), 0, AGE_BUCKETS - 1)
     return pa.table(
         {
             "user_id": pa.array(np.arange(U, dtype=np.int64)),
             "country": pa.array(country.astype(np.int32)),
             "age_bucket": pa.array(age.astype(np.int8)),
-            "gender": pa.array(rng.integers(0, 3, U).astype(np.int8)),
+            "gender": pa.array(rng.integers(0, GENDERS, U).astype(np.int8)),
             "signup_ds": _dates(cfg.start_day, e.user_signup_day),
         },
         schema=S.USERS.schema,
@@ -548,6 +580,7 @@ def _write_world(tmp: Path, cfg: WorldConfig, seed: int,
             progress(f"{day:%Y-%m-%d}: {eng.num_rows:,} engagements, {ad_table.num_rows:,} ad events")
 
     meta = {
+        "world_id": world_id({"seed": seed, "config": dataclasses.asdict(cfg)}),
         "seed": seed,
         "config": dataclasses.asdict(cfg),
         "days": [f"{start + dt.timedelta(days=d):%Y-%m-%d}" for d in range(cfg.num_days)],

@@ -12,18 +12,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from derl.datapipes.importers import FORMATS, ImportOptions, import_world, summary as import_summary
 from derl.datapipes.snapshots import Snapshot, SnapshotError, catalogue, gc, latest, pinned
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import PRESETS, generate
-from derl.launchers import evaluate, export, pipeline, score, settings, train_downstream, train_upstream
+from derl.launchers import (evaluate, export, pipeline, quiet, runs, score, settings, train_downstream,
+                            train_upstream)
 from derl.launchers.config import add_flags, from_args
-from derl.launchers.dist import launch
+from derl.launchers.dist import CollectiveTimeout, RankFailed, launch
+from derl.models import checkpoint
 from derl.models.sharding import ShardingError
 
 
@@ -41,7 +48,7 @@ class StageCommand:
         cfg = from_args(self.config, args)
         self.validate(cfg)
         if self.distributed:
-            launch(self.run, cfg.nproc, cfg)
+            launch(quiet.rank, cfg.nproc, self.run, cfg)
         else:
             self.run(cfg)
 
@@ -66,6 +73,8 @@ STAGES = {
 def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    if args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {args.seed}")
     cfg = PRESETS[args.preset]
     with tqdm(total=cfg.num_days, unit="day", desc=f"generate {args.preset}") as bar:
         def progress(line: str) -> None:
@@ -88,6 +97,9 @@ def _import(args: argparse.Namespace) -> None:
 
 def _inspect(args: argparse.Namespace) -> None:
     summary = SourceTables(args.source).inspect()
+    if all(t.get("missing") for t in summary):
+        raise DataError(f"{args.source} is not a world: it holds none of the tables "
+                        f"{', '.join(t['table'] for t in summary)} (derl generate or derl import write them)")
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return
@@ -213,14 +225,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What a stopped command kept and how to go on from there (docs/runs.md)."""
+    cmd = args.command
+    if cmd in ("generate", "import"):
+        return f"{args.out} is as it was (a world is put in place whole): run the same command again"
+    if cmd == "train-upstream":
+        kept = checkpoint.latest(args.out / runs.CHECKPOINTS)
+        if kept is None:
+            return f"{args.out} holds no checkpoint yet: start again with --overwrite"
+        return f"{args.out} keeps checkpoint {kept.name}: continue with the same command and --resume"
+    if cmd in ("train-downstream", "score"):
+        return f"{args.out} is unfinished (no {runs.METRICS}): run the same command with --overwrite"
+    if cmd == "export":
+        return (f"the versions in {args.out} and its LATEST are whole; the unfinished export's hidden "
+                f"folder goes with `derl snapshots gc {args.out} --keep N`: run the same command again")
+    if cmd == "pipeline":
+        return f"the finished stages in {args.workdir} are kept: run the same command again to continue"
+    return "run the same command again"
+
+
+def _end(line: str, code: int, now: bool = False) -> None:
+    """End derl with its one line (stderr) and `code`; `now` at once (`quiet.leave`), for an
+    interrupt or a full disk, where the libraries' exit hooks would fail again and print. Under
+    torchrun (TorchX starts ranks with it) the line also goes to the reply file the launcher
+    reads (TORCHELASTIC_ERROR_FILE), so that TorchX's final status names derl's error."""
+    quiet.end_bars()
+    print(line, file=sys.stderr)
+    reply = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if reply:
+        Path(reply).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    if now:
+        quiet.leave(code)
+    raise SystemExit(code) from None
+
+
+# Errors that are the user's to fix, each said in one line.
+USER_ERRORS = (DataError, SnapshotError, FileExistsError, FileNotFoundError, ValueError, ShardingError,
+               pipeline.StageFailed, CollectiveTimeout, RankFailed)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    quiet.apply()
+    quiet.interruptible()
     args = build_parser().parse_args(argv)
+    say = f"derl {args.command}:"
     try:
         args.handler(args)
-    except (DataError, SnapshotError, FileExistsError, FileNotFoundError, ValueError, ShardingError,
-            pipeline.StageFailed) as e:
-        print(f"derl {args.command}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except BaseException as e:
+        # First: a full disk may surface wrapped in any error, or (`disk_full`) in none it names.
+        where = getattr(args, "out", None) or getattr(args, "workdir", None)
+        explained = isinstance(e, (KeyboardInterrupt, SignalException, *USER_ERRORS))
+        full = quiet.disk_full(e, None if explained else where)
+        if full is not None:
+            _end(f"{say} error: no space left on device writing {full.filename or where}; free some and "
+                 f"run the same command again", 2, now=True)
+        if isinstance(e, (KeyboardInterrupt, SignalException)):
+            # Ctrl-C, or a signal that stopped derl's own launch of local ranks (torch's agent).
+            signum = getattr(e, "sigval", signal.SIGINT)
+            how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            _end(f"{say} {how}; {_after_interrupt(args)}", 128 + signum, now=True)
+        if isinstance(e, USER_ERRORS):
+            _end(f"{say} error: {e}", 2)
+        raise
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import math
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
@@ -103,7 +104,12 @@ RULES = {
 
 def check(config: Any, **rules: Sequence[str]) -> None:
     """Refuse a setting that breaks its rule, naming its flag: `check(cfg, positive=("batch_size",))`.
-    Unset (None) settings pass."""
+    Unset (None) settings pass. Every number of the config must be finite, whatever its rules:
+    `inf` would pass "positive" and then fail deep in a stage."""
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{flag_name(type(config), f.name)} must be a finite number, got {v}")
     for rule, names in rules.items():
         ok, need = RULES[rule]
         for name in names:

@@ -12,6 +12,10 @@ DIR/report.json, DIR/report.md and DIR/ne_over_steps.png:
   evaluation day does not hold (new on that day), and on the rest;
 - ad retrieval: recall@K of the clicked ads through the snapshot's faiss index, per domain,
   against popularity (the K most clicked ads of the training days).
+
+Refused before anything is written, naming the run: runs of different evaluation days, a run
+whose predictions are not every impression of its day once (a rank's part lost, another day's or
+world's rows: `_require_whole`), and a run of another world than --data.
 """
 
 from __future__ import annotations
@@ -47,6 +51,34 @@ def _runs(specs: Sequence[str]) -> Dict[str, Path]:
             raise ValueError(f"--runs: two runs named {name!r}")
         found[name] = run
     return found
+
+
+def _scored_data(run: Path, given: Optional[Path]) -> Path:
+    """The world a run scored: --data, once it is the run's own world, else the folder the run
+    records (a score run: its --data, else its ranker's)."""
+    config = run_folder.read_config(run)
+    recorded = (config.get("data") or config["settings"].get("data")
+                or run_folder.read_config(Path(config["ranker"]))["data"])
+    if given is None:
+        return Path(recorded)
+    run_folder.require_world(f"--runs {run}", config.get("world"), recorded, given)
+    return given
+
+
+def _require_whole(name: str, run: Path, preds: Dict[str, np.ndarray], day: str, data: Path,
+                   world_size: int) -> None:
+    """A run's predictions are every impression of its evaluation day, each once: a lost
+    rank's part, or rows of another day or world, are refused naming the run."""
+    want = SourceTables(data).read("ad_events", (day, day), columns=["request_id"]).column("request_id").to_numpy()
+    got = preds["request_id"]
+    if len(got) == len(want) and np.array_equal(np.sort(got), np.sort(want)):
+        return
+    scored = int(np.isin(want, got).sum())
+    parts = len(list((run / run_folder.PREDICTIONS).glob("part-*.parquet")))
+    beyond = f", and {len(got) - scored:,} rows beyond them" if len(got) > scored else ""
+    raise ValueError(f"--runs {name}={run}: its predictions hold {scored:,} of the {len(want):,} impressions "
+                     f"of its evaluation day {day} in {data}{beyond} ({parts} prediction part(s) from "
+                     f"{world_size} rank(s)); score the run again (derl score)")
 
 
 def _aligned(preds: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, Dict[str, np.ndarray]]:
@@ -103,11 +135,14 @@ def ad_retrieval(snapshots: Path, data: Path, day: str, train_days) -> Dict[str,
 def run(cfg: EvaluateConfig) -> Dict[str, object]:
     runs = _runs(cfg.runs)
     metrics = {n: run_folder.read_metrics(r) for n, r in runs.items()}
-    preds = _aligned({n: run_folder.read_predictions(r) for n, r in runs.items()})
     days = {m["eval_day"] for m in metrics.values()}
     if len(days) != 1:
         raise ValueError(f"runs were evaluated on different days: {sorted(days)}")
     day = days.pop()
+    preds = {n: run_folder.read_predictions(r) for n, r in runs.items()}
+    for name, run in runs.items():
+        _require_whole(name, run, preds[name], day, _scored_data(run, cfg.data), metrics[name]["world_size"])
+    preds = _aligned(preds)
     rows = next(iter(preds.values()))
     # CVR where every ranker has a CVR head (a source without conversions trains none).
     tasks = ("ctr", "cvr") if all("cvr" in m["eval"] for m in metrics.values()) else ("ctr",)

@@ -12,10 +12,13 @@ window, checkpoints, throughput, the upstream runs' headline metrics). The snaps
 what a run that dies half-way leaves behind, is `derl.datapipes.snapshots`'.
 
 Refused before any worker starts: a version or --previous that is not a plain name, an --out
-that is a file, a cut on or before a day an upstream run trained on (its vectors would know the
-days they are joined to), a snapshot whose users or Pins would be empty, and an --overwrite of
-anything but derl's own, unpinned version. Vectors that are not finite stop the export before
-its commit (`_embed_domain`), and the commit checks the tables again (`SnapshotWriter.commit`).
+that is a file, an --upstream of an unknown domain, given twice, or naming a run of another domain
+or of another world than --data (`upstream_runs`), a cut on or before a day an upstream checkpoint
+trained on (its vectors would know the days they are joined to), a snapshot whose users or Pins
+would be empty, and an --overwrite of anything but derl's own, unpinned version. Vectors that
+are not finite stop the export before its commit (`_embed_domain`), and the commit checks the
+tables again (`SnapshotWriter.commit`). The manifest records the world's id and, per domain, the
+run, its domain and the days its checkpoint trained on.
 
 Retention: an entity's last activity is the latest `ts` of its rows in `engagements` and
 `ad_events` before the cut day (user_id for users, pin_id for Pins). One with no activity in the
@@ -39,6 +42,7 @@ import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
+from derl.datapipes.domains import DOMAINS
 from derl.datapipes.features import FeatureJoiner
 from derl.datapipes.sequences import sequences_as_of
 from derl.datapipes.snapshots import (PartWriter, Snapshot, SnapshotError, SnapshotWriter, nonfinite_rows, plain_name,
@@ -46,6 +50,7 @@ from derl.datapipes.snapshots import (PartWriter, Snapshot, SnapshotError, Snaps
 from derl.datapipes.snapshots.refresh import refresh_domain
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
+from derl.datapipes.world import read_world_id
 from derl.launchers import dist as derl_dist
 from derl.launchers import faults, runs
 from derl.launchers.embedding import Chunk, rank_chunks
@@ -63,22 +68,42 @@ def activity_tables(sources: SourceTables) -> List[str]:
     return [t for t in ACTIVITY_TABLES if sources.has(t)]
 
 
-def upstream_runs(cfg: ExportConfig) -> Dict[str, Path]:
-    """domain -> upstream run folder, from --upstream DOMAIN=RUN; each run must hold a checkpoint."""
-    out = {}
+class Upstream(NamedTuple):
+    """One domain's upstream run as the export takes it: its newest checkpoint and the days
+    that checkpoint trained on (`runs.checkpoint_days`)."""
+    run: Path
+    checkpoint: Path
+    days: Tuple[str, str]
+
+
+def upstream_runs(cfg: ExportConfig) -> Dict[str, Upstream]:
+    """domain -> its upstream run, from --upstream DOMAIN=RUN: each domain a known one, given
+    once, its run an upstream run of that domain and of --data's world, holding a checkpoint."""
+    out: Dict[str, Upstream] = {}
     for spec in cfg.upstream:
         domain, sep, run = spec.partition("=")
         if not sep:
             raise ValueError(f"--upstream {spec!r}: expected DOMAIN=RUN")
-        if runs.latest_checkpoint(Path(run)) is None:
-            raise FileNotFoundError(f"--upstream {spec}: no checkpoint under {Path(run) / runs.CHECKPOINTS}")
-        out[domain] = Path(run)
+        if domain not in DOMAINS:
+            raise ValueError(f"--upstream {spec}: no domain {domain!r}; the domains are {', '.join(DOMAINS)}")
+        if domain in out:
+            raise ValueError(f"--upstream {domain} is given twice ({out[domain].run} and {run}): one run per domain")
+        run = Path(run)
+        config = runs.kind_of(run, runs.UPSTREAM, f"--upstream {spec}")
+        if config["domain"] != domain:
+            raise ValueError(f"--upstream {spec}: {run} trained the {config['domain']} domain (its {runs.CONFIG}), "
+                             f"not {domain}")
+        runs.require_world(f"--upstream {spec}", config.get("world"), config["data"], cfg.data)
+        ckpt = runs.latest_checkpoint(run)
+        if ckpt is None:
+            raise FileNotFoundError(f"--upstream {spec}: no checkpoint under {run / runs.CHECKPOINTS}")
+        out[domain] = Upstream(run, ckpt, runs.checkpoint_days(run, ckpt))
     return out
 
 
-def _model_configs(upstream: Dict[str, Path]) -> Tuple[Dict[str, UpstreamConfig], int]:
+def _model_configs(upstream: Dict[str, Upstream]) -> Tuple[Dict[str, UpstreamConfig], int]:
     """Each domain's model config, and the embedding dimension they share."""
-    configs = {d: runs.upstream_model_config(r) for d, r in upstream.items()}
+    configs = {d: runs.upstream_model_config(u.run) for d, u in upstream.items()}
     dims = {c.embedding_dim for c in configs.values()}
     if len(dims) != 1:
         raise ValueError(f"--upstream: the runs disagree on the embedding dimension: {dims}")
@@ -121,20 +146,38 @@ def _export(cfg: ExportConfig, worker: derl_dist.Worker) -> Optional[dict]:
     writer = SnapshotWriter(cfg.out, plan.version, plan.dim)
     if worker.is_main:
         writer.prepare()
-    dist.barrier()
-    previous = Snapshot(cfg.out, _previous_version(cfg)) if cfg.previous else None
+    try:
+        dist.barrier()
+        domains = _embed(cfg, plan, sources, writer, worker)
+        faults.reached("export-parts", worker.rank, worker.world_size)
+        dist.barrier()
+        if not worker.is_main:
+            return None
+        return _publish(cfg, plan, sources, writer, domains, worker.world_size, t0)
+    except BaseException:  # a full disk, Ctrl-C, a rank that failed: the parts would hold the disk
+        if worker.is_main:
+            writer.abort()
+        raise
+
+
+def _embed(cfg: ExportConfig, plan: "Plan", sources: SourceTables, writer: SnapshotWriter,
+           worker: derl_dist.Worker) -> Dict[str, dict]:
+    """Collective: this rank's parts of every domain's tables, smoothed with `--previous`'s
+    vectors where it is given (closed before the commit, so an `--overwrite` of it is not
+    held open)."""
     share = _share(cfg, plan, sources, worker)
     domains: Dict[str, dict] = {}
-    for domain in plan.runs:
-        domains[domain] = _embed_domain(plan, domain, share, writer, worker)
+    previous = Snapshot(cfg.out, _previous_version(cfg)) if cfg.previous else None
+    try:
+        for domain in plan.runs:
+            domains[domain] = _embed_domain(plan, domain, share, writer, worker)
+            if previous is not None:
+                domains[domain]["refresh"] = refresh_domain(writer, previous, domain, worker.rank, cfg.weight,
+                                                            cfg.align, worker.device)
+    finally:
         if previous is not None:
-            domains[domain]["refresh"] = refresh_domain(writer, previous, domain, worker.rank, cfg.weight,
-                                                        cfg.align, worker.device)
-    faults.reached("export-parts", worker.rank, worker.world_size)
-    dist.barrier()
-    if not worker.is_main:
-        return None
-    return _publish(cfg, plan, sources, writer, domains, worker.world_size, t0)
+            previous.close()
+    return domains
 
 
 # --- plan: what every rank works out alike ----------------------------------------------------
@@ -143,7 +186,8 @@ def _export(cfg: ExportConfig, worker: derl_dist.Worker) -> Optional[dict]:
 class Plan:
     cut: str
     version: str
-    runs: Dict[str, Path]
+    world: Optional[str]  # the id of --data's world (`read_world_id`), for the manifest
+    runs: Dict[str, Upstream]
     configs: Dict[str, UpstreamConfig]
     dim: int
     users: np.ndarray  # sorted
@@ -157,10 +201,10 @@ def _plan(cfg: ExportConfig, sources: SourceTables) -> Plan:
     configs, dim = _model_configs(upstream)
     cut = cfg.cut or default_split(sources.days("engagements")).cut_day
     cut_name = f"--cut {cut}" if cfg.cut else f"the default cut {cut}"
-    for domain, run in upstream.items():
-        first, last = runs.read_config(run)["days"]
+    for domain, u in upstream.items():
+        first, last = u.days
         if cut <= last:
-            raise ValueError(f"{cut_name}: --upstream {domain}={run} trained on {first}..{last}; a snapshot's "
+            raise ValueError(f"{cut_name}: --upstream {domain}={u.run} trained on {first}..{last}; a snapshot's "
                              f"cut must come after every day its upstream runs trained on")
     users, pins, ads, retention = _entities(sources, cut, cfg.retention_days)
     if not len(users) or not len(pins):
@@ -168,7 +212,8 @@ def _plan(cfg: ExportConfig, sources: SourceTables) -> Plan:
             f"{cut_name}: the snapshot would hold {len(users):,} users and {len(pins):,} Pins (activity "
             f"read: {retention['activity_days'] or 'none before the cut'}; idle over --retention-days "
             f"{cfg.retention_days}: {retention['dropped_idle']}); an empty snapshot is never published")
-    return Plan(cut, cfg.version or cut, upstream, configs, dim, users, pins, np.sort(ads), retention)
+    return Plan(cut, cfg.version or cut, read_world_id(cfg.data), upstream, configs, dim, users, pins,
+                np.sort(ads), retention)
 
 
 def _last_activity(sources: SourceTables, cut_s: int, day_before: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
@@ -282,9 +327,8 @@ def _embed_domain(plan: Plan, domain: str, share: Share, writer: SnapshotWriter,
                   worker: derl_dist.Worker) -> dict:
     """Collective. This rank's parts of the domain's users and Pins; the domain's manifest entry.
     Stops every rank, before anything is published, when any vector is not finite."""
-    run, model_cfg = plan.runs[domain], plan.configs[domain]
+    (run, ckpt, days), model_cfg = plan.runs[domain], plan.configs[domain]
     dmp, optimizer, _ = shard_model(DERM(model_cfg, table_device=torch.device("meta")), worker.device, OptimConfig())
-    ckpt = runs.latest_checkpoint(run)
     checkpoint.load(ckpt, dmp, optimizer)
     dmp.eval()
     start = time.perf_counter()
@@ -303,8 +347,9 @@ def _embed_domain(plan: Plan, domain: str, share: Share, writer: SnapshotWriter,
     seconds = time.perf_counter() - start
     return {
         "run": str(run),
+        "domain": domain,  # the run's own (`upstream_runs` refuses a run of another)
         "checkpoint": str(ckpt),
-        "train_days": runs.read_config(run)["days"],
+        "train_days": list(days),
         "rows": {"users": n_users, "pins": n_pins},
         "entities_per_s": (n_users + n_pins) / seconds,
         "upstream_metrics": _headline(run),
@@ -356,6 +401,7 @@ def _publish(cfg: ExportConfig, plan: Plan, sources: SourceTables, writer: Snaps
     manifest = writer.commit({
         "cut_day": plan.cut,
         "data": str(cfg.data),
+        "world": plan.world,
         "dim": plan.dim,
         "normalised": True,
         **plan.retention,

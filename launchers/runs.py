@@ -12,6 +12,10 @@ Every stage that reads another stage's run (export reads upstream runs, score an
 read ranker runs, the pipeline reads both) goes through here, so no entry point imports
 another. docs/runs.md describes the contract.
 
+Provenance: config.json records the `world` (`datapipes.world.world_id`) a run came from, and a
+stage that takes another's output checks it (`require_world`) before any work: a run, snapshot or
+ranker of another world is refused naming both.
+
 One run per folder: config.json's `kind` is derl's mark on a run folder and its `settings` are
 the stage config that made it. A stage writes only into a new or empty folder, or into one that
 holds a run of its own kind: resumed (`--resume`, the same settings but for the stage's
@@ -25,12 +29,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Collection, Dict, Optional
+from typing import Any, Collection, Dict, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from derl.datapipes.world import read_world_id
 from derl.launchers.config import flag_name, to_json
 from derl.models import checkpoint
 from derl.models.downstream import RankerConfig
@@ -47,6 +52,7 @@ TENSORBOARD = "tb"
 OWN_FILES = (CHECKPOINTS, PREDICTIONS, METRICS, TRAIN_NE, LOSS_HISTORY, TENSORBOARD, CONFIG)
 # The kinds of run folder (config.json's `kind`).
 UPSTREAM, RANKER, SCORES = "upstream", "ranker", "scores"
+WRITTEN_BY = {UPSTREAM: "derl train-upstream", RANKER: "derl train-downstream", SCORES: "derl score"}
 # Upstream metrics that travel with the vectors: into the snapshot manifest and the pipeline report.
 HEADLINE_METRICS = ("recall@", "popularity_recall@", "dot_auc_")
 
@@ -75,6 +81,7 @@ def claim(cfg: Any, kind: str, resume: bool = False) -> None:
         raise FileExistsError(f"--out {out}: holds a {old.get('kind', 'older derl')} run, not a {kind} run")
     if resume:
         _same_settings(cfg, old, out)
+        require_world(f"--resume: {out}", old.get("world"), old.get("data"), cfg.data)
         return
     if not getattr(cfg, "overwrite", False):
         raise FileExistsError(f"--out {out}: holds an earlier {kind} run; pass --resume to continue "
@@ -114,6 +121,27 @@ def start(cfg: Any, kind: str, record: Dict[str, Any]) -> None:
     write_json(out / CONFIG, {"kind": kind, "settings": to_json(cfg), **record})
 
 
+def require_world(what: str, world: Optional[str], origin: Optional[str], data: Path,
+                  flag: str = "--data") -> None:
+    """Refuse a hand-over across worlds: `what` came from world `world` (read from `origin`),
+    and this stage works on `data`. Unchecked where either world is unidentified (`read_world_id`)."""
+    here = read_world_id(data)
+    if world and here and world != here:
+        raise ValueError(f"{what} comes from world {world} ({origin}), but {flag} {data} is world {here}; "
+                         f"runs, snapshots and rankers hand over only within one world")
+
+
+def kind_of(run: Path, kind: str, what: str) -> Dict[str, Any]:
+    """The config of a run that must be of `kind` (`what`: the flag that named it); any other
+    is refused, naming what it is."""
+    config = read_config(run)
+    found = config.get("kind")
+    if found != kind:
+        raise ValueError(f"{what}: a run of {WRITTEN_BY.get(found, 'an older derl')} ({CONFIG} kind "
+                         f"{found!r}), not of {WRITTEN_BY[kind]}")
+    return config
+
+
 def read_config(run: Path) -> Dict[str, Any]:
     path = Path(run) / CONFIG
     if not path.is_file():
@@ -139,6 +167,13 @@ def ranker_model_config(run: Path) -> RankerConfig:
 
 def latest_checkpoint(run: Path) -> Optional[Path]:
     return checkpoint.latest(Path(run) / CHECKPOINTS)
+
+
+def checkpoint_days(run: Path, ckpt: Path) -> Tuple[str, str]:
+    """The days an upstream checkpoint trained on: its own train state's, which a resumed run
+    writes with every checkpoint while its config.json takes the new days only once it has
+    finished; config.json's for a checkpoint without them."""
+    return tuple(checkpoint.train_state(ckpt).get("days") or read_config(run)["days"])
 
 
 def headline(metrics: Dict[str, Any]) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 
 from derl.datapipes.snapshots import SnapshotJoin
 from derl.datapipes.sources import SourceTables
+from derl.datapipes.world import read_world_id
 from derl.launchers import dist as derl_dist
 from derl.launchers import runs, scoring
 from derl.launchers.settings import ScoreConfig
@@ -29,11 +30,19 @@ TRAINING_SUMMARY = ("upstream", "vectors", "projection_dim", "steps", "train_day
 
 
 def validate(cfg: ScoreConfig) -> None:
+    """Before any worker: a finished ranker run, and data and snapshot versions of its world."""
     if not (cfg.ranker / runs.CONFIG).is_file() or runs.latest_checkpoint(cfg.ranker) is None:
         raise FileNotFoundError(f"--run {cfg.ranker}: not a finished ranker run (config.json, checkpoints)")
+    meta = runs.kind_of(cfg.ranker, runs.RANKER, f"--run {cfg.ranker}")
+    data = Path(cfg.data or meta["data"])
     if cfg.data is not None:  # the run's own data had ad impressions to train on
-        scoring.require_ad_events(SourceTables(cfg.data))
+        scoring.require_ad_events(SourceTables(data))
+        runs.require_world(f"--run {cfg.ranker}", meta.get("world"), meta["data"], data)
     runs.claim(cfg, runs.SCORES)
+    snapshots = cfg.snapshots or meta["snapshots"]
+    if meta["upstream"] == "snapshot" and snapshots:
+        join = SnapshotJoin(Path(snapshots), meta["model"]["vectors"], cfg.snapshot_version)
+        scoring.require_snapshot_world(join, [cfg.eval_day or meta["eval_day"]], data)
 
 
 def run(cfg: ScoreConfig) -> Dict[str, object]:
@@ -56,14 +65,15 @@ def _run(cfg: ScoreConfig, worker: derl_dist.Worker) -> Dict[str, object]:
     summary = {k: trained[k] for k in TRAINING_SUMMARY}
     eval_day = cfg.eval_day or meta["eval_day"]
     summary.update(world_size=worker.world_size, eval_day=eval_day, rescored_from=str(cfg.ranker))
+    data = Path(cfg.data or meta["data"])
     if worker.is_main:
-        runs.start(cfg, runs.SCORES, {"ranker": str(cfg.ranker), "eval_day": eval_day})
+        runs.start(cfg, runs.SCORES, {"ranker": str(cfg.ranker), "eval_day": eval_day, "data": str(data),
+                                      "world": read_world_id(data)})
     join = None
     if model_cfg.upstream == "snapshot":  # opened (and verified) once, for the check and the scoring
         join = SnapshotJoin(snapshots, model_cfg.vectors, cfg.snapshot_version, model_cfg.upstream_dim)
         join.require_after_upstream(eval_day)
     make_join = (lambda: join) if join else None
-    data = Path(cfg.data or meta["data"])
     # The model's own table sizes: ids the scoring day adds beyond them are hashed and counted.
     return scoring.score_and_report(dmp, worker, data, eval_day, dict(model_cfg.num_embeddings), make_join,
                                     cfg.out, summary)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from derl.datapipes.readers import ExampleReader, ReaderConfig
-from derl.datapipes.snapshots import SnapshotJoin
+from derl.datapipes.snapshots import Snapshot, SnapshotJoin
 from derl.datapipes.sources import SourceTables
 from derl.launchers import dist as derl_dist
 from derl.launchers import finite, runs
@@ -30,6 +30,15 @@ def require_ad_events(sources: SourceTables) -> None:
     if not sources.has("ad_events"):
         raise ValueError(f"{sources.root} has no ad_events: it is an upstream-only world (no ad impressions), "
                          f"for train-upstream, export and retrieve; the rankers need ad impressions")
+
+
+def require_snapshot_world(join: SnapshotJoin, days: List[str], data: Path) -> None:
+    """Every snapshot version a ranker joins on `days` comes from the world of `data` (its
+    manifest's `world`, recorded by export): vectors of another world's ids are refused."""
+    for version in sorted({join.version_on(d) for d in days}):
+        manifest = Snapshot(join.root, version, check=False).manifest
+        runs.require_world(f"snapshot {version} of {join.root}", manifest.get("world"), manifest.get("data"),
+                           data)
 
 
 def gathered(obj) -> list:

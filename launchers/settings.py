@@ -100,7 +100,8 @@ class TrainUpstreamConfig:
                               "seq_layers", "seq_heads", "temperature", "embedding_lr", "dense_lr", "checkpoint_every",
                               "eval_batch_size", "memory_per_rank_gb", "next_pin_positions", "next_pin_negatives",
                               "length_buckets"),
-              non_negative=("eval_every", "contrastive_weight", "next_pin_weight", "dot_rank_weight"), below_one=("seq_dropout",),
+              non_negative=("eval_every", "contrastive_weight", "next_pin_weight", "dot_rank_weight", "seed"),
+              below_one=("seq_dropout",),
               fraction=("logq_strength",), widths=("tower_dims", "interaction_dims"),
               day=("from_day", "until"))
         if not self.user_features or set(self.user_features) - set(USER_FEATURES):
@@ -184,7 +185,7 @@ class TrainDownstreamConfig:
     def __post_init__(self) -> None:
         check(self, positive=("nproc", "epochs", "max_steps", "batch_size", "embedding_dim", "embedding_lr",
                               "dense_lr", "ne_window", "projection_dim"),
-              non_negative=("checkpoint_every",), widths=("over_arch",),
+              non_negative=("checkpoint_every", "seed"), widths=("over_arch",),
               day=("from_day", "until", "eval_day"))
         if any(w <= 0 for w in self.dense_arch):
             raise ValueError(f"--dense-arch must be positive widths, got {','.join(map(str, self.dense_arch))!r}")
@@ -243,4 +244,4 @@ class PipelineConfig:
                                    "inside it) where the preset leaves it out (on the demo world, the slowest ranker by far)")
 
     def __post_init__(self) -> None:
-        check(self, positive=("nproc",))
+        check(self, positive=("nproc",), non_negative=("seed",))

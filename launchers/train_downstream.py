@@ -34,6 +34,7 @@ from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.snapshots import SnapshotJoin, pin
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
+from derl.datapipes.world import read_world_id
 from derl.launchers import dist as derl_dist
 from derl.launchers import finite, runs, scoring
 from derl.launchers.settings import TrainDownstreamConfig
@@ -58,7 +59,10 @@ def validate(cfg: TrainDownstreamConfig) -> None:
                              f"{' or '.join(vector_sets(supported(sources)))}")
     runs.claim(cfg, runs.RANKER)
     if cfg.snapshots is not None and cfg.upstream != "none":
-        SnapshotJoin(cfg.snapshots, cfg.vector_names, cfg.snapshot_version)
+        join = SnapshotJoin(cfg.snapshots, cfg.vector_names, cfg.snapshot_version)
+        days, eval_day = _days(cfg, sources)
+        used = [d for d in sources.days("ad_events") if days[0] <= d <= days[1]] + [eval_day]
+        scoring.require_snapshot_world(join, used, cfg.data)
     sources.units("ad_events")
 
 
@@ -158,8 +162,7 @@ def build(cfg: TrainDownstreamConfig, worker: derl_dist.Worker) -> RankerTrainin
                            vocab, [join] if cfg.upstream == "snapshot" else [])
     steps = cfg.max_steps
     if steps is None:
-        steps = int(derl_dist.reduced(int(cfg.epochs * (reader.num_rows // cfg.batch_size)), "min",
-                                      worker.device))
+        steps = derl_dist.agreed_steps(cfg.epochs * reader.num_rows / cfg.batch_size, worker.device)
     if steps <= 0:
         raise ValueError(f"{cfg.data}: too few ad events on {days[0]}..{days[1]} for one batch "
                          f"of {cfg.batch_size} per rank")
@@ -191,6 +194,7 @@ def _start_run_folder(t: RankerTraining) -> None:
     runs.start(cfg, runs.RANKER, {
         "upstream": cfg.upstream, "vectors": cfg.vectors, "model": dataclasses.asdict(t.model_cfg),
         "days": t.days, "eval_day": t.eval_day, "data": str(cfg.data),
+        "world": read_world_id(cfg.data),
         "snapshots": str(cfg.snapshots) if cfg.snapshots else None, "snapshot_versions": t.versions,
         "coupled_checkpoints": {d: c["checkpoint"] for d, c in t.coupled.items()},
         "world_size": t.worker.world_size})
@@ -222,27 +226,29 @@ def train_loop(t: RankerTraining) -> Tuple[List[Dict[str, float]], float]:
     dmp.train()
     t0 = time.perf_counter()
     for step in range(1, t.steps + 1):
-        output = pipeline.progress(batches)
-        if step == 1 and t.steps > 1:  # the first step traces the model and fills the pipeline
-            t0 = time.perf_counter()
-        losses = {k: float(v) for k, v in output["losses"].items()}
-        finite.check_losses(step, losses, worker.device)
-        clicked = output["clicked"]
-        ne.update(predictions={"ctr": output["ctr"]}, labels={"ctr": clicked},
-                  weights={"ctr": torch.ones_like(clicked)})
-        if step % NE_EVERY == 0 or step == t.steps:
-            values = ne.compute()  # collective; the result lands on rank 0
-            if worker.is_main:
-                window_ne = float(values["ne-ctr|window_ne"])
-                history.append({"step": step, "ctr_window_ne": window_ne, **losses})
-                bar.set_postfix(loss=f"{sum(losses.values()):.4f}", ne=f"{window_ne:.3f}")
-        bar.update(1)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < t.steps:
-            checkpoint.save(cfg.out / runs.CHECKPOINTS, step, dmp, optimizer, train_state)
+        with derl_dist.collectives(worker, f"step {step}"):
+            output = pipeline.progress(batches)
+            if step == 1 and t.steps > 1:  # the first step traces the model and fills the pipeline
+                t0 = time.perf_counter()
+            losses = {k: float(v) for k, v in output["losses"].items()}
+            finite.check_losses(step, losses, worker.device)
+            clicked = output["clicked"]
+            ne.update(predictions={"ctr": output["ctr"]}, labels={"ctr": clicked},
+                      weights={"ctr": torch.ones_like(clicked)})
+            if step % NE_EVERY == 0 or step == t.steps:
+                values = ne.compute()  # collective; the result lands on rank 0
+                if worker.is_main:
+                    window_ne = float(values["ne-ctr|window_ne"])
+                    history.append({"step": step, "ctr_window_ne": window_ne, **losses})
+                    bar.set_postfix(loss=f"{sum(losses.values()):.4f}", ne=f"{window_ne:.3f}")
+            bar.update(1)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < t.steps:
+                checkpoint.save(cfg.out / runs.CHECKPOINTS, step, dmp, optimizer, train_state)
     seconds = time.perf_counter() - t0
     bar.close()
     batches.close()
-    checkpoint.save(cfg.out / runs.CHECKPOINTS, t.steps, dmp, optimizer, train_state)
+    with derl_dist.collectives(worker, f"step {t.steps}'s checkpoint"):
+        checkpoint.save(cfg.out / runs.CHECKPOINTS, t.steps, dmp, optimizer, train_state)
     pipeline.detach()
     return history, seconds
 

@@ -20,7 +20,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from derl.datapipes.domains import DOMAINS
@@ -28,6 +27,7 @@ from derl.datapipes.mixing import MixedStream
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
+from derl.datapipes.world import read_world_id
 from derl.launchers import dist as derl_dist
 from derl.launchers import faults, finite, runs
 from derl.launchers.settings import TrainUpstreamConfig
@@ -94,13 +94,12 @@ def example_stream(cfg: TrainUpstreamConfig, sources: SourceTables, days: Tuple[
 
 
 def _steps(cfg: TrainUpstreamConfig, stream: MixedStream, device: torch.device) -> int:
-    """Steps every rank takes: --max-steps, or --epochs over the main table on the rank that has
-    the fewest batches of it (sharded steps are collective, so all ranks take the same number)."""
+    """Steps every rank takes: --max-steps, or --epochs over the main table
+    (`dist.agreed_steps`)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    steps = torch.tensor(int(cfg.epochs * stream.per_epoch[0] / stream.shares[0]), device=device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MIN)
-    return int(steps.item())
+    return derl_dist.agreed_steps(
+        cfg.epochs * stream.readers[0].num_rows / cfg.batch_size / stream.shares[0], device)
 
 
 def _next_day(sources: SourceTables, day: str) -> str:
@@ -138,14 +137,26 @@ def _run(cfg: TrainUpstreamConfig, worker: derl_dist.Worker) -> Dict[str, object
     if worker.is_main:
         _start_run_folder(t)
     loop = train_loop(t, checkpoint.latest(cfg.out / runs.CHECKPOINTS) if cfg.resume else None)
+    if worker.is_main and cfg.resume:
+        _record(t)
     return report(t, loop)
+
+
+def _record(t: Training) -> None:
+    """config.json: the run's model, days and world. A resumed run rewrites it only once its
+    steps are done, so that one which fails leaves the run it continued as it was (its newer
+    checkpoints carry their days: `runs.checkpoint_days`)."""
+    cfg = t.cfg
+    runs.start(cfg, runs.UPSTREAM, {
+        "domain": cfg.domain, "model": dataclasses.asdict(t.model_cfg), "days": t.days,
+        "eval_day": t.eval_day, "data": str(cfg.data), "world": read_world_id(cfg.data),
+        "world_size": t.worker.world_size})
 
 
 def _start_run_folder(t: Training) -> None:
     cfg = t.cfg
-    runs.start(cfg, runs.UPSTREAM, {
-        "domain": cfg.domain, "model": dataclasses.asdict(t.model_cfg), "days": t.days,
-        "eval_day": t.eval_day, "data": str(cfg.data), "world_size": t.worker.world_size})
+    if not cfg.resume:
+        _record(t)
     print(f"train-upstream {cfg.domain}: days {t.days[0]}..{t.days[1]}, {t.steps} steps of "
           f"{cfg.batch_size} x {t.worker.world_size} rank(s), evaluation on {t.eval_day}")
     print("sharding plan:\n  " + "\n  ".join(describe_plan(t.plan)))
@@ -194,26 +205,27 @@ def train_loop(t: Training, resume_from: Optional[Path]) -> Loop:
     dmp.train()
     t_start, examples, losses = time.perf_counter(), 0, {}
     while step < steps:
-        output = pipeline.progress(batches)
         step += 1
-        examples += cfg.batch_size * worker.world_size
-        losses = {k: float(v) for k, v in output["losses"].items()}
-        finite.check_losses(step, losses, worker.device)
-        if worker.is_main:
-            rate = examples / (time.perf_counter() - t_start)
-            bar.set_postfix(loss=f"{sum(losses.values()):.3f}", ex_s=f"{rate:,.0f}")
-            bar.update(1)
-            for k, v in losses.items():
-                writer.add_scalar(f"loss/{k}", v, step)
-            writer.add_scalar("throughput/examples_per_s", rate, step)
-            history.append({"step": step, **losses})
-        faults.reached("upstream-step", worker.rank, worker.world_size)
-        if step % cfg.checkpoint_every == 0 or step == steps:
-            checkpoint.save(ckpt_root, step, dmp, optimizer,
-                            {"days": t.days, "domain": cfg.domain, "offset": offset})
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
-            evals.append(_evaluate(t, pipeline, step, writer))
-            dmp.train()
+        with derl_dist.collectives(worker, f"step {step}"):
+            output = pipeline.progress(batches)
+            examples += cfg.batch_size * worker.world_size
+            losses = {k: float(v) for k, v in output["losses"].items()}
+            finite.check_losses(step, losses, worker.device)
+            if worker.is_main:
+                rate = examples / (time.perf_counter() - t_start)
+                bar.set_postfix(loss=f"{sum(losses.values()):.3f}", ex_s=f"{rate:,.0f}")
+                bar.update(1)
+                for k, v in losses.items():
+                    writer.add_scalar(f"loss/{k}", v, step)
+                writer.add_scalar("throughput/examples_per_s", rate, step)
+                history.append({"step": step, **losses})
+            faults.reached("upstream-step", worker.rank, worker.world_size)
+            if step % cfg.checkpoint_every == 0 or step == steps:
+                checkpoint.save(ckpt_root, step, dmp, optimizer,
+                                {"days": t.days, "domain": cfg.domain, "offset": offset})
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
+                evals.append(_evaluate(t, pipeline, step, writer))
+                dmp.train()
     bar.close()
     batches.close()  # stops the readers' prefetch threads
     return Loop(step, examples, time.perf_counter() - t_start, losses, history, evals, pipeline, writer)

@@ -80,11 +80,18 @@ def save(root: Path, step: int, model: nn.Module, optimizer: Optimizer,
     return final
 
 
-def load(path: Path, model: nn.Module, optimizer: Optimizer) -> Dict[str, Any]:
-    """Collective: restore model, optimizers and this rank's RNG; return the train state."""
+def train_state(path: Path) -> Dict[str, Any]:
+    """A checkpoint's train state (step and what the trainer added), without loading it."""
     path = Path(path)
     if not (path / "train_state.json").is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no train_state.json)")
+    return json.loads((path / "train_state.json").read_text())
+
+
+def load(path: Path, model: nn.Module, optimizer: Optimizer) -> Dict[str, Any]:
+    """Collective: restore model, optimizers and this rank's RNG; return the train state."""
+    path = Path(path)
+    saved = train_state(path)
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state["model"])
@@ -92,4 +99,4 @@ def load(path: Path, model: nn.Module, optimizer: Optimizer) -> Dict[str, Any]:
     rng = path / f"rng-{dist.get_rank()}.pt"
     if rng.is_file():  # absent when resuming with another world size
         _set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads((path / "train_state.json").read_text())
+    return saved

@@ -70,6 +70,50 @@ def _tables(model: nn.Module) -> Dict[str, Tuple[int, int]]:
     return out
 
 
+def _fuse_optimizers(model: nn.Module, optim: OptimConfig) -> Dict[str, Tuple[int, int]]:
+    """Give every embedding table its fused row-wise Adagrad (the sharders read it, and the
+    planner counts its state); returns table name -> (rows, dim)."""
+    for m in model.modules():
+        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
+            apply_optimizer_in_backward(RowWiseAdagrad, m.parameters(), {"lr": optim.embedding_lr})
+    return _tables(model)
+
+
+def _planner(tables: Dict[str, Tuple[int, int]], compute_device: str, world_size: int,
+             local_world_size: int, cap: int) -> EmbeddingShardingPlanner:
+    """The planner for a topology: on CPU restricted to the sharding types its kernels have; on
+    GPU free (row-wise included), `cap` bytes of HBM per rank."""
+    constraints = None
+    if compute_device == "cpu":
+        constraints = {t: ParameterConstraints(sharding_types=CPU_SHARDING_TYPES) for t in tables}
+    topology = Topology(
+        world_size=world_size,
+        compute_device=compute_device,
+        local_world_size=local_world_size,
+        **({"hbm_cap": cap} if compute_device == "cuda" else {"ddr_cap": cap}),
+    )
+    return EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+
+
+def _sharders() -> list:
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+
+
+def _planned(make_plan, tables: Dict[str, Tuple[int, int]], world_size: int, cap: int) -> ShardingPlan:
+    """`make_plan()`, a planner failure turned into a `ShardingError` that names the largest table."""
+    try:
+        return make_plan()
+    except PlannerError as e:
+        biggest = max(tables.items(), key=lambda kv: kv[1][0] * kv[1][1])
+        rows, dim = biggest[1]
+        raise ShardingError(
+            f"no sharding plan fits {world_size} rank(s) with {cap / 2**30:.1f} GiB each; the "
+            f"largest table {biggest[0]!r} is {rows:,} x {dim} "
+            f"({rows * dim * 4 / 2**30:.1f} GiB of fp32 weights before optimizer state). "
+            f"Use more ranks, a smaller embedding dim or a hashed vocabulary. Planner: {e}"
+        ) from None
+
+
 def shard_model(
     model: nn.Module,
     device: torch.device,
@@ -80,33 +124,12 @@ def shard_model(
     process group; returns the sharded model, its combined optimizer and the plan."""
     world_size = dist.get_world_size()
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    for m in model.modules():
-        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
-            apply_optimizer_in_backward(RowWiseAdagrad, m.parameters(), {"lr": optim.embedding_lr})
-    tables = _tables(model)
-    constraints = None
-    if device.type == "cpu":
-        constraints = {t: ParameterConstraints(sharding_types=CPU_SHARDING_TYPES) for t in tables}
+    tables = _fuse_optimizers(model, optim)
     cap = memory_per_rank or memory_per_rank_bytes(local_world_size)
-    topology = Topology(
-        world_size=world_size,
-        compute_device=device.type,
-        local_world_size=local_world_size,
-        **({"hbm_cap": cap} if device.type == "cuda" else {"ddr_cap": cap}),
-    )
-    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    try:
-        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    except PlannerError as e:
-        biggest = max(tables.items(), key=lambda kv: kv[1][0] * kv[1][1])
-        rows, dim = biggest[1]
-        raise ShardingError(
-            f"no sharding plan fits {world_size} rank(s) with {cap / 2**30:.1f} GiB each; the "
-            f"largest table {biggest[0]!r} is {rows:,} x {dim} "
-            f"({rows * dim * 4 / 2**30:.1f} GiB of fp32 weights before optimizer state). "
-            f"Use more ranks, a smaller embedding dim or a hashed vocabulary. Planner: {e}"
-        ) from None
+    planner = _planner(tables, device.type, world_size, local_world_size, cap)
+    sharders = _sharders()
+    plan = _planned(lambda: planner.collective_plan(model, sharders, dist.GroupMember.WORLD),
+                    tables, world_size, cap)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
@@ -118,6 +141,15 @@ def shard_model(
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
 
 
+def dry_run_plan(model: nn.Module, compute_device: str, world_size: int, local_world_size: int,
+                 memory_per_rank: int, optim: Optional[OptimConfig] = None) -> ShardingPlan:
+    """The plan `shard_model` would make on a topology this process is not on (no process
+    group, no device): a cluster launch checked before its first GPU hour."""
+    tables = _fuse_optimizers(model, optim or OptimConfig())
+    planner = _planner(tables, compute_device, world_size, local_world_size, memory_per_rank)
+    return _planned(lambda: planner.plan(model, _sharders()), tables, world_size, memory_per_rank)
+
+
 def describe_plan(plan: ShardingPlan) -> List[str]:
     """One line per table: where it went and how."""
     lines = []
@@ -126,3 +158,15 @@ def describe_plan(plan: ShardingPlan) -> List[str]:
             ranks = sorted({r for r in (p.ranks or [])})
             lines.append(f"{module}.{table}: {p.sharding_type} on ranks {ranks} ({p.compute_kernel})")
     return lines
+
+
+def sharded_bytes_per_rank(plan: ShardingPlan, bytes_per_value: int = 4) -> Dict[int, int]:
+    """rank -> bytes of the sharded tables' weights it holds (fp32; replicated data-parallel
+    tables and optimizer state not counted): how evenly a plan spreads the big tables."""
+    held: Dict[int, int] = {}
+    for params in plan.plan.values():
+        for p in params.values():
+            for shard in (p.sharding_spec.shards if p.sharding_spec else []):
+                rows, dim = shard.shard_sizes
+                held[shard.placement.rank()] = held.get(shard.placement.rank(), 0) + rows * dim * bytes_per_value
+    return held

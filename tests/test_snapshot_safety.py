@@ -265,7 +265,9 @@ def test_gc_orders_versions_by_their_manifests_never_by_name(tmp_path):
     for version, cut in (("v10", "2026-01-10"), ("v8", "2026-01-08"), ("v9", "2026-01-09")):
         _plant(root, version, cut)
     assert versions(root) == ["v8", "v9", "v10"]  # by name, v10 would come first
-    done = gc(root, keep=1)  # the newest, v10, and LATEST, v9 (planted last), stay
+    assert Snapshot(root).version == "v10"  # LATEST stays on the newest cut, whatever the planting order
+    (root / LATEST).write_text("v9\n")
+    done = gc(root, keep=1)  # the newest, v10, and LATEST, v9, stay
     assert done["removed"] == ["v8"] and versions(root) == ["v9", "v10"]
     same = tmp_path / "one-cut"
     for version in ("c", "b", "a"):  # one cut day: created_at decides

@@ -164,7 +164,13 @@ def test_an_export_killed_mid_way_leaves_no_version_and_latest_untouched(
     assert not (root / "v-killed").exists()
     with pytest.raises(SnapshotError, match="no such snapshot version"):
         Snapshot(root, "v-killed")
-    # The killed run's lock died with it: gc takes its hidden folder, and only that.
+    # Rank 0 outlived the killed rank and removed its hidden folder: nothing holds the disk.
+    assert not list(root.glob(".v-killed*"))
+    # Killed alone, nobody is left to clean up; the lock died with it: gc takes the hidden
+    # folder, and only that.
+    p = _export(tiny_world, upstream_runs, root, "--version", "v-killed",
+                env={"DERL_FAULT": "export-parts"}, check=False)
+    assert p.returncode != 0
     [leftover] = [p.name for p in root.glob(".v-killed.tmp-*") if p.is_dir()]
     assert gc(root, keep=1)["leftovers_removed"] == [leftover]
     assert sorted(p.name for p in root.iterdir()) == sorted(["LATEST", before.strip()])
@@ -197,6 +203,7 @@ def test_a_written_version_reads_back_verified_and_replaces_only_when_asked(tmp_
     assert snap.manifest == manifest and versions(tmp_path) == ["v1"]
     np.testing.assert_array_equal(snap.table("d", "users").lookup(ids)[0], vectors)
     assert snap.ads_index("d")[0].ntotal == 10
+    snap.close()  # a version a reader holds would be moved aside, not removed, by the replace
     with pytest.raises(SnapshotError, match="version exists"):
         write("v1", 2.0)
     write("v1", 2.0, replace=True)
@@ -284,8 +291,10 @@ def test_refresh_aligns_a_retrained_space_then_smooths(snapshot_root, tiny_world
     root = tmp_path / "s"
     shutil.copytree(snapshot_root, root)
     first = Snapshot(root)
-    # A "retrained" engagement model: the conversion run, another space of the same dimension.
-    retrained = {"engagement": upstream_runs["conversion"]}
+    # A "retrained" engagement model: another seed, another space of the same dimension.
+    retrained = {"engagement": tmp_path / "retrained"}
+    derl("train-upstream", "--data", str(tiny_world), "--out", str(retrained["engagement"]),
+         "--domain", "engagement", "--max-steps", "3", "--seed", "1", *SMALL)
     _export(tiny_world, retrained, root, "--version", "v2", "--previous", "latest", "--weight", "0.8")
     raw = tmp_path / "raw"
     _export(tiny_world, retrained, raw, "--version", "v2")
@@ -369,5 +378,6 @@ def test_ad_catalogues_above_the_flat_limit_get_an_hnsw_index(monkeypatch, tmp_p
     assert writer.ads_index("d", ads) == {"kind": "hnsw32_ip", "size": 150, "popularity_prior": False}
     index = faiss.read_index(str(writer.folder / "d" / "ads.faiss"))
     assert index.ntotal == 150 and index.hnsw.efSearch == ad_index.HNSW_EF_SEARCH
-    np.testing.assert_array_equal(ad_index.read_ad_ids(writer.folder / "d")[0], ads)
-    assert ad_index.read_ads_index(writer.folder / "d", k=500).hnsw.efSearch == 500  # never below k
+    np.testing.assert_array_equal(ad_index.read_ad_ids(writer.folder / "d" / "ads_ids.parquet")[0], ads)
+    with open(writer.folder / "d" / "ads.faiss", "rb") as f:
+        assert ad_index.read_ads_index(f, k=500).hnsw.efSearch == 500  # never below k

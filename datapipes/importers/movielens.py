@@ -57,7 +57,7 @@ def read(files: List[Path], w: WorldWriter) -> None:
             table = {r: action(float(r)) for r in words if _rating(r)}
             codes = b.codes("rating", table, "rating", known="numbers from 0 to 5")
             item = b.ints("item_id")
-            w.organic(kind, b.ints("user_id"), np.floor(b.floats("timestamp")).astype(np.int64), codes,
+            w.organic(kind, b.ints("user_id"), b.seconds("timestamp"), codes,
                       item, source_action=b.column("rating"), source_item_id=item)
 
 

@@ -92,7 +92,7 @@ def _behavior_log(path: Path, w: WorldWriter) -> None:
         cate, brand = b.ints("cate"), _brand(b, "behavior_log", w)
         # An organic entity's key is negative, so that it never meets an ad's (adgroup_id >= 0).
         entity = ~pair_key(cate, brand, b, ("cate", "brand"))
-        w.organic("behavior_log", b.ints("user"), b.ints("time_stamp") + CHINA_TIME,
+        w.organic("behavior_log", b.ints("user"), b.seconds("time_stamp") + CHINA_TIME,
                   b.codes("btag", ACTIONS, "behaviour type"), entity, window=WINDOWS["behavior_log"],
                   source_action=b.column("btag"), source_cate=cate, source_brand=brand)
 
@@ -111,7 +111,7 @@ def _raw_sample(path: Path, w: WorldWriter, request_id: int) -> int:
                                   f"them must be 1")
         surface = b.codes("pid", PLACEMENTS, "placement (pid)")
         w.ad_impressions("raw_sample", request_id + np.arange(len(b)), b.ints("user"),
-                         b.ints("time_stamp") + CHINA_TIME, b.ints("adgroup_id"), surface, clk,
+                         b.seconds("time_stamp") + CHINA_TIME, b.ints("adgroup_id"), surface, clk,
                          window=WINDOWS["raw_sample"])
         request_id += len(b)
     return request_id

@@ -37,7 +37,7 @@ def read(files: List[Path], w: WorldWriter) -> None:
                             f"none: every line is a row {','.join(COLUMNS)}")
         for b in w.csv(path, "UserBehavior", COLUMNS, types, header=False):
             item, category = b.ints("item_id"), b.ints("category_id")
-            w.organic("UserBehavior", b.ints("user_id"), b.ints("timestamp") + CHINA_TIME,
+            w.organic("UserBehavior", b.ints("user_id"), b.seconds("timestamp") + CHINA_TIME,
                       b.codes("behavior_type", ACTIONS, "behaviour type"), item, window=WINDOW,
                       source_action=b.column("behavior_type"), source_item_id=item,
                       source_category_id=category)

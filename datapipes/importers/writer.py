@@ -29,7 +29,7 @@ from derl.datapipes.importers.ids import Column, IdSpace, content, sampled
 from derl.datapipes.importers.stream import BLOCK_BYTES, Block, InputFile, csv_blocks
 from derl.datapipes.sequences import SequenceBuffer
 from derl.datapipes.sources import DataError
-from derl.datapipes.world import WORLD_META
+from derl.datapipes.world import WORLD_META, world_id
 
 REPORT = "import_report.json"
 SEQUENCE_LENGTH = 32
@@ -311,6 +311,8 @@ class WorldWriter:
                 "clock": self.clock, "days": [day_name(d) for d in days], "rows": rows,
                 **({"ctr": ads["clicks"] / ads["rows"]} if ad_rows else {}),
                 "conversions": False, **sampling}
+        meta["world_id"] = world_id({"inputs": [i.sha256 for i in self.report.inputs],
+                                     **{k: v for k, v in meta.items() if k != "inputs"}})
         (self.root / WORLD_META).write_text(json.dumps(meta, indent=2))
         tables = {"engagements": eng_rows, "ad_events": ads.get("days", {})}
         report = {"format": self.fmt, "clock": self.clock, **sampling,

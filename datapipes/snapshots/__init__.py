@@ -16,11 +16,13 @@ the version it replaces in one atomic exchange) before LATEST is rewritten (besi
 renamed). Opening a version verifies it against its manifest first (every file present with its
 sha256, no unlisted file, no symlink, every part of the stated dimension with the stated rows
 and finite vectors, the index the size of its id map): a half-written or tampered snapshot is
-refused with `SnapshotError` naming what is wrong. Every name from a flag, LATEST, a manifest
+refused with `SnapshotError` naming what is wrong. An open `Snapshot` holds its one folder
+(one descriptor, a shared flock) and reads every file through it, so a concurrent replace or
+gc never mixes versions under it; LATEST never moves back to an earlier cut. Every name from a flag, LATEST, a manifest
 or a pin is one plain path component, so no path leaves the root. An ad index names the
 version it was built for and is refused with any other. `gc` removes only what it can name as
-derl's: verifying versions that are not LATEST, pinned or among the newest, and the folders of
-exports whose lock is free.
+derl's: verifying versions that are not LATEST, pinned, among the newest or held by a reader,
+and the folders of exports whose lock is free.
 
 Modules: `parts` (the part schema, its one writer and reader), `store` (layout, versions,
 verification, pins, gc), `index` (the ad index), `reader` (`Snapshot`, `EmbeddingTable`),

@@ -11,7 +11,7 @@ another version (another vector space).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import IO, Dict, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -50,18 +50,24 @@ def build_ads_index(folder: Path, ad_ids: np.ndarray, dim: int, version: str,
     return {"kind": kind, "size": len(ids), "popularity_prior": prior is not None}
 
 
-def read_ad_ids(folder: Path) -> Tuple[np.ndarray, str]:
-    """(the ads' Pin ids in index order, the version the index was built for, '' if unstated)."""
-    table = pq.read_table(folder / ADS_IDS)
+def read_ad_ids(f: Union[Path, IO[bytes]]) -> Tuple[np.ndarray, str]:
+    """(the ads' Pin ids in index order, the version the index was built for, '' if unstated),
+    from `ads_ids.parquet` (its path or the open file)."""
+    table = pq.read_table(f)
     built_for = (table.schema.metadata or {}).get(b"snapshot_version", b"").decode()
     return table.column("pin_id").to_numpy(), built_for
 
 
-def read_ads_index(folder: Path, k: int = 0):
-    """The faiss index, its HNSW efSearch raised to `k` where that is larger."""
+def read_ads_index(f: IO[bytes], k: int = 0):
+    """The faiss index, from the open `ads.faiss`, good for top-`k` searches (`deepen`)."""
     import faiss
 
-    index = faiss.read_index(str(folder / ADS_INDEX))
+    index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+    deepen(index, k)
+    return index
+
+
+def deepen(index, k: int) -> None:
+    """Raise an HNSW index's efSearch to `k` where that is larger (faiss does not)."""
     if hasattr(index, "hnsw"):
         index.hnsw.efSearch = max(index.hnsw.efSearch, k)
-    return index

@@ -12,7 +12,7 @@ through `read_part` / `read_parts`, so the schema is stated here and nowhere els
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, List, Tuple
+from typing import IO, Iterable, List, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +38,7 @@ def embedding_schema(dim: int) -> pa.Schema:
     return pa.schema([("entity_id", pa.int64()), ("embedding", embedding_type(dim))])
 
 
-def stored_type(path: Path) -> pa.DataType:
+def stored_type(path: Union[Path, IO[bytes]]) -> pa.DataType:
     """The embedding column's type as a part's footer states it (no rows read)."""
     return pq.read_schema(path).field("embedding").type
 
@@ -93,8 +93,9 @@ def read_part(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     return _columns(table, table.schema.field("embedding").type.list_size)
 
 
-def read_parts(paths: Iterable[Path], dim: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Several parts concatenated in the order given; empty [0, dim] when there are none."""
+def read_parts(paths: Iterable[Union[Path, IO[bytes]]], dim: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Several parts (paths or open files) concatenated in the order given; empty [0, dim] when
+    there are none."""
     tables = [pq.read_table(p) for p in paths]
     return _columns(pa.concat_tables(tables) if tables else embedding_schema(dim).empty_table(), dim)
 

@@ -15,13 +15,17 @@ import json
 import os
 import re
 import shutil
+import stat
+import time
+import weakref
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import IO, Dict, List, Optional, Tuple
+from typing import IO, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from derl.datapipes.snapshots.parts import embedding_type, part_paths, read_parts, stored_type
+from derl.datapipes.snapshots.parts import PART_GLOB, embedding_type, read_parts, stored_type
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -32,6 +36,7 @@ PINS = "pins"  # <root>/pins/<owner hash>-<version>.json: {"version": ..., "owne
 TMP = ".tmp-"  # <root>/.<version>.tmp-<run id>/: a version being written
 LOCK = ".lock"  # <root>/.<version>.tmp-<run id>.lock: flocked by the export writing that folder
 BESIDE = ".LATEST"  # <root>/.<version>.tmp-<run id>.LATEST: the new LATEST, written beside, then renamed
+READER_HOLDS = "a reader holds it open (a Snapshot); a gc after it closes removes it"
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 
 
@@ -49,39 +54,105 @@ def plain_name(name: str, what: str = "version") -> str:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        return _digest(f)
+
+
+def _digest(f: IO[bytes]) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
 
 
-def files_of(folder: Path) -> List[str]:
-    """Every file under `folder` but its manifest, relative, sorted. A symlink or special file
-    anywhere is refused: it could lead outside the snapshot or hide files from the checks."""
-    folder, out = Path(folder), []
-    for top, dirs, names in os.walk(folder):
-        for name in dirs + names:
-            p = Path(top) / name
-            if p.is_symlink() or not (p.is_dir() or p.is_file()):
-                raise SnapshotError(f"{p}: a symlink or special file inside a snapshot; refused")
-        out += [(Path(top) / n).relative_to(folder).as_posix() for n in names]
-    return sorted(f for f in out if f != MANIFEST)
+class Folder:
+    """A snapshot folder opened once, by descriptor: every file is read through it (`open`), so
+    what is read is this very folder whatever is renamed over its name later (an `--overwrite`
+    swap). With `shared`, it holds a shared flock on the folder until `close` (or until it is
+    garbage-collected): gc and the writer remove a folder only under an exclusive one
+    (`remove_unheld`), so none of its files goes away while a reader holds it."""
+
+    def __init__(self, path: Path, shared: bool = False):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        self._close = weakref.finalize(self, os.close, self.fd)
+        if shared:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)  # waits while a removal (exclusive) is under way
+
+    def close(self) -> None:
+        self._close()
+
+    def removed(self) -> bool:
+        """Whether the folder was removed from the disk after it was opened."""
+        return os.fstat(self.fd).st_nlink == 0
+
+    def open(self, rel: str) -> IO[bytes]:
+        return os.fdopen(os.open(rel, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.fd), "rb")
+
+    def files(self) -> List[str]:
+        """Every file but the manifest, relative, sorted. A symlink or special file anywhere is
+        refused: it could lead outside the snapshot or hide files from the checks."""
+        out = []
+        for top, dirs, names, top_fd in os.fwalk(".", dir_fd=self.fd):
+            for name in dirs + names:
+                mode = os.stat(name, dir_fd=top_fd, follow_symlinks=False).st_mode
+                if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                    raise SnapshotError(f"{self.path / top / name}: a symlink or special file inside a "
+                                        f"snapshot; refused")
+            out += [os.path.normpath(os.path.join(top, n)) for n in names]
+        return sorted(f for f in out if f != MANIFEST)
+
+    def parts(self, domain: str, entity: str) -> List[str]:
+        """The parts of one table, in rank order."""
+        table = PurePosixPath(plain_name(domain, "domain"), entity)
+        return [f for f in self.files() if PurePosixPath(f).parent == table and PurePosixPath(f).match(PART_GLOB)]
+
+    def read_parts(self, domain: str, entity: str, dim: int) -> Tuple[np.ndarray, np.ndarray]:
+        files = [self.open(rel) for rel in self.parts(domain, entity)]
+        try:
+            return read_parts(files, dim)
+        finally:
+            for f in files:
+                f.close()
 
 
-def read_manifest(path: Path) -> dict:
-    """A version folder's manifest, or a SnapshotError naming it."""
+@contextmanager
+def _through(path: Union[Path, Folder]) -> Iterator[Folder]:
+    """`path` when it is an open Folder already; otherwise the folder, opened for the block."""
+    if isinstance(path, Folder):
+        yield path
+        return
+    folder = Folder(path)
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
+        yield folder
+    finally:
+        folder.close()
+
+
+def files_of(folder: Path) -> List[str]:
+    """Every file under `folder` but its manifest (`Folder.files`)."""
+    with _through(folder) as opened:
+        return opened.files()
+
+
+def read_manifest(path: Union[Path, Folder]) -> dict:
+    """A version folder's manifest, or a SnapshotError naming it."""
+    where = path.path if isinstance(path, Folder) else Path(path)
+    try:
+        with _through(path) as folder, folder.open(MANIFEST) as f:
+            return json.loads(f.read())
     except (OSError, ValueError) as e:
-        raise SnapshotError(f"{Path(path) / MANIFEST}: unreadable manifest ({e})") from e
+        raise SnapshotError(f"{where / MANIFEST}: unreadable manifest ({e})") from e
 
 
 def catalogue(root: Path) -> Tuple[List[Tuple[str, dict]], Dict[str, str]]:
     """([(version, manifest)] oldest first by the manifests, cut day then created_at, never by
-    name), and {entry: why it is not a version} for the other visible entries of the root."""
+    name), and {entry: why it is not a version} for the other visible entries of the root. A
+    root that is not a folder is refused by name."""
     root, found, skipped = Path(root), [], {}
-    for p in sorted(root.iterdir()) if root.is_dir() else []:
+    if not root.is_dir():
+        raise SnapshotError(f"{root}: no such snapshot root (not a folder)")
+    for p in sorted(root.iterdir()):
         if p.name.startswith(".") or p.name in (LATEST, PINS):
             continue
         if p.is_symlink():
@@ -141,14 +212,19 @@ def _listed(path: Path, rel: str) -> str:
     return rel
 
 
-def verify(path: Path) -> dict:
+def verify(path: Union[Path, Folder]) -> dict:
     """Check a version folder against its manifest; return the manifest. Refused: a symlink, a
     listed file missing or changed, an unlisted file, a manifest of another version, and what
-    `check_tables` refuses."""
-    path = Path(path)
-    present = files_of(path)
-    manifest = read_manifest(path)
+    `check_tables` refuses. Every file is read through one descriptor of the folder (`Folder`)."""
+    with _through(path) as folder:
+        return _verify(folder)
+
+
+def _verify(folder: Folder) -> dict:
+    path = folder.path
     try:
+        present = folder.files()
+        manifest = read_manifest(folder)
         if manifest["version"] != path.name:
             raise SnapshotError(f"{path}: the manifest is version {manifest['version']!r}'s, not {path.name!r}'s")
         listed = {_listed(path, rel): digest for rel, digest in manifest["files"].items()}
@@ -159,9 +235,10 @@ def verify(path: Path) -> dict:
         if extra:
             raise SnapshotError(f"{path}: files not in the manifest: {', '.join(extra[:5])}")
         for rel, digest in listed.items():
-            if sha256(path / rel) != digest:
-                raise SnapshotError(f"{path / rel}: checksum mismatch (manifest {digest[:12]}…): the file changed")
-        check_tables(path, manifest)
+            with folder.open(rel) as f:
+                if _digest(f) != digest:
+                    raise SnapshotError(f"{path / rel}: checksum mismatch (manifest {digest[:12]}…): the file changed")
+        check_tables(folder, manifest)
     except (KeyError, TypeError, AttributeError) as e:
         raise SnapshotError(f"{path / MANIFEST}: malformed manifest ({type(e).__name__}: {e})") from e
     return manifest
@@ -179,26 +256,27 @@ def check_finite(what: str, vectors: np.ndarray) -> None:
         raise SnapshotError(f"{what}: {bad:,} of {len(vectors):,} vectors are not finite (NaN or inf)")
 
 
-def check_tables(path: Path, manifest: dict) -> None:
+def check_tables(path: Union[Path, Folder], manifest: dict) -> None:
     """Every part of the manifest's dimension, its vectors finite, each table the rows the
     manifest states, each ad id map the stated size. The writer checks this before a commit."""
-    dim = manifest["dim"]
-    for domain, info in manifest["domains"].items():
-        folder = path / plain_name(domain, "domain")
-        for entity in ENTITIES:
-            parts = part_paths(folder / entity)
-            for part in parts:
-                got = stored_type(part)
-                if got != embedding_type(dim):
-                    raise SnapshotError(f"{part}: embedding type {got}, manifest says dimension {dim}")
-            ids, vectors = read_parts(parts, dim)
-            check_finite(f"{path}: {domain}/{entity}", vectors)
-            if len(ids) != info["rows"][entity]:
-                raise SnapshotError(f"{path}: {domain}/{entity} holds {len(ids):,} rows, the manifest says "
-                                    f"{info['rows'][entity]:,}")
-        ads = pq.read_metadata(folder / ADS_IDS).num_rows
-        if ads != info["rows"]["ads"]:
-            raise SnapshotError(f"{folder}: ads_ids has {ads} rows, manifest says {info['rows']['ads']}")
+    with _through(path) as folder:
+        path, dim = folder.path, manifest["dim"]
+        for domain, info in manifest["domains"].items():
+            for entity in ENTITIES:
+                for rel in folder.parts(domain, entity):
+                    with folder.open(rel) as f:
+                        got = stored_type(f)
+                    if got != embedding_type(dim):
+                        raise SnapshotError(f"{path / rel}: embedding type {got}, manifest says dimension {dim}")
+                ids, vectors = folder.read_parts(domain, entity, dim)
+                check_finite(f"{path}: {domain}/{entity}", vectors)
+                if len(ids) != info["rows"][entity]:
+                    raise SnapshotError(f"{path}: {domain}/{entity} holds {len(ids):,} rows, the manifest says "
+                                        f"{info['rows'][entity]:,}")
+            with folder.open(f"{domain}/{ADS_IDS}") as f:
+                ads = pq.read_metadata(f).num_rows
+            if ads != info["rows"]["ads"]:
+                raise SnapshotError(f"{path / domain}: ads_ids has {ads} rows, manifest says {info['rows']['ads']}")
 
 
 def pin(root: Path, version: str, owner: str) -> Path:
@@ -268,10 +346,46 @@ def take_lock(path: Path, create: bool = False) -> Optional[IO]:
     return f
 
 
+def _exclusive(path: Path) -> Optional[Folder]:
+    """The folder opened and flocked exclusively, or None while a reader holds it (`Folder`)."""
+    folder = Folder(path)
+    try:
+        fcntl.flock(folder.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        folder.close()
+        return None
+    return folder
+
+
+def remove_unheld(path: Path) -> bool:
+    """Remove a folder unless a reader holds it open; whether it is gone."""
+    if not Path(path).is_dir():
+        return True
+    held = _exclusive(path)
+    if held is None:
+        return False
+    try:
+        shutil.rmtree(path)
+    finally:
+        held.close()
+    return True
+
+
+def discard(folder: Path) -> None:
+    """Remove a hidden folder; one a reader still holds (a version just replaced, say) is moved
+    under a fresh hidden name with a free lock file instead, which gc clears once no reader
+    holds it."""
+    if not remove_unheld(folder):
+        kept = folder.with_name(f"{folder.name}-held-{time.time_ns()}")
+        kept.with_name(kept.name + LOCK).touch()  # first: a folder without it would not be gc's
+        folder.rename(kept)
+
+
 def _leftovers(root: Path, dry_run: bool, skipped: Dict[str, str]) -> List[str]:
     """Remove what exports that no longer run left: each entry named after a hidden folder
-    (the folder, its LATEST beside, its lock file) once that lock, derl's, is free. A folder
-    without a lock file is not derl's; one whose lock is held is being written."""
+    (the folder, its LATEST beside, its lock file) once that lock, derl's, is free and no reader
+    holds the folder. A folder without a lock file is not derl's; one whose lock is held is
+    being written."""
     removed = []
     for name in sorted({p.name.removesuffix(LOCK).removesuffix(BESIDE) for p in root.glob(f".*{TMP}*")}):
         folder, beside, lock = root / name, root / (name + BESIDE), root / (name + LOCK)
@@ -287,8 +401,9 @@ def _leftovers(root: Path, dry_run: bool, skipped: Dict[str, str]) -> List[str]:
             continue
         try:
             if not dry_run:
-                if folder.is_dir():
-                    shutil.rmtree(folder)
+                if not remove_unheld(folder):
+                    skipped[name] = READER_HOLDS
+                    continue
                 beside.unlink(missing_ok=True)
                 lock.unlink()
             removed.append(name)
@@ -301,8 +416,8 @@ def _leftovers(root: Path, dry_run: bool, skipped: Dict[str, str]) -> List[str]:
 
 def gc(root: Path, keep: int, dry_run: bool = False) -> Dict[str, object]:
     """Remove all but the `keep` newest versions (by their manifests), never LATEST nor a pinned
-    one nor one that does not verify as derl's, and the folders of exports that died. What it
-    passes over, and why, is in `skipped`; nothing stops it half-way."""
+    one nor one that does not verify as derl's nor one a reader holds open, and the folders of
+    exports that died. What it passes over, and why, is in `skipped`; nothing stops it half-way."""
     if keep < 1:
         raise ValueError(f"--keep must be at least 1, got {keep}")
     root = Path(root)
@@ -313,9 +428,16 @@ def gc(root: Path, keep: int, dry_run: bool = False) -> Dict[str, object]:
     removed = []
     for v in (v for v in names if v not in protected):
         try:
-            verify(root / v)
-            if not dry_run:
-                shutil.rmtree(root / v)
+            held = _exclusive(root / v)
+            if held is None:
+                skipped[v] = f"not removed: {READER_HOLDS}"
+                continue
+            try:
+                verify(held)
+                if not dry_run:
+                    shutil.rmtree(root / v)
+            finally:
+                held.close()
             removed.append(v)
         except (SnapshotError, OSError) as e:
             skipped[v] = f"not removed: {e}"

@@ -14,12 +14,15 @@ fault point, `reached`):
    with the old one in one atomic exchange, so the name holds a whole version at every instant
    and the old one is left under the hidden name (`snapshot-in-place`);
 3. LATEST is written beside (`<folder>.LATEST`, `snapshot-latest-beside`) and renamed over the
-   old one (`snapshot-latest`);
+   old one (`snapshot-latest`), unless LATEST names another version of a later cut day: a
+   version cut earlier is published beside it, LATEST stays, and the commit says so;
 4. when replacing, the old version is removed from the hidden name (`snapshot-old-removed`),
-   then the lock file.
+   then the lock file. An old version a reader still holds (`Snapshot`) is moved under a fresh
+   hidden name instead, for a gc once the reader lets go.
 
 A run killed anywhere leaves LATEST naming a complete version, and at most a hidden folder that
-gc clears.
+gc clears. A commit that fails with an exception (a full disk, a refused replace) removes its
+own hidden folder, as does `abort` for an export that fails before its commit.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import IO, Callable, Dict, Optional
@@ -40,7 +42,8 @@ import numpy as np
 from derl.datapipes.snapshots.index import build_ads_index
 from derl.datapipes.snapshots.parts import part_name, write_part
 from derl.datapipes.snapshots.store import (BESIDE, LATEST, LOCK, MANIFEST, TMP, SnapshotError, check_tables,
-                                            files_of, plain_name, refuse_replacing, sha256, take_lock)
+                                            discard, files_of, latest, plain_name, read_manifest, refuse_replacing,
+                                            sha256, take_lock)
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -76,7 +79,7 @@ class SnapshotWriter:
         self._lock = take_lock(self.lock, create=True)
         if self._lock is None:
             raise SnapshotError(f"{self.folder}: another export with run id {self.run_id} is writing it")
-        shutil.rmtree(self.folder, ignore_errors=True)  # a killed run's, with this run id
+        discard(self.folder)  # a killed run's, with this run id
         self.folder.mkdir()
         return self
 
@@ -93,13 +96,29 @@ class SnapshotWriter:
         """Publish the version (module docstring): `manifest` with its version and created_at
         first and the sha256 of every file last; over an existing version only with `replace`,
         and only over derl's own, unpinned one. `reached(point)` is called after each step (the
-        fault hook). Returns the manifest as written. The lock is released however it ends."""
+        fault hook). Returns the manifest as written. The lock is released however it ends; an
+        exception removes the hidden folder first (`abort`)."""
         try:
             return self._commit(manifest, replace, reached)
+        except BaseException:
+            self.abort()
+            raise
         finally:
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
+
+    def abort(self) -> None:
+        """Remove this writer's hidden folder and what is named after it (an export that failed:
+        its parts would hold the disk until a gc). Only the process that prepared it, holding
+        its lock, removes anything."""
+        if self._lock is None:
+            return
+        discard(self.folder)
+        self.folder.with_name(self.folder.name + BESIDE).unlink(missing_ok=True)
+        self.lock.unlink(missing_ok=True)
+        self._lock.close()
+        self._lock = None
 
     def _commit(self, manifest: dict, replace: bool, reached: Callable[[str], object]) -> dict:
         files = {rel: sha256(self.folder / rel) for rel in files_of(self.folder)}
@@ -120,17 +139,32 @@ class SnapshotWriter:
         else:
             self.folder.rename(self.final)
         reached("snapshot-in-place")
-        beside = self.folder.with_name(self.folder.name + BESIDE)
-        beside.write_text(self.version + "\n")
-        reached("snapshot-latest-beside")
-        beside.rename(self.root / LATEST)
-        reached("snapshot-latest")
+        newer = self._newer_latest(manifest["cut_day"])
+        if newer:
+            print(f"LATEST stays on {newer}: version {self.version} is cut earlier ({manifest['cut_day']}); "
+                  f"read it by name")
+        else:
+            beside = self.folder.with_name(self.folder.name + BESIDE)
+            beside.write_text(self.version + "\n")
+            reached("snapshot-latest-beside")
+            beside.rename(self.root / LATEST)
+            reached("snapshot-latest")
         if replacing:
-            shutil.rmtree(self.folder)
+            discard(self.folder)
             reached("snapshot-old-removed")
         if self._lock is not None:
             self.lock.unlink()
         return manifest
+
+    def _newer_latest(self, cut_day: str) -> str:
+        """'version (cut day)' of the other version LATEST names when it is cut later than
+        `cut_day` (versions are ordered by cut day, then creation: a new one of the same cut is
+        the newest); '' otherwise."""
+        current = latest(self.root)
+        if current is None or current == self.version or not (self.root / current).is_dir():
+            return ""
+        cut = str(read_manifest(self.root / current).get("cut_day", ""))
+        return f"{current} (cut {cut})" if cut > str(cut_day) else ""
 
 
 def write_snapshot(root: Path, version: str, cut_day: str, tables: Dict[str, tuple], dim: int, *,
