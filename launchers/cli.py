@@ -160,6 +160,17 @@ def _retrieve(args: argparse.Namespace) -> None:
         print(f"{rank:>4}  pin {pin:<10} score {value:.4f}")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from derl.launchers.plan import cluster_plan, render
+
+    for flag in ("hosts", "gpus_per_host"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 < args.hbm_gb < float("inf"):
+        raise ValueError(f"--hbm-gb must be a positive number, got {args.hbm_gb}")
+    print(render(cluster_plan(args.preset, args.hosts, args.gpus_per_host, args.hbm_gb), args.preset))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from derl.benchmarks import bench  # here, not at the top: `derl --help` stays fast
 
@@ -217,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", type=int, required=True)
     p.add_argument("-k", type=int, default=10, help="how many ads (at least 1; at most the catalogue)")
     p.set_defaults(handler=_retrieve)
+
+    p = sub.add_parser("plan", help="the sharding plan of a preset world's models on a GPU cluster, made "
+                                    "here in dry run (docs/architecture.md)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="large")
+    p.add_argument("--hosts", type=int, default=2)
+    p.add_argument("--gpus-per-host", type=int, default=8)
+    p.add_argument("--hbm-gb", type=float, default=80.0, help="GPU memory per rank the planner may use")
+    p.set_defaults(handler=_plan)
 
     p = sub.add_parser("inspect", help="summarise a source folder: tables, rows, days, id ranges")
     p.add_argument("source", type=Path)

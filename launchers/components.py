@@ -26,6 +26,7 @@ from torchx.components.dist import ddp
 from torchx.components.structured_arg import StructuredNameArgument
 
 CLI_MODULE = "derl.launchers.cli"
+TORCHRUN_MODULE = "derl.launchers.torchrun"
 # The image every role runs on kubernetes / docker (ignored by local_cwd and slurm, which run
 # on the host's Python): one with this repository installed as in the README's "Set-up".
 DEFAULT_IMAGE = os.environ.get("DERL_IMAGE", "derl:latest")
@@ -139,7 +140,14 @@ def stage_app(
         mounts=mounts,
         debug=debug,
     )
-    app.roles[0].name = role_name
+    role = app.roles[0]
+    role.name = role_name
+    # The ranks start under derl's torchrun (same flags), which ends a failed job with derl's
+    # one line instead of torchrun's traceback and summary (launchers/torchrun.py).
+    command = role.args[-1]
+    if not command.startswith("torchrun "):
+        raise RuntimeError(f"torchx's ddp component no longer starts with torchrun: {command!r}")
+    role.args[-1] = f"python -m {TORCHRUN_MODULE} " + command[len("torchrun "):]
     return app
 
 

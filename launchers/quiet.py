@@ -38,6 +38,8 @@ _LOGS = {
     "torchrec.distributed.planner.types": ("The topology was constructed directly",),
     "torchrec.distributed.planner.storage_reservations": ("There is a known issue with TorchRec's dense tensor",),
     "torch.fx._symbolic_trace": ("is_fx_tracing will return true",),
+    # torchrec's planner on its replicated tables, through the root logger (`derl plan`).
+    "root": ("Sharding spec not found for",),
     # torch's agent of derl's local launch, on Ctrl-C: the CLI says what was kept.
     "torch.distributed.elastic.agent.server.api": ("Received 2 death signal",),
 }

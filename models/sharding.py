@@ -110,7 +110,7 @@ def _planned(make_plan, tables: Dict[str, Tuple[int, int]], world_size: int, cap
             f"no sharding plan fits {world_size} rank(s) with {cap / 2**30:.1f} GiB each; the "
             f"largest table {biggest[0]!r} is {rows:,} x {dim} "
             f"({rows * dim * 4 / 2**30:.1f} GiB of fp32 weights before optimizer state). "
-            f"Use more ranks, a smaller embedding dim or a hashed vocabulary. Planner: {e}"
+            f"Use more ranks, a smaller embedding dim or a hashed vocabulary. Planner: {str(e).splitlines()[0]}"
         ) from None
 
 
