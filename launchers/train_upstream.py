@@ -136,10 +136,17 @@ def _run(cfg: TrainUpstreamConfig, worker: derl_dist.Worker) -> Dict[str, object
     t = build(cfg, worker)
     if worker.is_main:
         _start_run_folder(t)
-    loop = train_loop(t, checkpoint.latest(cfg.out / runs.CHECKPOINTS) if cfg.resume else None)
-    if worker.is_main and cfg.resume:
-        _record(t)
-    return report(t, loop)
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(cfg.out / runs.TENSORBOARD)) if worker.is_main else None
+    try:  # closed whatever happens: a writer left open prints its own errors at exit (a full disk)
+        loop = train_loop(t, checkpoint.latest(cfg.out / runs.CHECKPOINTS) if cfg.resume else None, writer)
+        if worker.is_main and cfg.resume:
+            _record(t)
+        return report(t, loop)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _record(t: Training) -> None:
@@ -176,12 +183,11 @@ class Loop:
     writer: Any
 
 
-def train_loop(t: Training, resume_from: Optional[Path]) -> Loop:
+def train_loop(t: Training, resume_from: Optional[Path], writer: Any) -> Loop:
     """Collective: the training steps, with checkpoints, progress and (optional) evaluations.
     Resuming on other days than the checkpoint's (an incremental run, `--resume --until DAY`)
     keeps counting steps (`offset`: steps taken on earlier day ranges), so that its checkpoints
     are the newest."""
-    from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
     cfg, worker, dmp, optimizer = t.cfg, t.worker, t.dmp, t.optimizer
@@ -198,7 +204,6 @@ def train_loop(t: Training, resume_from: Optional[Path]) -> Loop:
                   f"{'' if offset != step else ' (new days: an incremental run)'}")
     pipeline = TrainPipelineSparseDist(dmp, optimizer, worker.device)
     batches = t.stream.iterate(start_step=step - offset)
-    writer = SummaryWriter(str(cfg.out / runs.TENSORBOARD)) if worker.is_main else None
     history: List[Dict[str, float]] = []
     evals: List[Dict[str, object]] = []
     bar = tqdm(total=steps, initial=step, desc=f"upstream {cfg.domain}", disable=not worker.is_main)
@@ -274,7 +279,6 @@ def report(t: Training, loop: Loop) -> Dict[str, object]:
         out = t.cfg.out
         runs.write_json(out / runs.METRICS, metrics)
         runs.write_json(out / runs.LOSS_HISTORY, loop.history)
-        loop.writer.close()
         print(f"recall@50 {metrics['recall@50']:.4f} vs popularity {metrics['popularity_recall@50']:.4f}"
               f" on {t.eval_day}; dot AUC among impressions: " + ", ".join(
                   f"{task} {metrics['dot_auc_' + task]:.3f}" for task in AUC_TASKS)

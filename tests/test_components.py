@@ -50,14 +50,15 @@ def _cli_args(stage: str) -> list:
 
 
 def _check_entrypoint(stage: str, entrypoint: str, args: list) -> None:
-    """The job runs `derl <stage> <pass-through args>`: through torchrun on 2 hosts x 4 ranks
-    for the distributed stages, as one plain python process for the others."""
+    """The job runs `derl <stage> <pass-through args>`: through derl's torchrun on 2 hosts x 4
+    ranks for the distributed stages, as one plain python process for the others."""
     tail = ["-m", "derl.launchers.cli", stage, *STAGE_ARGS[stage]]
     if stage in components.DISTRIBUTED:
         assert entrypoint == "bash" and args[0] == "-c"
         cmd = shlex.split(args[1])
-        assert cmd[0] == "torchrun" and cmd[-len(tail):] == tail
-        opts = dict(zip(cmd[1:-len(tail)], cmd[2:-len(tail)]))
+        launcher = ["python", "-m", "derl.launchers.torchrun"]
+        assert cmd[:3] == launcher and cmd[-len(tail):] == tail
+        opts = dict(zip(cmd[3:-len(tail)], cmd[4:-len(tail)]))
         assert opts["--nnodes"] == "2" and opts["--nproc_per_node"] == "4"
         # rank 0's host comes from a shell variable; a hyphen in its name (from a role name like
         # "train-upstream") would turn ${VAR:=localhost} into a different expansion
