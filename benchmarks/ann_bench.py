@@ -268,10 +268,9 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args = p.parse_args(argv)
 
     rows: List[Dict[str, object]] = []
-    meta: Dict[str, object] = {**{k: v for k, v in report.machine().items() if k != "threads"},
+    meta: Dict[str, object] = {**report.machine(threads=False, cores=True),
                                "faiss": faiss.__version__, "search_threads": args.threads,
-                               "build_threads": args.build_threads,
-                               "cores": os.cpu_count(), "queries": args.queries,
+                               "build_threads": args.build_threads, "queries": args.queries,
                                "loadavg_1m_start": round(os.getloadavg()[0], 2)}
     t0 = time.perf_counter()
     sizes = sorted({n for n in args.ads if n > 0}, reverse=True)
@@ -290,10 +289,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["loadavg_1m_end"] = round(os.getloadavg()[0], 2)  # > cores: other processes shared them
     meta["peak_rss_mb"] = round(report.peak_rss_mb(), 1)
-    md = report.write(args.out, "ann", rows, meta)
-    _plot(rows, args.out / "ann.png")
-    print(md.read_text())
-    return {"meta": meta, "rows": rows}
+    return report.publish(args.out, "ann", rows, meta, _plot)
 
 
 def main() -> None:

@@ -69,6 +69,7 @@ from derl.benchmarks.scaling_bench import in_fresh_process
 from derl.datapipes.domains import DOMAINS
 from derl.launchers.config import to_flags
 from derl.launchers.presets import SMALL_RANKER, SMALL_UPSTREAM
+from derl.launchers.processes import StageFailed, run_derl
 from derl.launchers.settings import TrainDownstreamConfig, TrainUpstreamConfig
 
 STAGES = ("datapipe", "upstream", "export", "downstream", "ann", "sharding", "scaling")
@@ -162,13 +163,13 @@ class Bench:
     def world(self) -> Path:
         """The source folder: --data, or the suite's preset generated once under DIR."""
         if self.data is None:
-            from derl.datapipes.world import PRESETS, WORLD_META, generate
+            from derl.datapipes.world import WORLD_PRESETS, WORLD_META, generate
 
             preset = str(self.suite["preset"])
             self.data = self.out / f"world-{preset}"
             if not (self.data / WORLD_META).is_file():
                 print(f"generating the {preset} world into {self.data} ...", flush=True)
-                generate(self.data, PRESETS[preset], seed=0, overwrite=True)
+                generate(self.data, WORLD_PRESETS[preset], seed=0, overwrite=True)
         return self.data
 
     def snapshot_root(self) -> Path:
@@ -176,10 +177,24 @@ class Bench:
             raise RuntimeError("needs a snapshot: run the upstream and export stages, or pass --snapshots")
         return self.snapshots
 
-    def upstream_argv(self, domain: str, out: Path, nproc: int) -> List[object]:
-        return ["train-upstream", "--data", self.world(), "--out", out, "--domain", domain,
+    def upstream_out(self, domain: str, nproc: int) -> Path:
+        return self.out / "runs" / f"upstream-{domain}-ws{nproc}"
+
+    def upstream_run(self, stage: str, domain: str, nproc: int) -> Dict[str, object]:
+        """One `derl train-upstream` from scratch into `upstream_out`: its row (and its line in
+        `stage`'s part of the table)."""
+        out = self.upstream_out(domain, nproc)
+        shutil.rmtree(out, ignore_errors=True)
+        argv = ["train-upstream", "--data", self.world(), "--out", out, "--domain", domain,
                 "--max-steps", self.suite["upstream_steps"], "--checkpoint-every", 10**9,
                 "--nproc", nproc, *self.upstream_flags]
+        proc = run_derl(argv, log=self.logs / f"{out.name}.log", timeout=self.suite["timeout_s"]).figures()
+        m = json.loads((out / "metrics.json").read_text())
+        self.row(stage, f"train-upstream {domain}, {m['steps']} steps", m["world_size"],
+                 m["train_examples_per_s"], "examples/s", proc["peak_rss_mb"], proc["wall_s"],
+                 proc["load_1m"])
+        return {"domain": domain, "world_size": m["world_size"], "steps": m["steps"],
+                "train_examples_per_s": round(m["train_examples_per_s"], 1), **proc}
 
     def downstream(self, mode: str, nproc: int) -> Dict[str, object]:
         from derl.benchmarks import downstream_bench
@@ -227,21 +242,10 @@ class Bench:
             + " examples/s"
 
     def upstream(self) -> str:
-        from derl.benchmarks.downstream_bench import run_derl
-
         rows = []
         for domain in DOMAINS:
-            out = self.out / "runs" / f"upstream-{domain}-ws1"
-            shutil.rmtree(out, ignore_errors=True)
-            proc = run_derl(self.upstream_argv(domain, out, 1), self.logs / f"{out.name}.log",
-                            timeout=self.suite["timeout_s"])
-            m = json.loads((out / "metrics.json").read_text())
-            self.upstream_runs[domain] = out
-            rows.append({"domain": domain, "world_size": m["world_size"], "steps": m["steps"],
-                         "train_examples_per_s": round(m["train_examples_per_s"], 1), **proc})
-            self.row("upstream", f"train-upstream {domain}, {m['steps']} steps", m["world_size"],
-                     m["train_examples_per_s"], "examples/s", proc["peak_rss_mb"], proc["wall_s"],
-                     proc["load_1m"])
+            rows.append(self.upstream_run("upstream", domain, 1))
+            self.upstream_runs[domain] = self.upstream_out(domain, 1)
         self.stages["upstream"] = {"rows": rows, "flags": self.upstream_flags, "limits": self.upstream_limits()}
         return (", ".join(f"{r['domain']} {r['train_examples_per_s']:,.0f}" for r in rows) + " examples/s; "
                 f"transformer at {self.headline['upstream']['fraction_of_matmul_peak']:.2f} of the matmul rate, "
@@ -266,15 +270,13 @@ class Bench:
         return rows
 
     def export(self) -> str:
-        from derl.benchmarks.downstream_bench import run_derl
-
         missing = [d for d in DOMAINS if d not in self.upstream_runs]
         if missing:
             raise RuntimeError(f"needs the upstream stage's runs ({', '.join(missing)} missing)")
         root = self.out / "snapshots"
         argv = ["export", "--data", self.world(), "--out", root, "--overwrite",
                 *[a for d in DOMAINS for a in ("--upstream", f"{d}={self.upstream_runs[d]}")]]
-        proc = run_derl(argv, self.logs / "export.log", timeout=self.suite["timeout_s"])
+        proc = run_derl(argv, log=self.logs / "export.log", timeout=self.suite["timeout_s"]).figures()
         manifest = json.loads((root / (root / "LATEST").read_text().strip() / "manifest.json").read_text())
         rows = []
         for domain, info in manifest["domains"].items():
@@ -296,7 +298,7 @@ class Bench:
         for mode in downstream_bench.MODES:  # a mode that fails leaves the others measured
             try:
                 rows.append(self.downstream(mode, 1))
-            except downstream_bench.StageFailed as e:
+            except StageFailed as e:
                 self.errors[f"downstream/{mode}"] = str(e)
                 failed.append(mode)
         for r in rows:
@@ -349,8 +351,6 @@ class Bench:
                          for r in summary)
 
     def sharding(self) -> str:
-        from derl.benchmarks.downstream_bench import run_derl
-
         import torch
 
         if torch.cuda.is_available() and torch.cuda.device_count() < 2:
@@ -365,16 +365,7 @@ class Bench:
             if earlier:
                 up[nproc] = earlier[0]
                 continue
-            out = self.out / "runs" / f"upstream-engagement-ws{nproc}"
-            shutil.rmtree(out, ignore_errors=True)
-            proc = run_derl(self.upstream_argv("engagement", out, nproc), self.logs / f"{out.name}.log",
-                            timeout=self.suite["timeout_s"])
-            m = json.loads((out / "metrics.json").read_text())
-            up[nproc] = {"domain": "engagement", "world_size": m["world_size"], "steps": m["steps"],
-                         "train_examples_per_s": round(m["train_examples_per_s"], 1), **proc}
-            self.row("sharding", f"train-upstream engagement, {m['steps']} steps", m["world_size"],
-                     m["train_examples_per_s"], "examples/s", proc["peak_rss_mb"], proc["wall_s"],
-                     proc["load_1m"])
+            up[nproc] = self.upstream_run("sharding", "engagement", nproc)
         pairs["upstream engagement, train"] = (up[1]["train_examples_per_s"], up[2]["train_examples_per_s"])
         # downstream, snapshot mode
         self.snapshot_root()
@@ -447,7 +438,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in self.out.glob("bench-*.png"):  # an earlier run's
             stale.unlink()
-        machine = {**report.machine(), "cores": os.cpu_count()}
+        machine = report.machine(cores=True)
         load0 = os.getloadavg()[0]
         t_start = time.perf_counter()
         print(f"derl bench {self.args.suite}: {', '.join(todo)} on {machine['device']} -> {self.out}", flush=True)

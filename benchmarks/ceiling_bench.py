@@ -42,8 +42,6 @@ handed:
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -60,14 +58,15 @@ from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers import evaluate, runs
 from derl.launchers.config import to_flags
-from derl.launchers.presets import PRESETS
+from derl.launchers.presets import STAGE_PRESETS
+from derl.launchers.processes import run_derl
 from derl.launchers.settings import EvaluateConfig, TrainDownstreamConfig
 from derl.launchers.upstream_eval import popular_pins
 from derl.models.metrics import binary_metrics, bootstrap_ne_gain
 
 K = 50
-# `_table_vectors`' rounds: the demo world's figures settle by the third (+0.78 % CTR after one,
-# +0.79 % after three).
+# `_table_vectors`' rounds: the demo world's figures settle by the third (docs/results.md,
+# "Figures that sat in code comments").
 TABLE_ROUNDS = 3
 ACTION_WEIGHT = {S.Action.CLOSEUP: 1.0, S.Action.CLICK: 1.0, S.Action.LONG_CLICK: 2.0, S.Action.SAVE: 4.0,
                  S.Action.HIDE: -2.0}
@@ -239,10 +238,10 @@ def _planted_snapshots(data: Path, work: Path, cut: str) -> Dict[str, Path]:
 
 def _train_ranker(data: Path, out: Path, preset: str, nproc: int, **overrides) -> None:
     flags = to_flags(TrainDownstreamConfig, {"data": data, "out": out, "seed": 0, **overrides,
-                                             **PRESETS[preset].downstream})
-    cmd = [sys.executable, "-m", "derl.launchers.cli", "train-downstream", *flags, "--nproc", str(nproc)]
-    print("[ceiling] " + " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True)
+                                             **STAGE_PRESETS[preset].downstream})
+    argv = ["train-downstream", *flags, "--nproc", str(nproc)]
+    print("[ceiling] derl " + " ".join(argv), flush=True)
+    run_derl(argv, own_group=False)
 
 
 def _bayes_gains(data: Path, none_run: Path) -> Dict[str, Dict[str, float]]:
@@ -290,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="a generated world (derl generate)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rankers", choices=sorted(PRESETS),
+    p.add_argument("--rankers", choices=sorted(STAGE_PRESETS),
                    help="also train `none` and rankers on snapshots planted from the hidden state with this "
                         "preset's downstream settings and report their NE gain over `none` (about 4 minutes on "
                         "the demo world)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from derl.benchmarks import report
 from derl.datapipes.readers import ExampleReader, ReaderConfig
-from derl.datapipes.world import PRESETS, generate
+from derl.datapipes.world import WORLD_PRESETS, generate
 
 READERS = {"upstream": "engagements", "downstream": "ad_events"}
 
@@ -52,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
     data = args.data or args.out / "world"
     if not data.exists():
-        generate(data, PRESETS["demo"], seed=0)
+        generate(data, WORLD_PRESETS["demo"], seed=0)
     rows = [measure(data, side, args.batch_size, prefetch) for side in READERS for prefetch in (4, 0)]
     md = report.write(args.out, "datapipe", rows, {**report.machine(), "data": str(data)})
     print(md.read_text())

@@ -27,69 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from derl.benchmarks import report
+from derl.launchers.processes import run_derl
 
 MODES = ("none", "snapshot", "coupled")
-
-
-class StageFailed(RuntimeError):
-    """A measured command failed; the message ends with its log's tail."""
-
-
-def run_derl(argv: Sequence[str], log: Path, env: Optional[Dict[str, str]] = None,
-             timeout: Optional[float] = None) -> Dict[str, float]:
-    """Run `derl ARGV` as its own process (in a session of its own), output into `log`; return
-    its wall_s, peak_rss_mb (the largest resident set of the process and every descendant it
-    waited for: its ranks) and load_1m (the host's 1-minute load average when it started). Past `timeout` seconds the whole process group is killed (a hung
-    collective must not hang the suite) and StageFailed raised."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "derl.launchers.cli", *map(str, argv)]
-    load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    timed_out = False
-    with open(log, "w") as f:
-        f.write("$ derl " + " ".join(map(str, argv)) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-        try:
-            while True:  # wait4 reports the rusage of the finished process tree
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if timeout is not None and time.perf_counter() - t0 > timeout and not timed_out:
-                    timed_out = True
-                    _kill_group(proc.pid)
-                time.sleep(0.2)
-        except BaseException:
-            _kill_group(proc.pid)
-            proc.wait()
-            raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        _kill_group(proc.pid)  # anything of its session left behind
-    wall = time.perf_counter() - t0
-    if timed_out or proc.returncode != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
-        why = f"timed out after {timeout:.0f} s, killed" if timed_out else f"exited {proc.returncode}"
-        raise StageFailed(f"derl {' '.join(map(str, argv[:1]))} {why} (log {log}):\n{tail}")
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "load_1m": round(load, 2)}
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def measure(data: Path, snapshots: Optional[Path], out: Path, mode: str, nproc: int = 1,
@@ -101,7 +47,7 @@ def measure(data: Path, snapshots: Optional[Path], out: Path, mode: str, nproc: 
             "--max-steps", max_steps, "--nproc", nproc, *extra]
     if mode != "none":
         argv += ["--snapshots", snapshots, "--vectors", vectors]
-    proc = run_derl(argv, (logs or out.parent) / f"{out.name}.log", timeout=timeout)
+    proc = run_derl(argv, log=(logs or out.parent) / f"{out.name}.log", timeout=timeout).figures()
     m = json.loads((out / "metrics.json").read_text())
     return {
         "mode": mode,
@@ -170,13 +116,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
             print(f"downstream {mode}, {nproc} rank(s) ...", flush=True)
             rows.append(measure(args.data, args.snapshots, args.out / "runs" / f"{mode}-ws{nproc}",
                                 mode, nproc, args.max_steps, args.vectors, extra))
-    meta = {**{k: v for k, v in report.machine().items() if k != "threads"}, "cores": os.cpu_count(),
+    meta = {**report.machine(threads=False, cores=True),
             "data": str(args.data), "snapshots": str(args.snapshots), "max_steps": args.max_steps,
             "train_downstream_flags": " ".join(extra), **ratios(rows)}
-    md = report.write(args.out, "downstream", rows, meta)
-    plot(rows, args.out / "downstream.png")
-    print(md.read_text())
-    return {"meta": meta, "rows": rows}
+    return report.publish(args.out, "downstream", rows, meta, plot)
 
 
 def main() -> None:

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,12 +47,9 @@ from typing import Dict, List, Optional, Sequence
 
 from derl.benchmarks import report
 from derl.benchmarks.taobao_files import write_taobao_ad_files
+from derl.launchers.processes import DERL, StageFailed, run_derl
 
 REPORT = "import_report.json"
-
-
-class ImportFailed(RuntimeError):
-    """The import exited non-zero or ran past its timeout; the message ends with its log's tail."""
 
 
 def _proc_kb(pid: int, field: str) -> Optional[int]:
@@ -67,61 +63,27 @@ def _proc_kb(pid: int, field: str) -> Optional[int]:
     return None
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def run_measured(argv: Sequence[str], log: Path, timeout: Optional[float] = None,
                  label: str = "", every_s: float = 10.0) -> Dict[str, object]:
-    """`python -m derl.launchers.cli ARGV`, output into `log`, polled every 0.25 s: its wall_s,
-    peak_rss_mb (module doc), rss samples [(s, MB)] and load_1m at its start."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "derl.launchers.cli", *map(str, argv)]
-    load = os.getloadavg()[0]
+    """`derl ARGV`, output into `log`, polled every 0.25 s: its wall_s, peak_rss_mb (module doc),
+    rss samples [(s, MB)] and load_1m at its start."""
     samples: List[tuple] = []
-    hwm_kb = 0
-    timed_out = False
-    t0 = time.perf_counter()
-    shown = t0
-    with open(log, "w") as f:
-        f.write("$ derl " + " ".join(map(str, argv)) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                now = time.perf_counter()
-                rss, hwm = _proc_kb(proc.pid, "VmRSS"), _proc_kb(proc.pid, "VmHWM")
-                if rss is not None:
-                    samples.append((round(now - t0, 2), round(rss / 1024, 1)))
-                hwm_kb = max(hwm_kb, hwm or 0)
-                if now - shown >= every_s:
-                    shown = now
-                    print(f"  {label}import running {now - t0:6.0f} s, rss {(rss or 0) / 1024:7.0f} MB,"
-                          f" peak {hwm_kb / 1024:7.0f} MB", flush=True)
-                if timeout is not None and now - t0 > timeout and not timed_out:
-                    timed_out = True
-                    _kill_group(proc.pid)
-                time.sleep(0.25)
-        except BaseException:
-            _kill_group(proc.pid)
-            proc.wait()
-            raise
-        code = os.waitstatus_to_exitcode(status)
-        _kill_group(proc.pid)  # anything of its session left behind
-    wall = time.perf_counter() - t0
-    if timed_out or code != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
-        why = f"timed out after {timeout:.0f} s, killed" if timed_out else f"exited {code}"
-        raise ImportFailed(f"derl {' '.join(map(str, argv[:2]))} {why} (log {log}):\n{tail}")
-    peak = max(usage.ru_maxrss, hwm_kb) / 1024
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak, 1), "samples": samples,
-            "load_1m": round(load, 2)}
+    hwm_kb, shown = 0, 0.0
+
+    def watch(pid: int, seconds: float) -> None:
+        nonlocal hwm_kb, shown
+        rss, hwm = _proc_kb(pid, "VmRSS"), _proc_kb(pid, "VmHWM")
+        if rss is not None:
+            samples.append((round(seconds, 2), round(rss / 1024, 1)))
+        hwm_kb = max(hwm_kb, hwm or 0)
+        if seconds - shown >= every_s:
+            shown = seconds
+            print(f"  {label}import running {seconds:6.0f} s, rss {(rss or 0) / 1024:7.0f} MB,"
+                  f" peak {hwm_kb / 1024:7.0f} MB", flush=True)
+
+    done = run_derl(argv, log=log, timeout=timeout, watch=watch, poll_s=0.25)
+    return {"wall_s": round(done.wall_s, 2), "peak_rss_mb": round(max(done.peak_rss_mb, hwm_kb / 1024), 1),
+            "samples": samples, "load_1m": round(done.load_1m, 2)}
 
 
 def _quartiles(samples: List[tuple]) -> List[float]:
@@ -160,7 +122,7 @@ def source_version() -> str:
 def startup_s(work: Path) -> float:
     """Wall time of `derl import --help`: the interpreter's and the CLI's imports."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "derl.launchers.cli", "import", "--help"], check=True,
+    subprocess.run([*DERL, "import", "--help"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
     return round(time.perf_counter() - t0, 2)
 
@@ -261,8 +223,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     work = args.work or Path(tempfile.mkdtemp(prefix="derl-import-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    meta: Dict[str, object] = {**{k: v for k, v in report.machine().items() if k != "threads"},
-                               "cores": os.cpu_count(),
+    meta: Dict[str, object] = {**report.machine(threads=False, cores=True),
                                "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                                "command": " ".join(["derl import taobao-ad --input FILES --out WORLD", *extra]),
                                "commit": source_version(), "seed": args.seed, "users": args.users or "in proportion to rows",
@@ -272,7 +233,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     for rows in sizes:
         try:
             results.append(measure(rows, work, args.seed, args.timeout, args.keep, extra, args.users))
-        except ImportFailed as e:
+        except StageFailed as e:
             print(str(e), flush=True)
             errors[str(rows)] = str(e)
     meta["load_1m_end"] = round(os.getloadavg()[0], 2)

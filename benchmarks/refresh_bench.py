@@ -31,7 +31,7 @@ from derl.datapipes.domains import DOMAINS
 from derl.launchers import runs
 from derl.launchers.config import to_flags
 from derl.launchers.pipeline import Runner, Stage, incremental_upstream, upstream_specs
-from derl.launchers.presets import PRESETS
+from derl.launchers.presets import STAGE_PRESETS
 from derl.launchers.settings import (ExportConfig, PipelineConfig, ScoreConfig, TrainDownstreamConfig,
                                      TrainUpstreamConfig)
 
@@ -40,7 +40,7 @@ STRATEGIES = {"latest": None, "w=0.2": 0.2, "w=0.5": 0.5, "w=0.8": 0.8}
 
 def upstream_plan(args: argparse.Namespace) -> List[Stage]:
     """Both domains trained up to the cut, twice: seed 0 (the chain) and seed 1 (the retrain)."""
-    preset = PRESETS[args.preset]
+    preset = STAGE_PRESETS[args.preset]
     stages = []
     for seed, root in ((0, args.out / "upstream"), (1, args.out / "retrained")):
         for d in DOMAINS:
@@ -48,15 +48,15 @@ def upstream_plan(args: argparse.Namespace) -> List[Stage]:
                                 to_flags(TrainUpstreamConfig, {
                                     "data": args.out / "world", "out": root / d, "domain": d, "seed": seed,
                                     "epochs": preset.upstream_epochs[d], **preset.upstream}),
-                                done=root / d / runs.METRICS, inputs=("generate",), distributed=True,
-                                resumable=True, output=root / d))
+                                done=root / d / runs.METRICS, inputs=("generate",), resumable=True,
+                                output=root / d))
     return stages
 
 
 def smoothing_plan(args: argparse.Namespace, cuts: List[str]) -> List[Stage]:
     """A version per day from the cut on, per strategy (incremental upstream in between), then
     a snapshot ranker per strategy."""
-    world, preset = args.out / "world", PRESETS[args.preset]
+    world, preset = args.out / "world", STAGE_PRESETS[args.preset]
     stages: List[Stage] = []
     after = ("upstream-upstream-engagement", "upstream-upstream-conversion")
     for i, cut in enumerate(cuts):
@@ -68,8 +68,7 @@ def smoothing_plan(args: argparse.Namespace, cuts: List[str]) -> List[Stage]:
                                          "data": world, "out": args.out / "upstream" / d, "domain": d,
                                          "resume": True, "from_day": cuts[i - 1], "until": cuts[i - 1],
                                          "epochs": 1, **incremental_upstream(preset)}),
-                                     done=args.out / "upstream" / d / runs.METRICS, inputs=after,
-                                     distributed=True))
+                                     done=args.out / "upstream" / d / runs.METRICS, inputs=after))
             stages += trained
             after = tuple(s.name for s in trained)
         exports = []
@@ -80,7 +79,7 @@ def smoothing_plan(args: argparse.Namespace, cuts: List[str]) -> List[Stage]:
                                  to_flags(ExportConfig, {
                                      "data": world, "out": root, "cut": cut, "overwrite": True, **smooth,
                                      "upstream": upstream_specs(args.out, tuple(DOMAINS))}),
-                                 done=root / cut / MANIFEST, inputs=after, distributed=True))
+                                 done=root / cut / MANIFEST, inputs=after))
         stages += exports
         after = tuple(s.name for s in exports)
     for name in STRATEGIES:
@@ -89,20 +88,20 @@ def smoothing_plan(args: argparse.Namespace, cuts: List[str]) -> List[Stage]:
                             to_flags(TrainDownstreamConfig, {
                                 "data": world, "snapshots": args.out / "snapshots" / name, "out": run,
                                 "upstream": "snapshot", **preset.downstream}),
-                            done=run / runs.METRICS, inputs=after, distributed=True, output=run))
+                            done=run / runs.METRICS, inputs=after, output=run))
     return stages
 
 
 def skew_plan(args: argparse.Namespace, first: str, after: str) -> List[Stage]:
     """A ranker trained on version N alone, scored with a retrained model's N+1, raw and
     aligned onto N. The skew root holds a copy of N (made by `main`) and the two N+1s."""
-    world, preset, skew = args.out / "world", PRESETS[args.preset], args.out / "skew"
+    world, preset, skew = args.out / "world", STAGE_PRESETS[args.preset], args.out / "skew"
     stages = [Stage("skew-ranker", "train-downstream",
                     to_flags(TrainDownstreamConfig, {
                         "data": world, "snapshots": skew / "snapshots", "snapshot_version": first,
                         "out": skew / "ranker", "upstream": "snapshot", **preset.downstream}),
                     done=skew / "ranker" / runs.METRICS, inputs=(f"export-latest-{first}",),
-                    distributed=True, output=skew / "ranker")]
+                    output=skew / "ranker")]
     for kind, overrides in (("raw", {}), ("aligned", {"previous": first, "weight": 0})):
         version = f"retrained-{kind}"
         stages.append(Stage(f"skew-export-{kind}", "export",
@@ -112,12 +111,12 @@ def skew_plan(args: argparse.Namespace, first: str, after: str) -> List[Stage]:
                                 "upstream": tuple(f"{d}={args.out / 'retrained' / d}" for d in DOMAINS)}),
                             done=skew / "snapshots" / version / MANIFEST,
                             inputs=("skew-ranker", "upstream-retrained-engagement",
-                                    "upstream-retrained-conversion"), distributed=True))
+                                    "upstream-retrained-conversion")))
         stages.append(Stage(f"skew-score-{kind}", "score",
                             to_flags(ScoreConfig, {"ranker": skew / "ranker", "snapshot_version": version,
                                                    "out": skew / kind}),
                             done=skew / kind / runs.METRICS, inputs=(f"skew-export-{kind}",),
-                            distributed=True, output=skew / kind))
+                            output=skew / kind))
     return stages
 
 
@@ -167,12 +166,12 @@ def plot(result: Dict[str, object], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--preset", choices=sorted(STAGE_PRESETS), default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=1)
     args = p.parse_args()
     runner = Runner(PipelineConfig(workdir=args.out, preset=args.preset, seed=args.seed, nproc=args.nproc))
-    runner.run(Stage("generate", "generate", ["--out", str(args.out / "world"), "--preset", PRESETS[args.preset].world,
+    runner.run(Stage("generate", "generate", ["--out", str(args.out / "world"), "--preset", STAGE_PRESETS[args.preset].world,
                                               "--seed", str(args.seed), "--overwrite"],
                      done=args.out / "world" / "_world.json"))
     days = SourceTables(args.out / "world").days("engagements")

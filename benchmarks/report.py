@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 
-def machine() -> Dict[str, object]:
-    """What the numbers were measured on."""
-    return {
+def machine(threads: bool = True, cores: bool = False) -> Dict[str, object]:
+    """What the numbers were measured on, for a result's metadata. `threads`: this process's
+    intra-op threads (left out where each row records its own, or its runs are other
+    processes); `cores`: the host's CPU count."""
+    out = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -22,6 +25,11 @@ def machine() -> Dict[str, object]:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if not threads:
+        del out["threads"]
+    if cores:
+        out["cores"] = os.cpu_count()
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -47,3 +55,15 @@ def write(out: Path, name: str, rows: List[Dict[str, object]], meta: Dict[str, o
     md = out / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def publish(out: Path, name: str, rows: List[Dict[str, object]], meta: Dict[str, object],
+            plot: Optional[Callable[[List[Dict[str, object]], Path], None]] = None,
+            columns: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """A benchmark's ending: `write` its results (the table with each row's `columns`, default
+    all), draw `plot(rows, OUT/NAME.png)`, print the table; {meta, rows}, what its `run` returns."""
+    md = write(out, name, [{k: r[k] for k in columns} for r in rows] if columns else rows, meta)
+    if plot is not None:
+        plot(rows, out / f"{name}.png")
+    print(md.read_text())
+    return {"meta": meta, "rows": rows}

@@ -30,7 +30,6 @@ not a speed-up.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import traceback
 from multiprocessing import get_context
@@ -254,13 +253,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
         print(f"scaling: {n:,} rows x {args.dim} ...", flush=True)
         rows.append(measure(n, args.out, args.dim, args.batch_size, args.ids_per_example,
                             args.steps, args.warmup, args.export_batch, args.nproc))
-    meta = {**{k: v for k, v in report.machine().items() if k != "threads"}, "cores": os.cpu_count(),
+    meta = {**report.machine(threads=False, cores=True),
             "batch_size": args.batch_size, "ids_per_example": args.ids_per_example,
             "steps": args.steps, "warmup": args.warmup, "export_batch": args.export_batch}
-    md = report.write(args.out, "scaling", [{k: r[k] for k in TABLE_COLUMNS} for r in rows], meta)
-    plot(rows, args.out / "scaling.png")
-    print(md.read_text())
-    return {"meta": meta, "rows": rows}
+    return report.publish(args.out, "scaling", rows, meta, plot, columns=TABLE_COLUMNS)
 
 
 def main() -> None:

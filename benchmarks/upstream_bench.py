@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -62,7 +61,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from derl.benchmarks import report, upstream_limits
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
-from derl.datapipes.world import PRESETS, WORLD_META, generate
+from derl.datapipes.world import WORLD_PRESETS, WORLD_META, generate
 from derl.launchers import dist as derl_dist
 from derl.launchers import train_upstream
 from derl.launchers.config import default_of
@@ -244,7 +243,7 @@ def measure(world: Path, config: Dict, seq_len: int, world_size: int, loop: str,
 def _worlds(args) -> Dict[int, Path]:
     if args.data:
         return {n: args.data for n in SEQ_LENS}
-    base = PRESETS["tiny" if args.quick else "demo"]
+    base = WORLD_PRESETS["tiny" if args.quick else "demo"]
     worlds = {n: args.out / f"world-{'tiny' if args.quick else 'demo'}-seq{n}" for n in SEQ_LENS}
     for n, path in worlds.items():
         if not path.exists():
@@ -306,15 +305,12 @@ def main() -> None:
             rows.append(measure(worlds[seq_len], config, seq_len, world_size, loop, steps, warmup,
                                 profile_steps, args.threads))
     headline = {n: headline_of([r for r in rows if r["seq_len"] == n]) for n in SEQ_LENS}
-    machine = {k: v for k, v in report.machine().items() if k != "threads"}  # per row instead
-    meta = {**machine, "cores": os.cpu_count(), "batch_size": args.batch_size,
+    meta = {**report.machine(threads=False, cores=True), "batch_size": args.batch_size,  # threads: per row
             "embedding_dim": args.embedding_dim, "seq_layers": args.seq_layers, "steps": steps,
             "warmup": warmup, "profile_steps": profile_steps,
             "worlds": {n: f"{w} (stored seq {stored_seq_len(w)})" for n, w in worlds.items()},
             "headline": headline}
-    md = report.write(args.out, "upstream", rows, meta)
-    _plot(rows, args.out / "upstream.png")
-    print(md.read_text())
+    report.publish(args.out, "upstream", rows, meta, _plot)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ class WorldConfig:
     row_group_size: int = 65_536
 
 
-PRESETS: Dict[str, WorldConfig] = {
+WORLD_PRESETS: Dict[str, WorldConfig] = {
     # Seconds to make; big enough that a model can tell signal from noise.
     "tiny": WorldConfig(
         num_users=2_000,

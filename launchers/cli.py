@@ -2,10 +2,11 @@
 
     derl <stage> ...  =  python -m derl.launchers.cli <stage> ...  =  torchrun ... -m derl.launchers.cli <stage> ...
 
-A stage's flags are generated from its config dataclass (`launchers/settings.py`); the CLI
-parses them into the config, runs the stage's `validate` before any worker starts, then its
-`run` on --nproc local ranks (or inline, under torchrun / TorchX, which start the ranks
-themselves). No stage logic lives here, and nothing imports this module: it sits at the top.
+The stages are those of the registry (`launchers/registry.py`). A stage's flags are generated
+from its config dataclass (`launchers/settings.py`); the CLI parses them into the config, runs
+the stage's `validate` before any worker starts, then its `run` on --nproc local ranks (or
+inline, under torchrun / TorchX, which start the ranks themselves). No stage logic lives here,
+and nothing imports this module: it sits at the top.
 """
 
 from __future__ import annotations
@@ -18,56 +19,37 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import List, Optional
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from derl.datapipes.importers import FORMATS, ImportOptions, import_world, summary as import_summary
 from derl.datapipes.snapshots import Snapshot, SnapshotError, catalogue, gc, latest, pinned
 from derl.datapipes.sources import DataError, SourceTables
-from derl.datapipes.world import PRESETS, generate
-from derl.launchers import (evaluate, export, pipeline, quiet, runs, score, settings, train_downstream,
-                            train_upstream)
+from derl.datapipes.world import WORLD_PRESETS, generate
+from derl.launchers import pipeline, quiet, runs
 from derl.launchers.config import add_flags, from_args
 from derl.launchers.dist import CollectiveTimeout, RankFailed, launch
+from derl.launchers.registry import REGISTRY, StageSpec
 from derl.models import checkpoint
 from derl.models.sharding import ShardingError
 
 
 @dataclass(frozen=True)
 class StageCommand:
-    """A subcommand that runs a stage: its config class, its checks and its (per-rank) entry."""
+    """The handler of a registered stage's subcommand: its config from the flags, its checks
+    before any worker starts, then its (per-rank) entry."""
 
-    config: type
-    validate: Callable[[Any], None]
-    run: Callable[[Any], Any]
-    distributed: bool
-    help: str
+    spec: StageSpec
 
     def __call__(self, args: argparse.Namespace) -> None:
-        cfg = from_args(self.config, args)
-        self.validate(cfg)
-        if self.distributed:
-            launch(quiet.rank, cfg.nproc, self.run, cfg)
+        stage = self.spec.entry()
+        cfg = from_args(self.spec.config_class(), args)
+        stage.validate(cfg)
+        if self.spec.distributed:
+            launch(quiet.rank, cfg.nproc, stage.run, cfg)
         else:
-            self.run(cfg)
-
-
-STAGES = {
-    "train-upstream": StageCommand(settings.TrainUpstreamConfig, train_upstream.validate, train_upstream.run,
-                                   True, "train one domain's upstream entity model (DERM)"),
-    "export": StageCommand(settings.ExportConfig, export.validate, export.run, True,
-                           "export upstream embeddings as a versioned snapshot"),
-    "train-downstream": StageCommand(settings.TrainDownstreamConfig, train_downstream.validate,
-                                     train_downstream.run, True,
-                                     "train a CTR/CVR ranker, with or without upstream vectors"),
-    "score": StageCommand(settings.ScoreConfig, score.validate, score.run, True,
-                          "score a day with a trained ranker and a snapshot version of your choice"),
-    "evaluate": StageCommand(settings.EvaluateConfig, evaluate.validate, evaluate.run, False,
-                             "compare ranker runs on the held-out day: report.json/.md"),
-    "pipeline": StageCommand(settings.PipelineConfig, pipeline.validate, pipeline.run, False,
-                             "every stage in order into one work folder, resumable, one report"),
-}
+            stage.run(cfg)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -75,7 +57,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.seed < 0:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}")
-    cfg = PRESETS[args.preset]
+    cfg = WORLD_PRESETS[args.preset]
     with tqdm(total=cfg.num_days, unit="day", desc=f"generate {args.preset}") as bar:
         def progress(line: str) -> None:
             bar.set_postfix_str(line)
@@ -181,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="derl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="write the synthetic ads world as day-partitioned Parquet")
+    p = sub.add_parser("generate", help=REGISTRY["generate"].help)
     p.add_argument("--out", type=Path, required=True, help="source folder to create")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--preset", choices=sorted(WORLD_PRESETS), default="demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_generate)
@@ -200,14 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing world at --out")
     p.set_defaults(handler=_import)
 
-    for name, stage in STAGES.items():
-        p = sub.add_parser(name, help=stage.help)
-        add_flags(p, stage.config)
-        p.set_defaults(handler=stage)
+    for spec in REGISTRY.values():
+        if spec.config is not None:  # the others' flags are written here by hand
+            p = sub.add_parser(spec.name, help=spec.help)
+            add_flags(p, spec.config_class())
+            p.set_defaults(handler=StageCommand(spec))
 
     # The suite's own parser reads its flags (`derl bench --help`): every argument goes to it.
-    p = sub.add_parser("bench", help="the benchmark suite: every stage's throughput and memory "
-                       "(--suite quick|full --out DIR)", add_help=False, prefix_chars="+")
+    p = sub.add_parser("bench", help=REGISTRY["bench"].help, add_help=False, prefix_chars="+")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(handler=_bench)
 
@@ -231,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="the sharding plan of a preset world's models on a GPU cluster, made "
                                     "here in dry run (docs/architecture.md)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="large")
+    p.add_argument("--preset", choices=sorted(WORLD_PRESETS), default="large")
     p.add_argument("--hosts", type=int, default=2)
     p.add_argument("--gpus-per-host", type=int, default=8)
     p.add_argument("--hbm-gb", type=float, default=80.0, help="GPU memory per rank the planner may use")
@@ -303,7 +285,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             # Ctrl-C, or a signal that stopped derl's own launch of local ranks (torch's agent).
             signum = getattr(e, "sigval", signal.SIGINT)
             how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-            _end(f"{say} {how}; {_after_interrupt(args)}", 128 + signum, now=True)
+            # Local ranks may have been stopped mid-bar (a rank blocked in a collective cannot
+            # end its bar): the line starts on one of its own.
+            fresh = "\n" if getattr(args, "nproc", 1) > 1 else ""
+            _end(f"{fresh}{say} {how}; {_after_interrupt(args)}", 128 + signum, now=True)
         if isinstance(e, USER_ERRORS):
             _end(f"{say} error: {e}", 2)
         raise

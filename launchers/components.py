@@ -1,7 +1,7 @@
-"""TorchX components: one per stage of the derl stack.
+"""TorchX components: one per stage of the registry (launchers/registry.py).
 
 Every stage runs as `python -m derl.launchers.cli <subcommand> ...`, the same entry point as
-the `derl` command. Distributed stages (train-upstream, export, train-downstream) are built on
+the `derl` command. The stages the registry marks distributed are built on
 `torchx.components.dist.ddp`: torchrun starts `nnodes x nproc_per_node` ranks and the stage,
 seeing LOCAL_RANK, runs inline as one of them (never pass `--nproc` here: the launcher starts
 the ranks). The other stages are one plain `python` process: no LOCAL_RANK in their
@@ -14,8 +14,8 @@ Only the scheduler differs between a laptop and a cluster:
     torchx run -s slurm      launchers/components.py:train_upstream --nnodes 2 --nproc_per_node 8 --gpu 8 ...
 
 Everything after `--` goes to the stage unchanged. Scheduler settings live in `.torchxconfig`.
-This module imports torchx only (no torch): torchx loads it to build the job on the submitting
-host.
+This module imports torchx and the registry only (no torch): torchx loads it to build the job
+on the submitting host, where derl need only be installed (`pip install -e .` pulls no torch).
 """
 
 import os
@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torchx.specs as specs
 from torchx.components.dist import ddp
 from torchx.components.structured_arg import StructuredNameArgument
+
+from derl.launchers.registry import REGISTRY
 
 CLI_MODULE = "derl.launchers.cli"
 TORCHRUN_MODULE = "derl.launchers.torchrun"
@@ -75,7 +77,6 @@ def stage_app(
     subcommand: str,
     script_args: Sequence[str],
     *,
-    distributed: bool,
     nnodes: int = 1,
     nproc_per_node: int = 1,
     image: str = DEFAULT_IMAGE,
@@ -90,7 +91,8 @@ def stage_app(
     mounts: Optional[List[str]] = None,
     debug: bool = False,
 ) -> specs.AppDef:
-    """The one builder behind every component: `derl <subcommand> <script_args>` as one role."""
+    """The one builder behind every component: `derl <subcommand> <script_args>` as one role,
+    on torchrun's ranks if the registry marks the stage distributed."""
     # Role names become Volcano task names and the rank-0 host variable (VC_<ROLE>_0_HOSTS):
     # no hyphen, which a shell would read as ${VAR-default}.
     role_name = subcommand.replace("-", "_")
@@ -98,7 +100,7 @@ def stage_app(
     args = [subcommand, *script_args]
     env = dict(env or {})
 
-    if not distributed:
+    if not REGISTRY[subcommand].distributed:
         env["TORCHX_TRACKING_EXPERIMENT_NAME"] = app_name.experiment_name
         return specs.AppDef(
             name=app_name.run_name,
@@ -179,10 +181,9 @@ def train_upstream(
     Args:
         script_args: ``derl train-upstream`` flags after ``--`` (--data, --out, --domain, --resume, ...; not --nproc)"""
     return stage_app(
-        "train-upstream", script_args, distributed=True, nnodes=nnodes,
-        nproc_per_node=nproc_per_node, image=image, name=name, h=h, cpu=cpu, gpu=gpu,
-        memMB=memMB, env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts,
-        debug=debug,
+        "train-upstream", script_args, nnodes=nnodes, nproc_per_node=nproc_per_node, image=image,
+        name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env, max_retries=max_retries,
+        rdzv_port=rdzv_port, mounts=mounts, debug=debug,
     )
 
 
@@ -211,10 +212,9 @@ def export(
     Args:
         script_args: ``derl export`` flags after ``--`` (--data, --upstream DOMAIN=RUN, --out, --previous, ...; not --nproc)"""
     return stage_app(
-        "export", script_args, distributed=True, nnodes=nnodes,
-        nproc_per_node=nproc_per_node, image=image, name=name, h=h, cpu=cpu, gpu=gpu,
-        memMB=memMB, env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts,
-        debug=debug,
+        "export", script_args, nnodes=nnodes, nproc_per_node=nproc_per_node, image=image,
+        name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env, max_retries=max_retries,
+        rdzv_port=rdzv_port, mounts=mounts, debug=debug,
     )
 
 
@@ -243,10 +243,40 @@ def train_downstream(
     Args:
         script_args: ``derl train-downstream`` flags after ``--`` (--data, --snapshots, --out, --upstream none|snapshot|coupled, ...; not --nproc)"""
     return stage_app(
-        "train-downstream", script_args, distributed=True, nnodes=nnodes,
-        nproc_per_node=nproc_per_node, image=image, name=name, h=h, cpu=cpu, gpu=gpu,
-        memMB=memMB, env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts,
-        debug=debug,
+        "train-downstream", script_args, nnodes=nnodes, nproc_per_node=nproc_per_node, image=image,
+        name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env, max_retries=max_retries,
+        rdzv_port=rdzv_port, mounts=mounts, debug=debug,
+    )
+
+
+@_with_args_doc(_DIST_ARGS_DOC)
+def score(
+    *script_args: str,
+    nnodes: int = 1,
+    nproc_per_node: int = 1,
+    image: str = DEFAULT_IMAGE,
+    name: str = "/",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    debug: bool = False,
+) -> specs.AppDef:
+    """
+    Score a day with a trained ranker and a snapshot version of your choice (``derl score``) on nnodes x nproc_per_node ranks.
+
+    Usage: torchx run -s local_cwd launchers/components.py:score --nproc_per_node 2 -- --run RANKER_RUN --out DIR --snapshot-version V
+
+    Args:
+        script_args: ``derl score`` flags after ``--`` (--run, --out, --snapshots, --snapshot-version, --eval-day, ...; not --nproc)"""
+    return stage_app(
+        "score", script_args, nnodes=nnodes, nproc_per_node=nproc_per_node, image=image,
+        name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env, max_retries=max_retries,
+        rdzv_port=rdzv_port, mounts=mounts, debug=debug,
     )
 
 
@@ -274,8 +304,8 @@ def generate(
     Args:
         script_args: ``derl generate`` flags after ``--`` (--out, --preset, --seed, --overwrite)"""
     return stage_app(
-        "generate", script_args, distributed=False, image=image, name=name, h=h, cpu=cpu,
-        gpu=gpu, memMB=memMB, env=env, max_retries=max_retries, mounts=mounts,
+        "generate", script_args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+        env=env, max_retries=max_retries, mounts=mounts,
     )
 
 
@@ -300,8 +330,8 @@ def evaluate(
     Args:
         script_args: ``derl evaluate`` flags after ``--`` (--runs NAME=RUN ..., --baseline, --data, --snapshots, --out)"""
     return stage_app(
-        "evaluate", script_args, distributed=False, image=image, name=name, h=h, cpu=cpu,
-        gpu=gpu, memMB=memMB, env=env, max_retries=max_retries, mounts=mounts,
+        "evaluate", script_args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+        env=env, max_retries=max_retries, mounts=mounts,
     )
 
 
@@ -326,8 +356,8 @@ def bench(
     Args:
         script_args: ``derl bench`` flags after ``--`` (--suite quick|full, --out)"""
     return stage_app(
-        "bench", script_args, distributed=False, image=image, name=name, h=h, cpu=cpu,
-        gpu=gpu, memMB=memMB, env=env, max_retries=max_retries, mounts=mounts,
+        "bench", script_args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+        env=env, max_retries=max_retries, mounts=mounts,
     )
 
 
@@ -352,19 +382,12 @@ def pipeline(
     Args:
         script_args: ``derl pipeline`` flags after ``--`` (--workdir, --preset, ...)"""
     return stage_app(
-        "pipeline", script_args, distributed=False, image=image, name=name, h=h, cpu=cpu,
-        gpu=gpu, memMB=memMB, env=env, max_retries=max_retries, mounts=mounts,
+        "pipeline", script_args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+        env=env, max_retries=max_retries, mounts=mounts,
     )
 
 
-# For tests and tools: every component, by the derl subcommand it runs.
+# For tests and tools: every stage's component, by the derl subcommand it runs.
 COMPONENTS: Dict[str, Callable[..., specs.AppDef]] = {
-    "generate": generate,
-    "train-upstream": train_upstream,
-    "export": export,
-    "train-downstream": train_downstream,
-    "evaluate": evaluate,
-    "bench": bench,
-    "pipeline": pipeline,
+    spec.name: globals()[spec.component] for spec in REGISTRY.values()
 }
-DISTRIBUTED = ("train-upstream", "export", "train-downstream")

@@ -144,15 +144,16 @@ def reduced(value: float, op: str, device: torch.device) -> float:
     return float(t)
 
 
-def agreed_steps(per_rank: float, device: torch.device) -> int:
-    """Collective: the steps every rank takes (sharded steps are collective), given `per_rank`,
-    this rank's rows for the epochs asked in batches (not rounded): their mean over the ranks,
-    so that the run reads as many rows as one rank would. A rank with fewer wraps into its next
-    epoch (the loops chain epochs) and one with more leaves its last batches unread; balanced
-    shares (`sources.shard_units`) keep that below a row group. 0 where a rank has no batch."""
-    if reduced(per_rank, "min", device) < 1:
+def agreed_steps(epochs: float, batches_per_epoch: float, device: torch.device) -> int:
+    """Collective: the steps every rank takes (sharded steps are collective): `epochs` times the
+    whole batches of an epoch, this rank's `batches_per_epoch` (not rounded) averaged over the
+    ranks, so that the run reads as many rows as one rank would and two epochs are twice one.
+    A rank with fewer wraps into its next epoch (the loops chain epochs) and one with more
+    leaves its last batches unread; balanced shares (`sources.shard_units`) keep that below a
+    row group. 0 where a rank has no batch."""
+    if reduced(epochs * batches_per_epoch, "min", device) < 1:
         return 0
-    return int(reduced(per_rank, "sum", device) / dist.get_world_size())
+    return int(epochs * int(reduced(batches_per_epoch, "sum", device) / dist.get_world_size()))
 
 
 def shutdown() -> None:

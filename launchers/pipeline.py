@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +46,9 @@ from derl.datapipes.splits import default_split
 from derl.datapipes.world import WORLD_META
 from derl.launchers import runs
 from derl.launchers.config import to_flags
-from derl.launchers.presets import PRESETS, Preset
+from derl.launchers.presets import STAGE_PRESETS, Preset
+from derl.launchers.processes import StageFailed, run_derl
+from derl.launchers.registry import REGISTRY
 from derl.launchers.settings import (EvaluateConfig, ExportConfig, PipelineConfig, ScoreConfig,
                                      TrainDownstreamConfig, TrainUpstreamConfig)
 
@@ -96,23 +97,24 @@ def rankers(preset: Preset, domains: Tuple[str, ...] = tuple(DOMAINS),
     return out
 
 
-class StageFailed(RuntimeError):
-    """A stage's process failed; its own error is above. Re-running the pipeline continues."""
-
-
 @dataclass
 class Stage:
+    """One step of a pipeline: a registered stage (`subcommand`) run with `args`."""
+
     name: str
     subcommand: str
     args: List[str]
     done: Path  # exists once the stage has finished
     inputs: Tuple[str, ...] = ()
-    distributed: bool = False
     resumable: bool = False  # train-upstream: --resume from its own checkpoints
     output: Optional[Path] = None  # replaced (--overwrite) when the stage is redone
     # (snapshot root, ranker runs): the pins these rankers hold there, dropped before the stage
     # runs (export: a pinned version is never replaced, and the rankers are redone after it).
     releases: Optional[Tuple[Path, Tuple[Path, ...]]] = None
+
+    @property
+    def distributed(self) -> bool:
+        return REGISTRY[self.subcommand].distributed
 
 
 def upstream_specs(w: Path, domains: Tuple[str, ...]) -> Tuple[str, ...]:
@@ -127,7 +129,7 @@ def upstream_overrides(cfg: PipelineConfig, preset: Preset) -> Mapping[str, Any]
 
 
 def stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
-    w, preset = cfg.workdir, PRESETS[cfg.preset]
+    w, preset = cfg.workdir, STAGE_PRESETS[cfg.preset]
     world, snaps = p.world, w / "snapshots"
     out = []
     if cfg.data is None:
@@ -140,13 +142,12 @@ def stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
                                                "epochs": preset.upstream_epochs[d],
                                                **upstream_overrides(cfg, preset)})
         out.append(Stage(f"upstream-{d}", "train-upstream", flags, done=run / runs.METRICS,
-                         inputs=("generate",), distributed=True, resumable=True, output=run))
+                         inputs=("generate",), resumable=True, output=run))
     ranker_runs = rankers(preset, p.domains, cfg.coupled) if p.has_ads else {}
     out.append(Stage("export", "export",
                      to_flags(ExportConfig, {"data": world, "out": snaps, "overwrite": True,
                                              "upstream": upstream_specs(w, p.domains)}),
                      done=snaps / LATEST, inputs=tuple(f"upstream-{d}" for d in p.domains),
-                     distributed=True,
                      releases=(snaps, tuple(w / "downstream" / n for n in ranker_runs))))
     if not ranker_runs:
         return out
@@ -155,7 +156,7 @@ def stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
         flags = to_flags(TrainDownstreamConfig, {"data": world, "snapshots": snaps, "out": run,
                                                  "seed": cfg.seed, **overrides, **preset.downstream})
         out.append(Stage(f"downstream-{name}", "train-downstream", flags, done=run / runs.METRICS,
-                         inputs=("export",), distributed=True, output=run))
+                         inputs=("export",), output=run))
     out.append(Stage("evaluate", "evaluate",
                      to_flags(EvaluateConfig, {"runs": tuple(f"{n}={w / 'downstream' / n}" for n in ranker_runs),
                                                "data": world, "snapshots": snaps, "out": w / "evaluate"}),
@@ -182,9 +183,9 @@ def refresh_stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
         run = w / "upstream" / d
         flags = to_flags(TrainUpstreamConfig, {
             "data": world, "out": run, "domain": d, "seed": cfg.seed, "resume": True, "from_day": cut,
-            "until": cut, "epochs": 1, **incremental_upstream(PRESETS[cfg.preset])})
+            "until": cut, "epochs": 1, **incremental_upstream(STAGE_PRESETS[cfg.preset])})
         out.append(Stage(f"refresh-upstream-{d}", "train-upstream", flags, done=run / runs.METRICS,
-                         inputs=("evaluate",), distributed=True))
+                         inputs=("evaluate",)))
     # The real refresh (smoothed) goes into the snapshot root and becomes LATEST; the two
     # comparisons go into REFRESH_ROOT beside a copy of the previous version (see `pipeline`),
     # so that no point-in-time join ever takes them for the live version of a day.
@@ -198,12 +199,12 @@ def refresh_stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
                                                  "version": version, "overwrite": True, **overrides,
                                                  "upstream": upstream_specs(w, p.domains)}),
                          done=root / version / MANIFEST,
-                         inputs=tuple(f"refresh-upstream-{d}" for d in p.domains), distributed=True))
+                         inputs=tuple(f"refresh-upstream-{d}" for d in p.domains)))
         out.append(Stage(f"refresh-score-{kind}", "score",
                          to_flags(ScoreConfig, {"ranker": w / "downstream" / "snapshot", "snapshots": root,
                                                 "snapshot_version": version, "out": w / "refresh" / kind}),
                          done=w / "refresh" / kind / runs.METRICS, inputs=(f"refresh-export-{kind}",),
-                         distributed=True, output=w / "refresh" / kind))
+                         output=w / "refresh" / kind))
     return out
 
 
@@ -256,11 +257,11 @@ class Runner:
 
     def _launch(self, stage: Stage, args: List[str]) -> None:
         nproc = ["--nproc", str(self.cfg.nproc)] if stage.distributed else []
-        if self.cfg.launcher == "local":
-            proc = subprocess.run([sys.executable, "-m", "derl.launchers.cli", stage.subcommand, *args, *nproc])
-            if proc.returncode != 0:
-                raise StageFailed(f"pipeline stage {stage.name} failed (exit {proc.returncode}); "
-                                   f"re-run the same command to continue from it")
+        if self.cfg.launcher == "local":  # in our process group: a Ctrl-C stops the stage too
+            done = run_derl([stage.subcommand, *args, *nproc], own_group=False, check=False)
+            if done.returncode != 0:
+                raise StageFailed(f"pipeline stage {stage.name} failed (exit {done.returncode}); "
+                                  f"re-run the same command to continue from it")
             return
         # local_cwd starts `torchrun` / `python` from PATH: this interpreter's first.
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -269,7 +270,7 @@ class Runner:
 
         from derl.launchers.components import stage_app
 
-        app = stage_app(stage.subcommand, args, distributed=stage.distributed,
+        app = stage_app(stage.subcommand, args,
                         nproc_per_node=self.cfg.nproc if stage.distributed else 1)
         with get_runner() as runner:
             handle = runner.run(app, scheduler="local_cwd",

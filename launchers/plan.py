@@ -20,7 +20,7 @@ from torchrec.distributed.types import ShardingPlan
 
 from derl.datapipes.batch import feature_vocab
 from derl.datapipes.domains import DOMAINS, VECTOR_SETS
-from derl.datapipes.world import PRESETS, id_sizes
+from derl.datapipes.world import WORLD_PRESETS, id_sizes
 from derl.launchers.dist import device_and_backend
 from derl.models.downstream import Ranker, RankerConfig
 from derl.models.sharding import dry_run_plan, sharded_bytes_per_rank
@@ -40,7 +40,7 @@ class ClusterPlan:
 
 def models(preset: str) -> Dict[str, torch.nn.Module]:
     """The upstream of each domain and the all-vector ranker on a `preset` world, tables on meta."""
-    vocab = feature_vocab(id_sizes(PRESETS[preset]))
+    vocab = feature_vocab(id_sizes(WORLD_PRESETS[preset]))
     meta = torch.device("meta")
     out: Dict[str, torch.nn.Module] = {
         f"upstream-{d}": DERM(UpstreamConfig.for_domain(d, vocab), table_device=meta) for d in DOMAINS

@@ -1,10 +1,10 @@
 """Presets: one table of overrides on the stage configs, for the pipeline, the benchmarks and
 the tests.
 
-A preset names a synthetic world (`datapipes.world.PRESETS`) and what the stages change from
-their defaults on it: `upstream` overrides `TrainUpstreamConfig` for both domains (plus each
-domain's `upstream_epochs`), `downstream` overrides `TrainDownstreamConfig`, `projection_dim`
-is the width of the pipeline's projected-snapshot ranker. Stages turn overrides into flags
+A preset names a synthetic world (`datapipes.world.WORLD_PRESETS`) and what the stages change
+from their defaults on it: `upstream` overrides `TrainUpstreamConfig` for both domains (plus
+each domain's `upstream_epochs`), `downstream` overrides `TrainDownstreamConfig`,
+`projection_dim` is the width of the pipeline's projected-snapshot ranker. Stages turn overrides into flags
 with `config.to_flags`, so a preset never spells a flag.
 """
 
@@ -32,12 +32,12 @@ class Preset:
     coupled: bool
 
 
-PRESETS: Dict[str, Preset] = {
+STAGE_PRESETS: Dict[str, Preset] = {
     "tiny": Preset(
         world="tiny",
         upstream={**SMALL_UPSTREAM, "dense_lr": 3e-3, "embedding_lr": 0.1},
         upstream_epochs={"engagement": 2, "conversion": 1},
-        # One pass: with ~180 clicks in the training days, a second pass already overfits the
+        # One pass: with the few clicks of the training days, a second pass already overfits the
         # ranker's id tables (docs/results.md, "Downstream").
         downstream={**SMALL_RANKER, "epochs": 1},
         projection_dim=16,
@@ -46,21 +46,21 @@ PRESETS: Dict[str, Preset] = {
     "demo": Preset(
         world="demo",
         # Two heads of 16 (four of 8 by default): attention's CPU kernel on 8-wide heads took a
-        # fifth of a step (docs/results.md, "Demo pipeline").
-        # Float32 matmuls: at this width bf16 autocast cost more than it saved (5,232 against
-        # 4,940 examples/s on the engagement model; it pays at d 64, docs/results.md, "Demo pipeline").
+        # large share of a step (docs/experiments.md, "2026-12-05").
+        # Float32 matmuls: at this width bf16 autocast cost more than it saved (it pays at d 64;
+        # docs/experiments.md, "2026-12-05").
         upstream={"embedding_dim": 32, "seq_layers": 1, "seq_heads": 2, "tower_dims": (128, 64),
                   "interaction_dims": (128, 64), "batch_size": 1024, "dense_lr": 3e-3,
-                  "embedding_lr": 0.1, "from_day": "2026-01-08", "bf16": False},
+                  "embedding_lr": 0.1, "from_day": "2026-01-08", "seq_bf16": False},
         # The four days before the cut, one pass: `make demo` in about ten minutes; two days
         # gave smaller ranker gains, a second pass more recall but no more CTR gain
-        # (docs/results.md, "Demo pipeline"). The conversion domain's main table is the ad
+        # (docs/experiments.md, "2026-12-05"). The conversion domain's main table is the ad
         # impressions; half a pass over them keeps its cost that of the engagement domain's.
         upstream_epochs={"engagement": 1, "conversion": 0.5},
         downstream={"embedding_dim": 16, "batch_size": 1024, "epochs": 1},
         projection_dim=32,
-        # On this world the coupled ranker trained and scored at ~1/25 of the snapshot ranker's
-        # rate (with the padded encoder): 8 of the demo's 34 minutes then (docs/results.md, "Demo pipeline").
+        # On this world the coupled ranker trains and scores far slower than the snapshot ranker
+        # (docs/experiments.md, "The fuller demo run").
         coupled=False,
     ),
 }

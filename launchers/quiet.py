@@ -109,7 +109,9 @@ def disk_full(e: BaseException, where: Optional[Path] = None) -> Optional[OSErro
                                        or "No space left on device" in str(x)):
             return x
         todo += [x.__cause__, x.__context__]
-        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(x, "failures", {}).values()]
+        # torch's checkpointing gathers (exception, traceback) pairs; torch's agent, process records
+        failures = [f[0] if isinstance(f, tuple) else f for f in getattr(x, "failures", {}).values()]
+        todo += [f for f in failures if isinstance(f, BaseException)]
     if where is None or isinstance(e, (KeyboardInterrupt, SystemExit)) or (
             isinstance(e, Exception) and not isinstance(e, RuntimeError)):
         return None

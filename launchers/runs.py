@@ -53,6 +53,9 @@ OWN_FILES = (CHECKPOINTS, PREDICTIONS, METRICS, TRAIN_NE, LOSS_HISTORY, TENSORBO
 # The kinds of run folder (config.json's `kind`).
 UPSTREAM, RANKER, SCORES = "upstream", "ranker", "scores"
 WRITTEN_BY = {UPSTREAM: "derl train-upstream", RANKER: "derl train-downstream", SCORES: "derl score"}
+# Settings a run recorded under another name before its flag took the model field's: an older
+# run still resumes.
+RENAMED_SETTINGS = {"center": "center_entities", "bf16": "seq_bf16"}
 # Upstream metrics that travel with the vectors: into the snapshot manifest and the pipeline report.
 HEADLINE_METRICS = ("recall@", "popularity_recall@", "dot_auc_")
 
@@ -98,9 +101,9 @@ def _same_settings(cfg: Any, old: Dict[str, Any], out: Path) -> None:
         raise ValueError(f"--resume: {out} was written by an older derl without its settings; "
                          f"start afresh with --overwrite")
     may_change: Collection[str] = getattr(type(cfg), "RUN_CONTROL", ())
-    now = to_json(cfg)
-    changed = [f"{flag_name(type(cfg), k)} {old['settings'].get(k)!r} then, {v!r} now"
-               for k, v in now.items() if k not in may_change and old["settings"].get(k) != v]
+    then = {RENAMED_SETTINGS.get(k, k): v for k, v in old["settings"].items()}
+    changed = [f"{flag_name(type(cfg), k)} {then.get(k)!r} then, {v!r} now"
+               for k, v in to_json(cfg).items() if k not in may_change and then.get(k) != v]
     if changed:
         raise ValueError(f"--resume: {out} was trained with other settings ({'; '.join(changed)}); "
                          f"resume with the same ones, or start afresh with --overwrite")

@@ -1,32 +1,32 @@
 """The stage configs: one frozen dataclass per stage, its fields the stage's flags.
 
 `derl <stage> --help` is generated from these (`config.add_flags`): each field carries its help
-text, and its default exists once, here, or, for a model knob, in the model config it feeds
-(`default_of`). They sit together, apart from the stages that run them, so that the CLI, the
-pipeline, the presets, the benchmarks and the tests can name a stage's settings without
-importing the stage (no entry point imports another). A stage module reads its config only.
+text, and its default exists once: here, or, for a model setting, in the model's settings class,
+which the training stage's config inherits (`UpstreamSettings`, `RankerSettings`: declared,
+defaulted and checked in models/), or in the optimizer's config (`default_of`). They sit
+together, apart from the stages that run them, so that the CLI, the pipeline, the presets, the
+benchmarks and the tests can name a stage's settings without importing the stage (no entry point
+imports another). A stage module reads its config only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
-from derl.datapipes.batch import USER_FEATURES
 from derl.datapipes.domains import DOMAINS, VECTOR_SETS
 from derl.launchers.config import check, default_of, setting
-from derl.models.downstream import UPSTREAM_MODES, RankerConfig
+from derl.launchers.presets import STAGE_PRESETS
+from derl.models.downstream import RankerSettings
 from derl.models.sharding import OptimConfig
-from derl.models.upstream import UpstreamConfig
+from derl.models.upstream import UpstreamConfig, UpstreamSettings
 
 
-def _upstream(name: str) -> Any:
-    return default_of(UpstreamConfig, name)
-
-
-def _ranker(name: str) -> Any:
-    return default_of(RankerConfig, name)
+def settings_of(config: Any, model_settings: type) -> Dict[str, Any]:
+    """The model settings a stage config inherited, as keyword arguments of the model config."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(model_settings)}
 
 
 OVERWRITE_HELP = ("start afresh in a folder that holds an earlier run of this stage (derl removes "
@@ -34,7 +34,9 @@ OVERWRITE_HELP = ("start afresh in a folder that holds an earlier run of this st
 
 
 @dataclass(frozen=True)
-class TrainUpstreamConfig:
+class TrainUpstreamConfig(UpstreamSettings):
+    """How to train an upstream; what it trains is the inherited `UpstreamSettings`."""
+
     data: Path = setting(help="source folder (derl generate)")
     out: Path = setting(help="run folder")
     domain: str = setting("engagement", "the upstream domain", choices=sorted(DOMAINS))
@@ -45,42 +47,6 @@ class TrainUpstreamConfig:
     from_day: Optional[str] = setting(None, "first training day (default: the source's first)")
     until: Optional[str] = setting(None, "last training day (default: the day before the snapshot cut)")
     batch_size: int = setting(1024, "per rank")
-    embedding_dim: int = setting(_upstream("embedding_dim"), "width of every table and of the entity vectors")
-    seq_len: int = setting(_upstream("seq_len"), "sequence events the model reads")
-    seq_layers: int = setting(_upstream("seq_layers"), "transformer layers over the user sequence")
-    seq_heads: int = setting(_upstream("seq_heads"), "attention heads of the sequence transformer "
-                                                     "(--embedding-dim must be a multiple)")
-    seq_dropout: float = setting(_upstream("seq_dropout"), "dropout in the sequence transformer")
-    tower_dims: Tuple[int, ...] = setting(_upstream("tower_dims"), "hidden widths of the user and Pin towers")
-    interaction_dims: Tuple[int, ...] = setting(_upstream("interaction_dims"),
-                                                "hidden widths of the interaction tower")
-    user_features: Tuple[str, ...] = setting(_upstream("user_features"),
-                                             "comma-separated profile features the user tower reads, of "
-                                             "user_id, country, age_bucket, gender")
-    contrastive: bool = setting(_upstream("contrastive"), "drop the in-batch contrastive term: BCE heads only (ablation)")
-    logq_strength: float = setting(_upstream("logq_strength"),
-                                   "share of the logQ correction in training: 0 leaves popularity out "
-                                   "of the dot (retrieval adds it back), 1 puts it in")
-    center: bool = setting(_upstream("center_entities"), "do not centre the tower outputs over the batch before "
-                                 "normalising (ablation)")
-    contrastive_weight: float = setting(_upstream("contrastive_weight"), "weight of the contrastive term")
-    contrastive_positives: Optional[Tuple[str, ...]] = setting(
-        None, "comma-separated labels whose rows are positives (default: every task but hide)")
-    temperature: float = setting(_upstream("temperature"), "softmax temperature of the dot")
-    next_pin_weight: float = setting(_upstream("next_pin_weight"),
-                                     "weight of the next-Pin term over every prefix of the sequence "
-                                     "(0: off, and the sequence encoder bidirectional)")
-    next_pin_positions: int = setting(_upstream("next_pin_positions"),
-                                      "at most this many of the batch's sequence prefixes in the next-Pin term")
-    next_pin_negatives: int = setting(_upstream("next_pin_negatives"),
-                                      "at most this many of the batch's distinct next Pins as its negatives")
-    dot_rank_weight: float = setting(_upstream("dot_rank_weight"),
-                                     "weight of a pairwise (AUC) loss on the user·Pin dot over the "
-                                     "batch's labelled rows, per task (0: off)")
-    length_buckets: int = setting(_upstream("length_buckets"),
-                                  "groups of similar sequence length the transformer runs a batch in")
-    bf16: bool = setting(_upstream("seq_bf16"), "keep the sequence transformer's matmuls in float32 where "
-                                                "the hardware multiplies bf16")
     embedding_lr: float = setting(default_of(OptimConfig, "embedding_lr"), "fused row-wise Adagrad")
     dense_lr: float = setting(default_of(OptimConfig, "dense_lr"), "Adam, every dense parameter")
     checkpoint_every: int = setting(200, "steps between checkpoints")
@@ -93,40 +59,21 @@ class TrainUpstreamConfig:
     # What a resumed run may change: where, how long and how it runs, not what it trains.
     RUN_CONTROL: ClassVar[Tuple[str, ...]] = (
         "data", "out", "nproc", "max_steps", "epochs", "resume", "overwrite", "from_day", "until",
-        "checkpoint_every", "eval_every", "eval_batch_size", "memory_per_rank_gb", "length_buckets", "bf16")
+        "checkpoint_every", "eval_every", "eval_batch_size", "memory_per_rank_gb", "length_buckets", "seq_bf16")
 
     def __post_init__(self) -> None:
-        check(self, positive=("nproc", "max_steps", "epochs", "batch_size", "embedding_dim", "seq_len",
-                              "seq_layers", "seq_heads", "temperature", "embedding_lr", "dense_lr", "checkpoint_every",
-                              "eval_batch_size", "memory_per_rank_gb", "next_pin_positions", "next_pin_negatives",
-                              "length_buckets"),
-              non_negative=("eval_every", "contrastive_weight", "next_pin_weight", "dot_rank_weight", "seed"),
-              below_one=("seq_dropout",),
-              fraction=("logq_strength",), widths=("tower_dims", "interaction_dims"),
-              day=("from_day", "until"))
-        if not self.user_features or set(self.user_features) - set(USER_FEATURES):
-            raise ValueError(f"--user-features must name some of {','.join(USER_FEATURES)}, "
-                             f"got {','.join(self.user_features)!r}")
-        if self.embedding_dim % self.seq_heads:
-            raise ValueError(f"--embedding-dim must be a multiple of --seq-heads {self.seq_heads}, "
-                             f"got {self.embedding_dim}")
+        super().__post_init__()
+        check(self, positive=("nproc", "max_steps", "epochs", "batch_size", "embedding_lr", "dense_lr",
+                              "checkpoint_every", "eval_batch_size", "memory_per_rank_gb"),
+              non_negative=("eval_every", "seed"), day=("from_day", "until"))
         if self.from_day and self.until and self.from_day > self.until:
             raise ValueError(f"--from-day {self.from_day} is after --until {self.until}")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one")
 
     def model_config(self, vocab: Dict[str, int]) -> UpstreamConfig:
-        extra = {"contrastive_positives": self.contrastive_positives} if self.contrastive_positives else {}
-        return UpstreamConfig.for_domain(
-            self.domain, vocab, embedding_dim=self.embedding_dim, seq_len=self.seq_len,
-            seq_layers=self.seq_layers, seq_heads=self.seq_heads, seq_dropout=self.seq_dropout,
-            user_features=self.user_features, tower_dims=self.tower_dims,
-            interaction_dims=self.interaction_dims, contrastive=self.contrastive,
-            contrastive_weight=self.contrastive_weight, logq_strength=self.logq_strength,
-            center_entities=self.center, temperature=self.temperature, next_pin_weight=self.next_pin_weight,
-            next_pin_positions=self.next_pin_positions, next_pin_negatives=self.next_pin_negatives,
-            dot_rank_weight=self.dot_rank_weight, length_buckets=self.length_buckets,
-            seq_bf16=self.bf16, **extra)
+        """The DERM of this run: its settings, the domain's tasks and the data's vocabularies."""
+        return UpstreamConfig.for_domain(self.domain, vocab, **settings_of(self, UpstreamSettings))
 
 
 @dataclass(frozen=True)
@@ -152,22 +99,16 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class TrainDownstreamConfig:
+class TrainDownstreamConfig(RankerSettings):
+    """How to train a ranker; what it trains is the inherited `RankerSettings`."""
+
     data: Path = setting(help="source folder (derl generate)")
     out: Path = setting(help="run folder")
-    upstream: str = setting("snapshot", "where the upstream vectors come from (none: the baseline)",
-                            choices=UPSTREAM_MODES)
     snapshots: Optional[Path] = setting(None, "snapshot root (derl export --out)")
     vectors: str = setting("all", "which upstream vectors: engagement user; + its Pin; all four",
                            choices=sorted(VECTOR_SETS))
     snapshot_version: Optional[str] = setting(
         None, "join every row with this version instead of the one live on its day")
-    projection_dim: Optional[int] = setting(None, "project the upstream vectors to this width")
-    interaction: str = setting(_ranker("interaction"), "feature interaction: DCN-v2 or DLRM's dot",
-                               choices=("dcn", "dot"))
-    embedding_dim: int = setting(_ranker("embedding_dim"), "width of the ranker's id tables")
-    dense_arch: Tuple[int, ...] = setting(_ranker("dense_arch"), "hidden widths of the dense arch")
-    over_arch: Tuple[int, ...] = setting(_ranker("over_arch"), "hidden widths of each head")
     nproc: int = setting(1, "local worker processes (ranks)")
     epochs: float = setting(1.0, "passes over the training days' ad impressions")
     max_steps: Optional[int] = setting(None, "stop after this many steps (default: --epochs)")
@@ -183,12 +124,10 @@ class TrainDownstreamConfig:
     overwrite: bool = setting(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
-        check(self, positive=("nproc", "epochs", "max_steps", "batch_size", "embedding_dim", "embedding_lr",
-                              "dense_lr", "ne_window", "projection_dim"),
-              non_negative=("checkpoint_every", "seed"), widths=("over_arch",),
-              day=("from_day", "until", "eval_day"))
-        if any(w <= 0 for w in self.dense_arch):
-            raise ValueError(f"--dense-arch must be positive widths, got {','.join(map(str, self.dense_arch))!r}")
+        super().__post_init__()
+        check(self, positive=("nproc", "epochs", "max_steps", "batch_size", "embedding_lr", "dense_lr",
+                              "ne_window"),
+              non_negative=("checkpoint_every", "seed"), day=("from_day", "until", "eval_day"))
         if self.from_day and self.until and self.from_day > self.until:
             raise ValueError(f"--from-day {self.from_day} is after --until {self.until}")
 
@@ -231,7 +170,7 @@ class EvaluateConfig:
 class PipelineConfig:
     workdir: Path = setting(help="work folder: the world, every run, the snapshots, the report")
     preset: str = setting("demo", "the world and the stages' overrides (launchers/presets.py)",
-                          choices=("demo", "tiny"))
+                          choices=sorted(STAGE_PRESETS))
     seed: int = setting(0, "seed of the world and of every stage")
     data: Optional[Path] = setting(None, "run on this world (derl import, or generated before) instead "
                                          "of generating one; the preset gives the model sizes")

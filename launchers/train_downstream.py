@@ -37,9 +37,9 @@ from derl.datapipes.splits import default_split
 from derl.datapipes.world import read_world_id
 from derl.launchers import dist as derl_dist
 from derl.launchers import finite, runs, scoring
-from derl.launchers.settings import TrainDownstreamConfig
+from derl.launchers.settings import TrainDownstreamConfig, settings_of
 from derl.models import checkpoint
-from derl.models.downstream import TASKS, Ranker, RankerConfig, dot_pairs
+from derl.models.downstream import TASKS, Ranker, RankerConfig, RankerSettings, dot_pairs
 from derl.models.sharding import OptimConfig, describe_plan, shard_model
 
 NE_EVERY = 5  # steps between training-NE points (a collective)
@@ -92,12 +92,10 @@ def _priors(sources: SourceTables, days: Tuple[str, str]) -> Dict[str, float]:
 def model_config(cfg: TrainDownstreamConfig, vocab: Dict[str, int], join: Optional[SnapshotJoin],
                  days: Tuple[str, str], sources: SourceTables) -> Tuple[RankerConfig, Dict[str, object]]:
     """The ranker config, and for coupled mode the upstream DERM configs and checkpoints."""
-    common = dict(num_embeddings=vocab, projection_dim=cfg.projection_dim, **_priors(sources, days),
-                  tasks=ranker_tasks(sources),
-                  embedding_dim=cfg.embedding_dim, dense_arch=cfg.dense_arch, over_arch=cfg.over_arch,
-                  interaction=cfg.interaction)
+    common = dict(num_embeddings=vocab, **settings_of(cfg, RankerSettings), **_priors(sources, days),
+                  tasks=ranker_tasks(sources))
     if cfg.upstream == "none":
-        return RankerConfig(upstream="none", **common), {}
+        return RankerConfig(**common), {}
     vectors = cfg.vector_names
     snap = join.snapshot(join.version_on(days[0]))
     coupled: Dict[str, object] = {}
@@ -107,8 +105,8 @@ def model_config(cfg: TrainDownstreamConfig, vocab: Dict[str, int], join: Option
             coupled[domain] = {"config": runs.upstream_model_config(Path(info["run"])),
                                "checkpoint": info["checkpoint"], "version": snap.version}
     temperatures = tuple(snap.dot_temperature(vectors[u].split("/")[0]) for u, _ in dot_pairs(vectors))
-    return RankerConfig(upstream=cfg.upstream, vectors=vectors, upstream_dim=snap.dim,
-                        dot_temperatures=temperatures, **common), coupled
+    ranker = RankerConfig(vectors=vectors, upstream_dim=snap.dim, dot_temperatures=temperatures, **common)
+    return ranker, coupled
 
 
 def _load_towers(dmp, coupled: Dict[str, dict]) -> None:
@@ -162,7 +160,7 @@ def build(cfg: TrainDownstreamConfig, worker: derl_dist.Worker) -> RankerTrainin
                            vocab, [join] if cfg.upstream == "snapshot" else [])
     steps = cfg.max_steps
     if steps is None:
-        steps = derl_dist.agreed_steps(cfg.epochs * reader.num_rows / cfg.batch_size, worker.device)
+        steps = derl_dist.agreed_steps(cfg.epochs, reader.num_rows / cfg.batch_size, worker.device)
     if steps <= 0:
         raise ValueError(f"{cfg.data}: too few ad events on {days[0]}..{days[1]} for one batch "
                          f"of {cfg.batch_size} per rank")

@@ -99,7 +99,7 @@ def _steps(cfg: TrainUpstreamConfig, stream: MixedStream, device: torch.device) 
     if cfg.max_steps is not None:
         return cfg.max_steps
     return derl_dist.agreed_steps(
-        cfg.epochs * stream.readers[0].num_rows / cfg.batch_size / stream.shares[0], device)
+        cfg.epochs, stream.readers[0].num_rows / cfg.batch_size / stream.shares[0], device)
 
 
 def _next_day(sources: SourceTables, day: str) -> str:

@@ -72,9 +72,10 @@ class EncoderLayer(nn.Module):
     tokens only ([T, dim], no padding) and only attention sees padded groups (`Groups`).
     Dropout acts on the residual branches and inside the FFN, not on the attention weights:
     attention dropout keeps `scaled_dot_product_attention` off its fused CPU kernel and its
-    random draws were the largest single cost of a CPU step (docs/results.md, "Upstream training").
+    random draws were the largest single cost of a CPU step (docs/experiments.md, "2026-12-04").
     Attention itself always runs in float32, also under bf16 autocast (`SequenceEncoder`): the
-    CPU's fused attention backward ran 4.5x slower in bf16 than in float32."""
+    CPU's fused attention backward ran several times slower in bf16 (docs/results.md,
+    "Upstream training")."""
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -86,7 +87,8 @@ class EncoderLayer(nn.Module):
         self.ff1 = nn.Linear(dim, 4 * dim)
         self.ff2 = nn.Linear(4 * dim, dim)
         # As `nn.MultiheadAttention` starts: Xavier projections, zero biases (nn.Linear's default
-        # random biases gave a small model measurably worse retrieval: docs/results.md, "Upstream training").
+        # random biases gave a small model measurably worse retrieval: docs/experiments.md,
+        # "2026-12-03").
         nn.init.xavier_uniform_(self.qkv.weight)
         nn.init.zeros_(self.qkv.bias)
         nn.init.zeros_(self.out.bias)
@@ -101,8 +103,8 @@ class EncoderLayer(nn.Module):
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-time dropout (`F.dropout(x, p)`). On CPU the keep mask comes from 16 random bits
     per element, four to each full-range int64 draw, where `bernoulli_` spends a draw on every
-    element: on a [26,600, 256] activation 20 ms against 49 (docs/results.md, "Upstream
-    training"). A kept element is scaled by 1 / its exact keep probability, (65536 - cut) / 65536."""
+    element, at less than half the cost (docs/experiments.md, "2026-12-04"). A kept element is
+    scaled by 1 / its exact keep probability, (65536 - cut) / 65536."""
     if p == 0.0:
         return x
     if x.device.type != "cpu":

@@ -13,7 +13,8 @@ The wide path is what lets a ranker use the upstream affinity at all on sparse a
 dot / temperature is the upstream model's own logit (an estimate of log P(Pin | user) / q, a
 log-lift), the natural scale of a log-odds feature. Through the deep arch alone, a ranker that
 sees the clicks of sparse ad data once (a second pass overfits its id tables) gained nothing
-from the vectors; with the wide path it did (figures: docs/results.md, "Downstream").
+from the vectors; with the wide path it did (figures: docs/experiments.md, "The ranker on the
+earlier demo world").
 
 Where the upstream vectors come from is the one switch (`upstream`):
 - `none`: no upstream vectors (the baseline);
@@ -44,12 +45,14 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from derl.datapipes.batch import Batch
 from derl.datapipes.schema import CONTENT_DIM
+from derl.models.fields import check, flag_name, setting
 from derl.models.upstream import DERM, UpstreamConfig
 
 # Ad-side and context ids of an impression, each through its own table.
 RANKER_SPARSE_FEATURES = ("user_id", "country", "age_bucket", "gender", "pin_id", "category",
                           "advertiser_id", "campaign_id", "surface", "position", "hour")
 UPSTREAM_MODES = ("none", "snapshot", "coupled")
+INTERACTIONS = ("dcn", "dot")  # DCN-v2, DLRM
 TASKS = ("ctr", "cvr")
 
 
@@ -64,21 +67,42 @@ def dot_pairs(vectors: Sequence[str]) -> Tuple[Tuple[int, int], ...]:
     return tuple(pairs)
 
 
-@dataclass
-class RankerConfig:
-    """Everything that shapes a ranker. `vectors` names the upstream vectors it takes, as
-    "<domain>/<entity>" (e.g. "engagement/users"); `upstream_dim` is their dimension."""
+@dataclass(frozen=True, kw_only=True)
+class RankerSettings:
+    """What shapes a ranker and may be tuned: each field is a `derl train-downstream` flag of its
+    own name (`TrainDownstreamConfig` inherits these), checked here, once. `RankerConfig` adds
+    what the data and the snapshot fix."""
+
+    upstream: str = setting("snapshot", "where the upstream vectors come from (none: the baseline)",
+                            choices=UPSTREAM_MODES)
+    # A learned projection of the concatenated upstream vectors to this width (None: as they are).
+    projection_dim: Optional[int] = setting(None, "project the upstream vectors to this width")
+    interaction: str = setting("dcn", "feature interaction: DCN-v2 or DLRM's dot", choices=INTERACTIONS)
+    embedding_dim: int = setting(16, "width of the ranker's id tables")
+    # The last layer of the dense arch is embedding_dim, that of each head one logit.
+    dense_arch: Tuple[int, ...] = setting((64,), "hidden widths of the dense arch")
+    over_arch: Tuple[int, ...] = setting((128, 64), "hidden widths of each head")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("embedding_dim", "projection_dim"), widths=("over_arch",))
+        if any(w <= 0 for w in self.dense_arch):
+            raise ValueError(f"{flag_name(type(self), 'dense_arch')} must be positive widths, "
+                             f"got {','.join(map(str, self.dense_arch))!r}")
+        for name, allowed in (("upstream", UPSTREAM_MODES), ("interaction", INTERACTIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{flag_name(type(self), name)} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class RankerConfig(RankerSettings):
+    """Everything that shapes a ranker: its settings, and what the data and the snapshot fix.
+    `vectors` names the upstream vectors it takes, as "<domain>/<entity>" (e.g.
+    "engagement/users"); `upstream_dim` is their dimension."""
 
     num_embeddings: Mapping[str, int]
-    upstream: str = "none"
     vectors: Tuple[str, ...] = ()
     upstream_dim: int = 0
-    # A learned projection of the concatenated upstream vectors to this width (None: as they are).
-    projection_dim: Optional[int] = None
-    embedding_dim: int = 16
-    dense_arch: Tuple[int, ...] = (64,)  # hidden widths; the last layer is embedding_dim
-    over_arch: Tuple[int, ...] = (128, 64)  # hidden widths; the last layer is one logit
-    interaction: str = "dcn"  # "dcn" (DCN-v2) or "dot" (DLRM)
     dcn_layers: int = 2
     dcn_rank: int = 32
     # One per `dot_pairs` entry: the temperature of the upstream model whose dot it is.
@@ -93,16 +117,13 @@ class RankerConfig:
     sparse_features: Tuple[str, ...] = RANKER_SPARSE_FEATURES
 
     def __post_init__(self) -> None:
-        if self.upstream not in UPSTREAM_MODES:
-            raise ValueError(f"upstream must be one of {UPSTREAM_MODES}, not {self.upstream!r}")
+        super().__post_init__()
         if self.upstream == "none" and self.vectors:
             raise ValueError("upstream 'none' takes no vectors")
         if self.upstream != "none" and (not self.vectors or self.upstream_dim <= 0):
             raise ValueError(f"upstream {self.upstream!r} needs vectors and their dimension")
         if self.tasks not in (TASKS, TASKS[:1]):
             raise ValueError(f"tasks must be {TASKS} or {TASKS[:1]}, not {self.tasks}")
-        if self.interaction not in ("dcn", "dot"):
-            raise ValueError(f"interaction must be 'dcn' or 'dot', not {self.interaction!r}")
         for name in ("ctr_prior", "cvr_prior"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")

@@ -52,7 +52,7 @@ def in_batch_softmax_loss(
     the batch's rows (not over its positives): every positive pair weighs the same, whichever
     table its batch came from. Averaging over positives instead gave each of the few clicks of an
     ad batch the weight of many organic engagements, and those noisy batches cost the organic
-    space part of its recall gain (the figures: docs/results.md, "Upstream").
+    space part of its recall gain (the figures: docs/experiments.md, "The upstream's defaults").
     """
     logits = query @ item.T / temperature
     if item_prob is not None:

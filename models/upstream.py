@@ -35,6 +35,7 @@ from derl.datapipes.batch import (
 from derl.datapipes.domains import DOMAINS, NEGATIVE_LABELS
 from derl.datapipes.schema import CONTENT_DIM
 from derl.models.blocks import SequenceEncoder, Tower
+from derl.models.fields import check, flag_name, setting
 from derl.models.losses import (
     in_batch_softmax_loss,
     multi_task_bce,
@@ -47,75 +48,104 @@ from derl.models.losses import (
 SHARED_TABLES = {"seq_pin_id": "pin_id", "seq_category": "category", "seq_advertiser_id": "advertiser_id"}
 
 
-@dataclass
-class UpstreamConfig:
-    """Everything that shapes a DERM. `num_embeddings` maps each sparse feature it reads
-    (`sparse_features`, minus seq_pin_id which shares pin_id's table) to its vocabulary size;
-    extra keys are ignored, so `datapipes` vocabularies can be passed as they are."""
+@dataclass(frozen=True, kw_only=True)
+class UpstreamSettings:
+    """What shapes a DERM and may be tuned: each field is a `derl train-upstream` flag of its own
+    name (`TrainUpstreamConfig` inherits these), checked here, once. `UpstreamConfig` adds what
+    the data fixes."""
+
+    embedding_dim: int = setting(64, "width of every table and of the entity vectors")
+    seq_len: int = setting(32, "sequence events the model reads")
+    seq_layers: int = setting(2, "transformer layers over the user sequence")
+    seq_heads: int = setting(4, "attention heads of the sequence transformer (--embedding-dim must be a multiple)")
+    seq_dropout: float = setting(0.1, "dropout in the sequence transformer")
+    tower_dims: Tuple[int, ...] = setting((256, 128), "hidden widths of the user and Pin towers")
+    interaction_dims: Tuple[int, ...] = setting((256, 128), "hidden widths of the interaction tower")
+    # Without user_id the user vector is what the profile and the history say, not a free vector
+    # per user that learns each user's past Pins by heart (docs/seqrec.md, "derl").
+    user_features: Tuple[str, ...] = setting(USER_FEATURES, "comma-separated profile features the user tower "
+                                                            "reads, of user_id, country, age_bucket, gender")
+    contrastive: bool = setting(True, "drop the in-batch contrastive term: BCE heads only (ablation)")
+    # How much of the logQ correction to apply (see `in_batch_softmax_loss`). 0 by default: the
+    # dot then estimates log P(pin | user) / q, affinity without popularity, which is what the
+    # rankers downstream need; retrieval adds log q back (`retrieval_prior_weight`).
+    logq_strength: float = setting(0.0, "share of the logQ correction in training: 0 leaves popularity out "
+                                        "of the dot (retrieval adds it back), 1 puts it in")
+    # Centre each tower's output over the batch (BatchNorm without affine) before the L2
+    # normalisation; see `_Unit`. Without it the dot hardly ranks impressions by what came of them.
+    center_entities: bool = setting(True, "do not centre the tower outputs over the batch before "
+                                          "normalising (ablation)")
+    # The term is averaged over all rows (docs/experiments.md, "The upstream's defaults", for
+    # how 3 was chosen).
+    contrastive_weight: float = setting(3.0, "weight of the contrastive term")
+    # A row is a contrastive positive if any of these labels is > 0 and no NEGATIVE_LABELS is;
+    # unset: every task but the NEGATIVE_LABELS (`UpstreamConfig` fills it in).
+    contrastive_positives: Optional[Tuple[str, ...]] = setting(
+        None, "comma-separated labels whose rows are positives (default: every task but hide)")
+    # 0.1: better than 0.05 on both yardsticks (the seqrec suite and the demo world's recall and
+    # ranker gains; docs/seqrec.md, "derl"), worse at 0.2.
+    temperature: float = setting(0.1, "softmax temperature of the dot")
+    # The next-Pin term is PinnerFormer's dense all-action objective, SASRec's next item: the user
+    # vector after each prefix of the sequence, against the Pin tower's vector of the event that
+    # followed, under a sampled softmax over the batch's next Pins. > 0 makes the sequence encoder
+    # causal (`SequenceEncoder`); 0 leaves one positive per row.
+    next_pin_weight: float = setting(1.0, "weight of the next-Pin term over every prefix of the sequence "
+                                          "(0: off, and the sequence encoder bidirectional)")
+    # Prefixes drawn at random: every prefix goes through the user tower's MLP, the term's main cost.
+    next_pin_positions: int = setting(1024, "at most this many of the batch's sequence prefixes in the "
+                                            "next-Pin term")
+    next_pin_negatives: int = setting(1024, "at most this many of the batch's distinct next Pins as its negatives")
+    # The contrastive and next-Pin terms teach the dot which Pins a user engages with among all
+    # Pins, exposure included; the dot-rank term (per task, a pairwise logistic loss of
+    # scale_task x user·pin; docs/experiments.md, "2026-12-06") which of the Pins they were
+    # shown they engage with, which is what a ranker reads it for.
+    dot_rank_weight: float = setting(0.0, "weight of a pairwise (AUC) loss on the user·Pin dot over the "
+                                          "batch's labelled rows, per task (0: off)")
+    # Each group padded to its own longest (`SequenceEncoder`): the same result for less work on padding.
+    length_buckets: int = setting(4, "groups of similar sequence length the transformer runs a batch in")
+    # The sequence transformer's matmuls in bf16 where the hardware has them (`SequenceEncoder`):
+    # faster training at d 64 on a CPU with bf16 matmuls, quality within seed noise; slower at
+    # d 32, where the demo preset turns it off (docs/experiments.md, "2026-12-04" and
+    # "2026-12-05").
+    seq_bf16: bool = setting(True, "keep the sequence transformer's matmuls in float32 where the "
+                                   "hardware multiplies bf16")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("embedding_dim", "seq_len", "seq_layers", "seq_heads", "temperature",
+                              "next_pin_positions", "next_pin_negatives", "length_buckets"),
+              non_negative=("contrastive_weight", "next_pin_weight", "dot_rank_weight"),
+              below_one=("seq_dropout",), fraction=("logq_strength",),
+              widths=("tower_dims", "interaction_dims"))
+        if not self.user_features or set(self.user_features) - set(USER_FEATURES):
+            raise ValueError(f"{flag_name(type(self), 'user_features')} must name some of "
+                             f"{','.join(USER_FEATURES)}, got {','.join(self.user_features)!r}")
+        if self.embedding_dim % self.seq_heads:
+            raise ValueError(f"{flag_name(type(self), 'embedding_dim')} must be a multiple of "
+                             f"{flag_name(type(self), 'seq_heads')} {self.seq_heads}, got {self.embedding_dim}")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig(UpstreamSettings):
+    """Everything that shapes a DERM: its settings, and what the data fixes. `num_embeddings`
+    maps each sparse feature it reads (`sparse_features`, minus seq_pin_id which shares pin_id's
+    table) to its vocabulary size; extra keys are ignored, so `datapipes` vocabularies can be
+    passed as they are."""
 
     num_embeddings: Mapping[str, int]
-    embedding_dim: int = 64
-    seq_len: int = 32
-    seq_layers: int = 2
-    seq_heads: int = 4
-    seq_dropout: float = 0.1
-    # The profile features the user tower reads (a subset of USER_FEATURES). Without user_id the
-    # user vector is what the profile and the history say, not a free vector per user that learns
-    # each user's past Pins by heart (docs/seqrec.md, "derl").
-    user_features: Tuple[str, ...] = USER_FEATURES
-    tower_dims: Tuple[int, ...] = (256, 128)
-    interaction_dims: Tuple[int, ...] = (256, 128)
     content_dim: int = CONTENT_DIM
     # Add "position" for ad-only training; then organic batches must carry it empty.
     context_features: Tuple[str, ...] = CONTEXT_FEATURES
     tasks: Tuple[str, ...] = DOMAINS["engagement"].tasks
     task_weights: Mapping[str, float] = field(default_factory=dict)  # missing tasks weigh 1
-    contrastive: bool = True
-    # The term is averaged over all rows (docs/results.md, "Upstream", for how 3 was chosen).
-    contrastive_weight: float = 3.0
-    # A row is a contrastive positive if any of these labels is > 0 and no NEGATIVE_LABELS is.
-    contrastive_positives: Tuple[str, ...] = DOMAINS["engagement"].contrastive_positives
-    # 0.1: better than 0.05 on both yardsticks (the seqrec suite and the demo world's recall and
-    # ranker gains; docs/seqrec.md, "derl"), worse at 0.2.
-    temperature: float = 0.1
     learn_temperature: bool = False
     # batch.dense key of each row's pin sampling probability (logQ correction); None: no correction.
     sampling_prob_key: Optional[str] = "pin_sampling_prob"
-    # How much of the logQ correction to apply (see `in_batch_softmax_loss`). 0 by default: the
-    # dot then estimates log P(pin | user) / q, affinity without popularity, which is what the
-    # rankers downstream need; retrieval adds log q back (`retrieval_prior_weight`).
-    logq_strength: float = 0.0
-    # Centre each tower's output over the batch (BatchNorm without affine) before the L2
-    # normalisation; see `_Unit`. Without it the dot hardly ranks impressions by what came of them.
-    center_entities: bool = True
-    # Weight of the next-Pin term (PinnerFormer's dense all-action objective, SASRec's next
-    # item): the user vector after each prefix of the sequence, against the Pin tower's vector
-    # of the event that followed, under a sampled softmax over the batch's next Pins. > 0 makes
-    # the sequence encoder causal (`SequenceEncoder`); 0 leaves one positive per row.
-    next_pin_weight: float = 1.0
-    # Positions of the next-Pin term: at most this many of the batch's prefixes, drawn at random
-    # (every prefix goes through the user tower's MLP, the term's main cost).
-    next_pin_positions: int = 1024
-    # Negatives of the next-Pin term: at most this many of the batch's distinct next Pins.
-    next_pin_negatives: int = 1024
-    # The sequence encoder runs the batch in this many groups of similar length, each padded to
-    # its own longest (`SequenceEncoder`): the same result for less work on padding.
-    length_buckets: int = 4
-    # The sequence transformer's matmuls in bf16 where the hardware has them (`SequenceEncoder`):
-    # 1.19x the upstream's training rate at d 64 on an AVX-512 BF16 CPU, quality within seed
-    # noise; slower at d 32, where the demo preset turns it off (docs/results.md, "Upstream
-    # training" and "Demo pipeline").
-    seq_bf16: bool = True
-    # Weight of the dot-rank term: per task, a pairwise logistic (AUC) loss of scale_task x
-    # user·pin over the batch's labelled rows (0: off; docs/results.md, "Headroom"). The
-    # contrastive and next-Pin terms teach the dot which Pins a user engages with among all
-    # Pins, exposure included; this one which of the Pins they were shown they engage with,
-    # which is what a ranker reads it for.
-    dot_rank_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.user_features or set(self.user_features) - set(USER_FEATURES):
-            raise ValueError(f"user_features must be some of {USER_FEATURES}, got {self.user_features}")
+        super().__post_init__()
+        if not self.contrastive_positives:  # unset (or empty): the tasks' own
+            positives = tuple(t for t in self.tasks if t not in NEGATIVE_LABELS)
+            object.__setattr__(self, "contrastive_positives", positives)  # frozen: set once, here
         missing = [
             f for f in self.sparse_features if f not in SHARED_TABLES and f not in self.num_embeddings
         ]
@@ -124,8 +154,6 @@ class UpstreamConfig:
         unknown = set(self.task_weights) - set(self.tasks)
         if unknown:
             raise ValueError(f"task_weights names tasks not in {self.tasks}: {sorted(unknown)}")
-        if self.embedding_dim % self.seq_heads:
-            raise ValueError("embedding_dim must be divisible by seq_heads")
 
     @property
     def retrieval_prior_weight(self) -> float:
@@ -147,12 +175,8 @@ class UpstreamConfig:
     def for_domain(
         cls, domain: str, num_embeddings: Mapping[str, int], **overrides: Any
     ) -> "UpstreamConfig":
-        """The config of one upstream domain: its tasks, and all but hides as positives."""
-        d = DOMAINS[domain]
-        return cls(
-            **{"tasks": d.tasks, "contrastive_positives": d.contrastive_positives, **overrides},
-            num_embeddings=num_embeddings,
-        )
+        """The config of one upstream domain: its tasks (and so its contrastive positives)."""
+        return cls(**{"tasks": DOMAINS[domain].tasks, **overrides}, num_embeddings=num_embeddings)
 
 
 def _bag_tables(cfg: UpstreamConfig, features: Sequence[str]) -> List[EmbeddingBagConfig]:
@@ -222,7 +246,7 @@ class _Unit(nn.Module):
     ReLU and LayerNorm layers give every entity's tower output a large shared component: at
     initialisation the unit vectors of all Pins (and of all users) lie in a narrow cone (the
     mean unit vector has a large norm, where random directions would give nearly 0; the
-    figures: docs/results.md, "Upstream"). There
+    figures: docs/experiments.md, "The upstream's defaults"). There
     the in-batch softmax settles on the popularity solution (every user nearly the same vector,
     Pins spread along it by popularity), and affinity, a product of two small deviations from
     the cone, hardly moves. Centring and scaling each dimension over the batch (`_Centre`,

@@ -9,39 +9,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from test_readers import SMALL, _first_file, _read_all, _rewrite
-
 from derl.datapipes import schema as S
 from derl.datapipes.readers import ExampleReader
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.splits import default_split
-
-
-def _damage(path, column, rows, value):
-    """Set `rows` of a file's `column` to `value` (None: null); for a list column, `rows` index
-    its flattened values."""
-    def edit(t):
-        col = t.column(column).combine_chunks()
-        listed = pa.types.is_list(col.type)
-        flat = col.values if listed else col
-        mask = flat.is_null().to_numpy(zero_copy_only=False)  # nulls already there stay
-        values = (flat.fill_null(0) if flat.null_count else flat).to_numpy(zero_copy_only=False).copy()
-        if value is None:
-            mask[rows] = True
-        else:
-            values[rows] = value
-        new = pa.array(values, type=flat.type, mask=mask)
-        new = pa.ListArray.from_arrays(col.offsets, new) if listed else new
-        return t.set_column(t.schema.get_field_index(column), column, new)
-
-    _rewrite(path, edit)
+from helpers import SMALL_READER, damage, first_file, read_all, rewrite
 
 
 def _refused(root, match, table="ad_events", **kw):
     """Reading `table` (for a table other than the event ones, the engagements, whose reader
     reads every other table too) fails with a DataError matching `match`."""
     with pytest.raises(DataError, match=match):
-        _read_all(root, table if table in ("engagements", "ad_events") else "engagements", **kw)
+        read_all(root, table if table in ("engagements", "ad_events") else "engagements", **kw)
 
 
 def _partition(root, table, day):
@@ -50,7 +29,9 @@ def _partition(root, table, day):
 
 def _file(root, table, day="2026-01-03"):
     """The first file of a table (of `day`, where it is partitioned)."""
-    return _first_file(root, table, day) if S.TABLES[table].partitioned_by_day else root / table / "part-0.parquet"
+    if S.TABLES[table].partitioned_by_day:
+        return first_file(root, table, day)
+    return root / table / "part-0.parquet"
 
 
 # -- the folder and its tables ----------------------------------------------------------------
@@ -65,7 +46,7 @@ def test_a_missing_source_folder_or_table_is_named(world_copy):
 @pytest.mark.parametrize("table,column", [("users", "user_id"), ("pins", "pin_id"), ("user_sequences", "user_id")])
 def test_an_entity_id_twice_in_its_table_is_refused_naming_file_and_column(world_copy, table, column):
     path = _file(world_copy, table)
-    _damage(path, column, [4], pq.read_table(path).column(column)[1].as_py())
+    damage(path, column, [4], pq.read_table(path).column(column)[1].as_py())
     where = path.parent if table in ("users", "pins") else path  # entity tables are read whole
     _refused(world_copy, rf"{where}: column '{column}' repeats an earlier row's id in 1 rows", table)
 
@@ -81,7 +62,7 @@ def test_sequence_lists_of_unequal_lengths_are_refused(world_copy):
                                            pa.array(col.values.to_numpy()[1:]))
         return t.set_column(t.schema.get_field_index("seq_action"), "seq_action", shorter)
 
-    _rewrite(path, drop_the_first_action)
+    rewrite(path, drop_the_first_action)
     _refused(world_copy, rf"{path}: column 'seq_action' has list lengths unlike 'seq_pin_id'", "user_sequences")
 
 
@@ -99,7 +80,7 @@ def test_a_stray_entry_in_a_table_is_refused_and_a_hidden_one_ignored(world_copy
     (_partition(world_copy, "ad_events", "2026-01-03") / ".part-0.parquet.crc").touch()
     assert len(SourceTables(world_copy).days("ad_events")) == 8
     stray = world_copy / "ad_events" / "part-9.parquet"
-    shutil.copy(_first_file(world_copy, "ad_events"), stray)
+    shutil.copy(first_file(world_copy, "ad_events"), stray)
     _refused(world_copy, rf"{stray}: not a day partition")
     stray.unlink()
     stray = _partition(world_copy, "ad_events", "2026-01-03") / "part-1.parquet.tmp"
@@ -151,8 +132,8 @@ def test_an_empty_partition_is_refused_naming_table_and_day(world_copy):
     for f in part.glob("*.parquet"):
         f.unlink()
     _refused(world_copy, rf"{part}: no Parquet files \(table engagements\)", "engagements")
-    path = _first_file(world_copy, "ad_events", "2026-01-06")
-    _rewrite(path, lambda t: t.slice(0, 0))
+    path = first_file(world_copy, "ad_events", "2026-01-06")
+    rewrite(path, lambda t: t.slice(0, 0))
     _refused(world_copy, rf"{path.parent}: no rows \(table ad_events\): an empty day is refused")
 
 
@@ -165,32 +146,33 @@ def test_an_event_day_without_its_sequences_is_refused(world_copy):
 def test_a_sequence_day_without_rows_is_a_day_without_history(tiny_world):
     """The first day's user_sequences has no row (nobody has history yet): allowed, and every
     example of that day is counted as having none."""
-    assert pq.read_metadata(_first_file(tiny_world, "user_sequences", "2026-01-01")).num_rows == 0
-    r = _read_all(tiny_world, "engagements", days=("2026-01-01", "2026-01-01"))
+    assert pq.read_metadata(first_file(tiny_world, "user_sequences", "2026-01-01")).num_rows == 0
+    r = read_all(tiny_world, "engagements", days=("2026-01-01", "2026-01-01"))
     assert r.stats.no_history == r.stats.rows_emitted == r.num_rows > 0
 
 
 def test_an_empty_entity_table_is_refused(world_copy):
     path = world_copy / "users" / "part-0.parquet"
-    _rewrite(path, lambda t: t.slice(0, 0))
+    rewrite(path, lambda t: t.slice(0, 0))
     _refused(world_copy, rf"{path.parent}: no rows \(table users\): an empty table is refused")
 
 
 # -- 3. duplicate impressions -----------------------------------------------------------------
 
 def test_a_request_id_twice_in_one_file_is_refused_naming_file_and_column(world_copy):
-    path = _first_file(world_copy, "ad_events", "2026-01-03")
+    path = first_file(world_copy, "ad_events", "2026-01-03")
     twice = pq.read_table(path).column("request_id").to_numpy()[2]
-    _damage(path, "request_id", [5, 9], twice)
+    damage(path, "request_id", [5, 9], twice)
     for rank in (0, 1):  # every rank refuses, whichever reads the file
         _refused(world_copy, rf"^{path}: column 'request_id' repeats an earlier row's id in 2 rows \(e.g. {twice}\)",
                  rank=rank, world_size=2)
 
 
 def test_a_request_id_on_two_days_is_refused_naming_both_files(world_copy):
-    first, second = _first_file(world_copy, "ad_events", "2026-01-03"), _first_file(world_copy, "ad_events", "2026-01-04")
+    first = first_file(world_copy, "ad_events", "2026-01-03")
+    second = first_file(world_copy, "ad_events", "2026-01-04")
     again = pq.read_table(first).column("request_id").to_numpy()[0]
-    _damage(second, "request_id", [7], again)
+    damage(second, "request_id", [7], again)
     _refused(world_copy, rf"{first}, {second}: column 'request_id' repeats an earlier row's id in 1 rows",
              days=("2026-01-03", "2026-01-04"))
 
@@ -200,8 +182,8 @@ def test_a_request_id_on_two_days_is_refused_naming_both_files(world_copy):
 @pytest.mark.parametrize("table,offset", [("engagements", -1), ("engagements", S.SECONDS_PER_DAY),
                                           ("ad_events", -3600), ("ad_events", 2 * S.SECONDS_PER_DAY)])
 def test_a_timestamp_outside_its_partitions_day_is_refused_with_the_rows_counted(world_copy, table, offset):
-    path = _first_file(world_copy, table, "2026-01-02")
-    _damage(path, "ts", [0, 10, 20], S.day_start_ts(S.parse_day("2026-01-02")) + offset)
+    path = first_file(world_copy, table, "2026-01-02")
+    damage(path, "ts", [0, 10, 20], S.day_start_ts(S.parse_day("2026-01-02")) + offset)
     msg = rf"{path}: column 'ts' has 3 rows outside their partition's day 2026-01-02 \(UTC\) \(table {table}\)"
     _refused(world_copy, msg, table)
     with pytest.raises(DataError, match=msg):  # the export's path: whole days read at once
@@ -209,11 +191,12 @@ def test_a_timestamp_outside_its_partitions_day_is_refused_with_the_rows_counted
 
 
 def test_the_first_and_last_second_of_the_day_belong_to_it(world_copy):
-    path = _first_file(world_copy, "engagements", "2026-01-02")
+    path = first_file(world_copy, "engagements", "2026-01-02")
     start = S.day_start_ts(S.parse_day("2026-01-02"))
-    _damage(path, "ts", [0], start)
-    _damage(path, "ts", [1], start + S.SECONDS_PER_DAY - 1)
-    assert _read_all(world_copy, "engagements", days=("2026-01-02", "2026-01-02")).stats.rows_emitted > 0
+    damage(path, "ts", [0], start)
+    damage(path, "ts", [1], start + S.SECONDS_PER_DAY - 1)
+    day = ("2026-01-02", "2026-01-02")
+    assert read_all(world_copy, "engagements", days=day).stats.rows_emitted > 0
 
 
 # -- 5. codes and ids outside their vocabulary ------------------------------------------------
@@ -241,17 +224,17 @@ def test_a_code_outside_its_vocabulary_is_refused_naming_file_and_column(world_c
         rows = np.flatnonzero(pq.read_table(path).column("is_ad").to_numpy())[:2]
     else:
         rows = [1, 2]
-    _damage(path, column, rows, value)
+    damage(path, column, rows, value)
     _refused(world_copy, rf"{path}: column '{column}' has 2 {what} \(table {table}\)", table)
 
 
 def test_ids_beyond_their_table_are_hashed_counted_and_never_reach_a_lookup(world_copy):
-    path = _first_file(world_copy, "ad_events", "2026-01-04")
-    _damage(path, "user_id", [0, 1, 2], 10**9)
-    _damage(path, "advertiser_id", [3, 4], 10**6)
-    _damage(path, "campaign_id", [5], 10**7)
+    path = first_file(world_copy, "ad_events", "2026-01-04")
+    damage(path, "user_id", [0, 1, 2], 10**9)
+    damage(path, "advertiser_id", [3, 4], 10**6)
+    damage(path, "campaign_id", [5], 10**7)
     vocab = SourceTables(world_copy).vocab()
-    r = ExampleReader(world_copy, "ad_events", config=SMALL)
+    r = ExampleReader(world_copy, "ad_events", config=SMALL_READER)
     for b in r:
         for key in b.sparse.keys():
             ids = b.sparse[key].values()
@@ -287,7 +270,7 @@ NULLS = [  # table, column
 @pytest.mark.parametrize("table,column", NULLS, ids=[f"{t}.{c}" for t, c in NULLS])
 def test_a_null_is_refused_naming_file_and_column_with_the_count(world_copy, table, column):
     path = _file(world_copy, table)
-    _damage(path, column, [0, 3, 4], None)
+    damage(path, column, [0, 3, 4], None)
     _refused(world_copy, rf"{path}: column '{column}' has 3 nulls \(table {table}\)", table)
 
 
@@ -300,7 +283,7 @@ def test_a_null_content_embedding_is_refused(world_copy):
         return t.set_column(t.schema.get_field_index("content_emb"), "content_emb",
                             pa.FixedSizeListArray.from_arrays(emb.values, S.CONTENT_DIM, mask=pa.array(mask)))
 
-    _rewrite(path, null_row)
+    rewrite(path, null_row)
     _refused(world_copy, rf"{path}: column 'content_emb' has 1 nulls \(table pins\)")
 
 
@@ -314,6 +297,6 @@ def test_organic_pins_without_an_advertiser_are_not_nulls_to_refuse(tiny_world):
 
 def test_the_generated_world_passes_every_check_with_nothing_to_repair(tiny_world):
     for table in ("engagements", "ad_events"):
-        r = _read_all(tiny_world, table)
+        r = read_all(tiny_world, table)
         assert r.stats.repaired == {} and r.stats.rows_dropped == {}, table
         assert r.stats.rows_read == r.stats.rows_emitted == SourceTables(tiny_world).num_rows(table)

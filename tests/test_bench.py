@@ -47,24 +47,26 @@ def test_derl_bench_runs_the_stack_at_its_smallest_and_writes_its_reports(tiny_w
     result = json.loads((out / "bench.json").read_text())
     assert result["suite"] == "quick" and result["command"] == "derl " + " ".join(argv)
     assert result["device"] == result["machine"]["device"] and result["errors"] == {}
-    # The headline ratio is snapshot over coupled throughput (checked exactly below); coupled
-    # runs the upstream towers in every step, so it is the slower (7.0x in the reference run).
-    assert result["decoupled_vs_coupled_ratio"] > 1 and result["decoupled_vs_coupled_scoring_ratio"] > 1
+    # The headline ratios are snapshot over coupled throughput (checked exactly below); which is
+    # faster is a measurement (results.md), not asserted here.
+    assert result["decoupled_vs_coupled_ratio"] > 0
+    assert result["decoupled_vs_coupled_scoring_ratio"] > 0
     stages = result["stages"]
     assert [r["domain"] for r in stages["upstream"]["rows"]] == ["engagement", "conversion"]
     assert all(r["steps"] == 2 for r in stages["upstream"]["rows"])
-    # The upstream benchmark's headline at the tiny world's length: both rows measured, the
-    # transformer below the plain matmul's rate (0.1-0.4 of a float32 one measured, 0.06 of a bf16
-    # one) and the ratio their quotient.
+    # The upstream benchmark's headline at the tiny world's length: both rows measured, and each
+    # ratio the quotient of its rows' rates: the transformer's over the plain matmul's (in the
+    # dtype the encoder's projections run in here), the pipeline's over the reference SASRec's.
     limits = stages["upstream"]["limits"]
     assert [r["loop"] for r in limits] == ["pipeline", "plain"]
+    pipeline, plain = limits
     up = result["upstream"]
-    assert up["seq_len"] == limits[0]["seq_len"] and up["examples_per_s"] > 0
-    assert 0 < up["fraction_of_matmul_peak"] < 1
-    # ... against a matmul in the dtype the encoder's projections run in here.
-    assert limits[1]["matmul_dtype"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
+    assert up["seq_len"] == pipeline["seq_len"] and up["examples_per_s"] > 0
+    fraction = plain["transformer_gflop_s"] / plain["matmul_gflop_s"]
+    assert up["fraction_of_matmul_peak"] == round(fraction, 4) > 0
+    assert plain["matmul_dtype"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
     assert result["upstream_vs_sasrec_ratio"] == round(
-        limits[0]["examples_per_s"] / limits[1]["sasrec_examples_per_s"], 3)
+        pipeline["examples_per_s"] / plain["sasrec_examples_per_s"], 3)
     assert "Upstream at sequence length" in (out / "bench.md").read_text()
     assert [r["domain"] for r in stages["export"]["rows"]] == ["engagement", "conversion"]
     users = len(SourceTables(tiny_world).read("users", columns=["user_id"]))

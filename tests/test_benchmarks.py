@@ -1,6 +1,8 @@
-"""Benchmarks: the upstream step-time breakdown adds up; the headroom table orders its predictors."""
+"""Benchmarks: the upstream step-time breakdown; the headroom table orders its predictors."""
 
 from __future__ import annotations
+
+import pytest
 
 from derl.benchmarks import upstream_bench
 from derl.launchers import dist as derl_dist
@@ -14,11 +16,13 @@ def test_upstream_worker_times_and_breaks_down_a_plain_step(tiny_world, tmp_path
             "profile_steps": 1}
     r = derl_dist.launch(upstream_bench._worker, 1, spec)
     assert 0 < r["mean_seq"] <= 8 and r["peak_rss_mb"] > 100  # torch and torchrec alone take more
-    # Measured on this model (d 16, 1 layer, sequences of up to 8): embedding 19-20 %, transformer
-    # 15 %, waiting for data 1-7 %, the rest (towers, loss, optimizer) about 60 %. The scopes are
-    # disjoint, so the three named shares leave a real remainder.
-    assert r["embedding_%"] > 5 and r["transformer_%"] > 5 and 0 <= r["data_%"] < 30
-    assert r["embedding_%"] + r["transformer_%"] + r["data_%"] < 80
+    # The breakdown's behaviour, not its figures (those move with the machine's load): both model
+    # scopes were reached, and the scopes are disjoint, so their shares and the rest (towers,
+    # loss, optimizer) split the profiled step, none below 0.
+    shares = {scope: r[f"{scope}_%"] for scope in ("embedding", "transformer", "data", "rest")}
+    assert shares["embedding"] > 0 and shares["transformer"] > 0 and r["profiled_step_ms"] > 0
+    assert all(0 <= share <= 100 for share in shares.values()), shares
+    assert sum(shares.values()) == pytest.approx(100)
 
 
 def test_headroom_sets_the_snapshot_between_base_rate_and_the_world_truth(tiny_pipeline, tmp_path):

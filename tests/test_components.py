@@ -2,9 +2,10 @@
 (dryruns through the torchx runner, parsed as `torchx run` parses them), and real 2-rank local
 runs of train-upstream and export under the `local_cwd` scheduler."""
 
-import os
+import dataclasses
 import re
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,25 +15,12 @@ from torchx.runner import get_runner
 from torchx.specs import AppState, named_resources
 from torchx.specs.file_linter import validate
 
-from derl.launchers import components
+from derl.launchers import cli, components
+from derl.launchers.registry import REGISTRY
 from helpers import SMALL
 
 COMPONENTS_FILE = Path(components.__file__).resolve()
 
-# Pass-through flags per stage (only parsed by the stage, never by torchx).
-STAGE_ARGS = {
-    "generate": ["--out", "/data/world", "--preset", "tiny", "--seed", "3"],
-    "train-upstream": ["--data", "/data/world", "--out", "/data/runs/up", "--domain", "conversion",
-                       "--max-steps", "5"],
-    "export": ["--data", "/data/world", "--upstream", "engagement=/data/runs/up", "--out",
-               "/data/snap", "--previous", "latest"],
-    "train-downstream": ["--data", "/data/world", "--snapshots", "/data/snap", "--out",
-                         "/data/runs/down", "--upstream", "snapshot"],
-    "evaluate": ["--data", "/data/world", "--runs", "base=/data/runs/base", "snap=/data/runs/down",
-                 "--baseline", "base", "--out", "/data/report"],
-    "bench": ["--suite", "quick", "--out", "/data/bench"],
-    "pipeline": ["--workdir", "/data/pipe", "--preset", "tiny"],
-}
 IMAGE = "registry.example.com/derl:test"
 ENV = {"DERL_TEST": "1", "FOO": "bar"}
 
@@ -41,19 +29,32 @@ def _component(stage: str) -> str:
     return f"{COMPONENTS_FILE}:{components.COMPONENTS[stage].__name__}"
 
 
+def _usage(stage: str) -> list:
+    """The `torchx run` line of the component's docstring ("Usage: ..."), as arguments."""
+    (line,) = [line for line in components.COMPONENTS[stage].__doc__.splitlines()
+               if line.strip().startswith("Usage:")]
+    return shlex.split(line.split("Usage:", 1)[1])
+
+
+def _stage_args(stage: str) -> list:
+    """The stage's own flags in its documented usage (after `--`): the dry runs pass them on."""
+    usage = _usage(stage)
+    return usage[usage.index("--") + 1:]
+
+
 def _cli_args(stage: str) -> list:
     """Component flags as given to `torchx run`, then `--` and the stage's own flags."""
     args = ["--image", IMAGE, "--cpu", "8", "--memMB", "32768", "--env", "DERL_TEST=1,FOO=bar"]
-    if stage in components.DISTRIBUTED:
+    if REGISTRY[stage].distributed:
         args += ["--nnodes", "2", "--nproc_per_node", "4", "--gpu", "4"]
-    return args + ["--", *STAGE_ARGS[stage]]
+    return args + ["--", *_stage_args(stage)]
 
 
 def _check_entrypoint(stage: str, entrypoint: str, args: list) -> None:
     """The job runs `derl <stage> <pass-through args>`: through derl's torchrun on 2 hosts x 4
     ranks for the distributed stages, as one plain python process for the others."""
-    tail = ["-m", "derl.launchers.cli", stage, *STAGE_ARGS[stage]]
-    if stage in components.DISTRIBUTED:
+    tail = ["-m", "derl.launchers.cli", stage, *_stage_args(stage)]
+    if REGISTRY[stage].distributed:
         assert entrypoint == "bash" and args[0] == "-c"
         cmd = shlex.split(args[1])
         launcher = ["python", "-m", "derl.launchers.torchrun"]
@@ -73,12 +74,40 @@ def _check_env(env: dict) -> None:
     assert {k: env[k] for k in ENV} == ENV
 
 
-@pytest.mark.parametrize("stage", list(components.COMPONENTS))
+def test_each_registered_stage_module_runs_from_its_config():
+    for spec in REGISTRY.values():
+        if spec.module is None:  # generate, bench: their flags and handler are the CLI's own
+            continue
+        assert callable(spec.entry().validate) and callable(spec.entry().run)
+        fields = {f.name for f in dataclasses.fields(spec.config_class())}
+        assert "nproc" in fields or not spec.distributed, f"{spec.name}: no --nproc for its ranks"
+
+
+def test_the_components_load_without_torch():
+    """torchx imports the components file on the submitting host, which need not have torch."""
+    code = ("import importlib.util, sys; sys.modules['torch'] = None; "
+            f"spec = importlib.util.spec_from_file_location('c', {str(COMPONENTS_FILE)!r}); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("stage", list(REGISTRY))
 def test_components_pass_the_torchx_linter(stage):
-    assert validate(str(COMPONENTS_FILE), components.COMPONENTS[stage].__name__) == []
+    assert validate(str(COMPONENTS_FILE), REGISTRY[stage].component) == []
 
 
-@pytest.mark.parametrize("stage", list(components.COMPONENTS))
+@pytest.mark.parametrize("stage", list(REGISTRY))
+def test_each_components_documented_usage_runs_it_with_flags_its_stage_parses(stage):
+    usage = _usage(stage)
+    assert usage[:4] == ["torchx", "run", "-s", "local_cwd"]
+    assert usage[4] == f"launchers/components.py:{REGISTRY[stage].component}"
+    args = cli.build_parser().parse_args([stage, *_stage_args(stage)])
+    assert args.command == stage
+    if REGISTRY[stage].config is not None:  # the subcommand generated from the registry's entry
+        assert args.handler.spec == REGISTRY[stage]
+
+
+@pytest.mark.parametrize("stage", list(REGISTRY))
 def test_kubernetes_dryrun_submits_image_resources_replicas_env_and_stage_args(stage):
     from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
 
@@ -88,7 +117,7 @@ def test_kubernetes_dryrun_submits_image_resources_replicas_env_and_stage_args(s
     job = sanitize_for_serialization(info.request.resource)
     assert job["kind"] == "Job" and job["spec"]["queue"] == "derl"
     tasks = job["spec"]["tasks"]
-    distributed = stage in components.DISTRIBUTED
+    distributed = REGISTRY[stage].distributed
     assert len(tasks) == (2 if distributed else 1)
     assert all(t["replicas"] == 1 for t in tasks)  # one Volcano task per host
     for task in tasks:
@@ -101,13 +130,13 @@ def test_kubernetes_dryrun_submits_image_resources_replicas_env_and_stage_args(s
         _check_entrypoint(stage, container["command"][0], container["command"][1:])
 
 
-@pytest.mark.parametrize("stage", list(components.COMPONENTS))
+@pytest.mark.parametrize("stage", list(REGISTRY))
 def test_slurm_dryrun_submits_resources_replicas_env_and_stage_args(stage):
     with get_runner("derl-test") as runner:
         info = runner.dryrun_component(_component(stage), _cli_args(stage), "slurm",
                                        cfg={"partition": "gpu", "time": "1:00:00"})
     replicas = info.request.replicas
-    distributed = stage in components.DISTRIBUTED
+    distributed = REGISTRY[stage].distributed
     assert len(replicas) == (2 if distributed else 1)  # one heterogeneous group per host
     for replica in replicas.values():
         opts = replica.sbatch_opts
@@ -155,15 +184,6 @@ def _run_local(runner, stage: str, nproc: int, stage_args: list, log_dir: Path,
         logs = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-4000:]}"
                          for p in sorted(log_dir.rglob("*.log")))
         raise AssertionError(f"{stage} under local_cwd: {status}\n{logs}")
-
-
-@pytest.fixture(scope="module")
-def local_runner():
-    # local_cwd starts `torchrun` / `python` from PATH: this interpreter's, as an activated venv.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-        with get_runner("derl-test") as runner:
-            yield runner
 
 
 @pytest.fixture(scope="module")

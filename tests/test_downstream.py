@@ -346,7 +346,7 @@ def test_vectors_that_carry_affinity_make_snapshot_beat_none(tiny_pipeline, tmp_
     learned upstream's vectors give +0.05 % [-0.12 %, +0.22 %] here, within the noise of the
     92 clicks of the evaluation day (docs/results.md, "Downstream": the demo world resolves it)."""
     from derl.datapipes.world import latent_state
-    from derl.launchers.presets import PRESETS
+    from derl.launchers.presets import STAGE_PRESETS
 
     learned = Snapshot(tiny_pipeline / "snapshots")
     users, pins = latent_state(tiny_pipeline / "world", learned.version)
@@ -357,7 +357,7 @@ def test_vectors_that_carry_affinity_make_snapshot_beat_none(tiny_pipeline, tmp_
                     "engagement/pins": (pin_ids, pins[pin_ids])}, dim=users.shape[1])
     derl("train-downstream", "--data", str(tiny_pipeline / "world"), "--snapshots", str(tmp_path / "truth"),
          "--out", str(tmp_path / "ranker"), "--upstream", "snapshot", "--vectors", "user_pin",
-         *to_flags(TrainDownstreamConfig, PRESETS["tiny"].downstream))
+         *to_flags(TrainDownstreamConfig, STAGE_PRESETS["tiny"].downstream))
     derl("evaluate", "--runs", f"none={tiny_pipeline / 'downstream' / 'none'}",
          f"snapshot={tmp_path / 'ranker'}", "--out", str(tmp_path / "eval"))
     report = json.loads((tmp_path / "eval" / "report.json").read_text())

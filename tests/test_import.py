@@ -4,7 +4,6 @@ every bad input is refused by file and line, or dropped and counted (docs/import
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import re
 from pathlib import Path
@@ -19,64 +18,12 @@ from derl.datapipes.importers import REPORT, ImportOptions, import_world, writer
 from derl.datapipes.importers.seq_lines import item_days
 from derl.datapipes.sequences import SequenceBuffer, sequences_as_of
 from derl.datapipes.sources import DataError, SourceTables
-from derl.datapipes.world import PRESETS, WORLD_META, generate, latent_state
+from derl.datapipes.world import WORLD_PRESETS, WORLD_META, generate, latent_state
+from helpers import AD_DAYS, china_unix, derl, taobao_ad_files
 
-CHINA = dt.timezone(dt.timedelta(hours=8))
 # Small blocks and row groups, so that a day's rows arrive in many chunks, out of time order.
 SMALL = ImportOptions(block_bytes=4096, row_group_size=64)
-AD_DAYS = [f"2017-05-{d:02d}" for d in range(6, 14)]
-PIDS = ["430548_1007", "430539_1007"]
-TINY = dataclasses.replace(PRESETS["tiny"], num_users=50, num_pins=100, num_days=2)
-
-
-def _unix(day: str, seconds: int) -> int:
-    """Unix seconds of `seconds` after 00:00 China time of `day`."""
-    return int(dt.datetime.fromisoformat(day).replace(tzinfo=CHINA).timestamp()) + seconds
-
-
-def _csv(path: Path, header, rows) -> Path:
-    lines = ([header] if header else []) + [",".join(str(v) for v in r) for r in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def taobao_ad_files(folder: Path, seed: int = 0) -> dict:
-    """The four Ali_Display_Ad_Click files, small: every day of 2017-05-06..13 has organic and ad
-    rows; rows outside the windows, a NULL brand, empty profile codes, an ad without a feature
-    row and two duplicate impressions (one whose copies disagree on the click) are planted.
-    Returns the rows as written."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    ads = [(11 + i, 501 + i % 3, 7001 + i % 4, 90 + i % 3, "NULL" if i == 5 else 3001 + i % 2, 9.5 + i)
-           for i in range(8)]
-    _csv(folder / "ad_feature.csv", "adgroup_id,cate_id,campaign_id,customer,brand,price", ads)
-    profile = [(u, u % 5, u % 3, 1 + u % 2, u % 7, "" if u % 4 == 0 else 1 + u % 3, 1 + u % 3, u % 2,
-                "" if u % 6 == 0 else 2) for u in range(1, 41)]  # users 41..50 have none
-    _csv(folder / "user_profile.csv", "userid,cms_segid,cms_group_id,final_gender_code,age_level,"
-         "pvalue_level,shopping_level,occupation,new_user_class_level ", profile)  # the real trailing space
-    pairs = [(501, 3001), (502, 3002), (503, 3001), (504, 3005), (505, "NULL")]
-    behavior = []
-    for day in AD_DAYS:
-        for _ in range(60):
-            cate, brand = pairs[rng.integers(len(pairs))]
-            behavior.append((int(rng.integers(1, 51)), _unix(day, int(rng.integers(0, 86400))),
-                             ["pv", "pv", "pv", "cart", "fav", "buy"][rng.integers(6)], cate, brand))
-    behavior += [(3, _unix("2017-04-21", 100), "pv", 501, 3001), (4, _unix("2017-05-14", 5), "buy", 502, 3002)]
-    behavior = [behavior[i] for i in rng.permutation(len(behavior))]  # the real log is not in time order
-    _csv(folder / "behavior_log.csv", "user,time_stamp,btag,cate,brand", behavior)
-    impressions = []
-    for day in AD_DAYS:
-        for _ in range(30):
-            clk = int(rng.random() < 0.2)
-            impressions.append((int(rng.integers(1, 56)), _unix(day, int(rng.integers(0, 86400))),
-                                int(rng.integers(11, 19)), PIDS[rng.integers(2)], 1 - clk, clk))
-    impressions.append((7, _unix("2017-05-07", 50), 99, PIDS[0], 1, 0))  # adgroup 99: no feature row
-    impressions.append((8, _unix("2017-05-05", 50), 12, PIDS[0], 1, 0))  # before the impressions' window
-    u, t, a, p, _, _ = impressions[3]
-    impressions.insert(10, (u, t, a, p, 1, 0))  # the same impression twice, unclicked
-    impressions.insert(20, (u, t, a, p, 0, 1))  # ... and a third time, clicked: the copies disagree
-    _csv(folder / "raw_sample.csv", "user,time_stamp,adgroup_id,pid,nonclk,clk", impressions)
-    return {"ads": ads, "profile": profile, "behavior": behavior, "impressions": impressions}
+TINY = dataclasses.replace(WORLD_PRESETS["tiny"], num_users=50, num_pins=100, num_days=2)
 
 
 def _table(root: Path, name: str) -> pd.DataFrame:
@@ -141,7 +88,8 @@ def test_a_taobao_ad_import_is_a_world_every_reader_takes(taobao_world):
     assert np.allclose(np.linalg.norm(np.stack(pins.content_emb), axis=1), 1, atol=1e-5)
     # Each impression is one row whose request_id is its row number in raw_sample.csv.
     assert ads.request_id.is_unique
-    assert ads.ts.between(_unix(AD_DAYS[0], 0) + 28800, _unix(AD_DAYS[-1], 86400) + 28800 - 1).all()
+    first, end = china_unix(AD_DAYS[0], 0), china_unix(AD_DAYS[-1], 86400)
+    assert ads.ts.between(first + 28800, end + 28800 - 1).all()
     assert report["dropped"]["ad_without_feature"] == {"raw_sample": 1}
     assert report["dropped"]["duplicate_impression"] == {"ad_events": 2}
     assert report["repaired"]["duplicate_clicks_disagree_kept_clicked"] == {"ad_events": 1}
@@ -158,7 +106,7 @@ def test_a_taobao_ad_import_is_a_world_every_reader_takes(taobao_world):
     assert dict(zip(eng.source_action, eng.action)) == {"pv": 2, "fav": 3, "cart": 4, "buy": 4}
     got = sorted(zip(eng.user_id.map(users.source_user_id), eng.ts - 28800, eng.source_action))
     assert got == sorted((r[0], r[1], r[2]) for r in rows["behavior"]
-                         if _unix(AD_DAYS[0], 0) <= r[1] < _unix(AD_DAYS[-1], 86400))
+                         if china_unix(AD_DAYS[0], 0) <= r[1] < china_unix(AD_DAYS[-1], 86400))
     # Profiles: country, age and gender from user_profile; users without one get 0, counted.
     prof = {p[0]: p for p in rows["profile"]}
     for r in users.itertuples():
@@ -296,8 +244,9 @@ def test_a_failed_import_leaves_nothing_behind(tmp_path):
 
 # -- bad input: each refused naming file and line --------------------------------------------
 
+TS = china_unix("2017-05-06", 10)  # inside both windows
 BEHAVIOR_HEADER = "user,time_stamp,btag,cate,brand"
-GOOD_ROW = f"1,{_unix('2017-05-06', 10)},pv,501,3001"
+GOOD_ROW = f"1,{TS},pv,501,3001"
 
 
 @pytest.mark.parametrize("lines, line, message", [
@@ -319,14 +268,14 @@ def test_a_bad_behaviour_log_is_refused_naming_file_and_line(tmp_path, lines, li
 
 
 RAW_HEADER = "user,time_stamp,adgroup_id,pid,nonclk,clk"
-RAW_ROW = f"1,{_unix('2017-05-06', 10)},11,430548_1007,1,0"
+RAW_ROW = f"1,{TS},11,430548_1007,1,0"
 
 
 @pytest.mark.parametrize("bad, message", [
-    (f"1,{_unix('2017-05-06', 10)},11,430548_1007,0,2", "column 'clk': 2 is not a click label"),
-    (f"1,{_unix('2017-05-06', 10)},11,430548_1007,1,1", "nonclk 1 and clk 1: exactly one"),
-    (f"1,{_unix('2017-05-06', 10)},11,999_1007,1,0", r"column 'pid': unknown placement \(pid\) '999_1007'"),
-    (f"1,{_unix('2017-05-06', 10)},11.5,430548_1007,1,0", "column 'adgroup_id': '11.5' is not an integer"),
+    (f"1,{TS},11,430548_1007,0,2", "column 'clk': 2 is not a click label"),
+    (f"1,{TS},11,430548_1007,1,1", "nonclk 1 and clk 1: exactly one"),
+    (f"1,{TS},11,999_1007,1,0", r"column 'pid': unknown placement \(pid\) '999_1007'"),
+    (f"1,{TS},11.5,430548_1007,1,0", "column 'adgroup_id': '11.5' is not an integer"),
 ], ids=["click-outside-0-1", "click-and-no-click", "unknown-pid", "fractional-id"])
 def test_a_bad_impression_is_refused_naming_file_and_line(tmp_path, bad, message):
     taobao_ad_files(tmp_path / "files")
@@ -469,8 +418,6 @@ def test_seq_lines_times_keep_each_users_order_and_put_the_last_item_on_the_last
 
 @pytest.mark.slow
 def test_derl_import_writes_a_world_and_prints_a_summary(tmp_path):
-    from helpers import derl
-
     taobao_ad_files(tmp_path / "files")
     proc = derl("import", "taobao-ad", "--input", str(tmp_path / "files"), "--out", str(tmp_path / "w"),
                 "--sample-users", "0.8", "--seed", "3")

@@ -1,4 +1,4 @@
-"""`derl import` on inputs an audit tried (issue 38): a copy of an input, compressed inputs, a
+"""`derl import` on inputs an audit tried: a copy of an input, compressed inputs, a
 very long line, a quoted field across lines, a time out of range. Each is read as it should be,
 or refused in one line naming the file and the line (docs/bad-inputs.md#import-hardening)."""
 
@@ -16,6 +16,7 @@ import pytest
 
 from derl.datapipes.importers import import_world
 from derl.datapipes.sources import DataError
+from helpers import derl, taobao_ad_files
 
 # MovieLens u.data rows over three days (1997-09-20..22, UTC), each day with ratings.
 RATINGS = [(1, 10, 5, 874_800_000), (1, 11, 3, 874_800_100), (2, 10, 1, 874_886_400),
@@ -51,8 +52,6 @@ def test_the_same_content_under_two_names_is_refused_naming_both(tmp_path):
     report = import_world("movielens", [tmp_path / "u.data", tmp_path / "copy.data"], tmp_path / "w")
     assert report["rows"]["engagements"] == 2 * len(RATINGS)
     # A copy of a keyed table is named a copy too, not a file of repeated keys.
-    from test_import import taobao_ad_files
-
     taobao_ad_files(tmp_path / "files")
     shutil.copy(tmp_path / "files" / "ad_feature.csv", tmp_path / "files" / "ad_copy.csv")
     with pytest.raises(DataError, match=r"ad_feature.csv: the same content as .*ad_copy.csv"):
@@ -75,8 +74,6 @@ def test_compressed_inputs_are_read_by_their_first_bytes_whatever_their_name(tmp
         assert entry["sha256"] != entry["text_sha256"]
     assert plain["inputs"][0]["compression"] is None
     # A header inside a compressed file is recognised: taobao-ad's files by theirs.
-    from test_import import taobao_ad_files
-
     taobao_ad_files(tmp_path / "files")
     log = tmp_path / "files" / "behavior_log.csv"
     log.with_suffix(".gz").write_bytes(gzip.compress(log.read_bytes()))
@@ -158,8 +155,6 @@ def test_a_time_out_of_range_is_refused_naming_file_line_and_column(tmp_path, fm
 
 @pytest.mark.slow
 def test_derl_import_of_a_time_of_1e300_ends_in_one_line_and_exit_2(tmp_path):
-    from helpers import derl
-
     (tmp_path / "u.data").write_text("1\t10\t5\t874800000\n1\t11\t4\t1e300\n")
     proc = derl("import", "movielens", "--input", str(tmp_path / "u.data"), "--out", str(tmp_path / "w"),
                 check=False)

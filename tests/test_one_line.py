@@ -1,4 +1,4 @@
-"""One line per failure, and quiet output (issue 38, "What" 5 and 6).
+"""One line per failure, and quiet output.
 
 Every failure here ends in one line of derl's own (`derl <stage>: ...`) with exit 2, or 130 for
 Ctrl-C, and no traceback; a stage on the tiny world prints no library warning. Fast: the flag

@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from derl.datapipes.snapshots import Snapshot
-from derl.datapipes.world import PRESETS, WORLD_META, generate, read_world_id
+from derl.datapipes.world import WORLD_PRESETS, WORLD_META, generate, read_world_id
 from derl.launchers import cli, evaluate, runs
 from derl.launchers.config import from_args, to_flags
+from derl.launchers.registry import REGISTRY
 from derl.launchers.settings import EvaluateConfig, TrainUpstreamConfig
 from helpers import derl
 
@@ -28,21 +29,22 @@ from helpers import derl
 def other_world(tmp_path_factory) -> Path:
     """The tiny preset with seed 1: the same days and table sizes, another world."""
     out = tmp_path_factory.mktemp("worlds") / "tiny-seed-1"
-    generate(out, PRESETS["tiny"], seed=1)
+    generate(out, WORLD_PRESETS["tiny"], seed=1)
     return out
 
 
 def _validate(stage: str, *flags) -> None:
     """A stage's checks before any worker starts, on its flags as the CLI parses them."""
-    command = cli.STAGES[stage]
-    command.validate(from_args(command.config, cli.build_parser().parse_args([stage, *map(str, flags)])))
+    spec = REGISTRY[stage]
+    args = cli.build_parser().parse_args([stage, *map(str, flags)])
+    spec.entry().validate(from_args(spec.config_class(), args))
 
 
 # --- what each artefact records ---------------------------------------------------------------
 
 def test_a_world_id_is_the_same_for_the_same_world_and_another_for_another(tiny_world, other_world, tmp_path):
     again = tmp_path / "again"
-    generate(again, PRESETS["tiny"], seed=0)
+    generate(again, WORLD_PRESETS["tiny"], seed=0)
     ids = {name: json.loads((w / WORLD_META).read_text()).get("world_id")
            for name, w in (("tiny", tiny_world), ("again", again), ("other", other_world))}
     assert ids["tiny"] and ids["tiny"] == ids["again"] != ids["other"]

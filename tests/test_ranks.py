@@ -1,5 +1,5 @@
 """Ranks that finish together: a reader's early stop never blocks, shares balanced by rows, as
-many rows trained on 2 ranks as on 1, the README's TorchX walkthrough to the end, and one rank's
+many rows trained on 2 ranks as on 1, docs/usage.md's TorchX walkthrough to the end, and one rank's
 data error as the same one line as on one rank."""
 
 import json
@@ -13,16 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bad_sources import _damage
 
 from derl.datapipes.readers import _prefetched
 from derl.datapipes.sources import DataError, SourceTables, shard_units
 from derl.datapipes.splits import default_split
 from derl.launchers import dist as derl_dist
-from helpers import DOWN, derl
-from test_components import local_runner  # noqa: F401 (the TorchX runner fixture)
+from helpers import DOWN, damage, derl
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+USAGE = REPO / "docs" / "usage.md"  # its TorchX walkthrough is run as written
 
 
 @pytest.mark.parametrize("last", ["end", "error"])
@@ -78,24 +77,24 @@ def _steps_x_ranks(world: Path, out: Path, nproc: int) -> int:
     return m["steps"] * m["world_size"]
 
 
-def _readme_torchx_commands(work: Path) -> list:
-    """The README's `torchx run -s local_cwd` walkthrough, as (component, args), `work/` in `work`."""
-    section = README.read_text().split("## Launching on a cluster (TorchX)")[1]
+def _usage_torchx_commands(work: Path) -> list:
+    """docs/usage.md's `torchx run -s local_cwd` walkthrough, as (component, args), `work/` in `work`."""
+    section = USAGE.read_text().split("## Launching on a cluster (TorchX)")[1]
     block = section.split("```bash")[1].split("\n\n")[0].replace("\\\n", " ")
     commands = []
     for line in block.splitlines():
         args = shlex.split(line)
         if args[:4] != ["torchx", "run", "-s", "local_cwd"]:
             continue
-        component = args[4].replace("launchers/components.py", str(README.parent / "launchers" / "components.py"))
+        component = args[4].replace("launchers/components.py", str(REPO / "launchers" / "components.py"))
         commands.append((component, [re.sub(r"(^|=)work/", rf"\g<1>{work}/", a) for a in args[5:]]))
     return commands
 
 
-def test_the_readmes_torchx_walkthrough_runs_to_the_end(local_runner, tmp_path):
+def test_the_usage_pages_torchx_walkthrough_runs_to_the_end(local_runner, tmp_path):
     from torchx.specs import AppState
 
-    commands = _readme_torchx_commands(tmp_path)
+    commands = _usage_torchx_commands(tmp_path)
     assert [c.rsplit(":", 1)[1] for c, _ in commands] == [
         "generate", "train_upstream", "export", "train_downstream", "evaluate"]
     for i, (component, args) in enumerate(commands):
@@ -117,7 +116,7 @@ def _damage_rank_1(world: Path) -> None:
     days = default_split(sources.days("engagements")).downstream_days
     for unit in shard_units(sources.units("ad_events", days), 1, 2):
         start = 4096 * unit.row_group  # the tiny world's row groups: 4096 rows, then the rest
-        _damage(unit.path, "clicked", list(range(start, start + unit.num_rows)), 2)
+        damage(unit.path, "clicked", list(range(start, start + unit.num_rows)), 2)
 
 
 ONE_LINE = r"derl train-downstream: error: \S+: column 'clicked' has \d+ labels outside \{0, 1\}"
@@ -168,8 +167,8 @@ def _stall_rank_1(_: object) -> None:
 
 @pytest.mark.slow
 def test_a_collective_that_waits_past_the_bound_fails_naming_rank_and_step(monkeypatch):
+    """Rank 1 wakes after 120 s and would then complete the collective: the error itself shows
+    that the bound, not the stall's end, stopped rank 0 (no wall-clock assertion needed)."""
     monkeypatch.setenv(derl_dist.TIMEOUT_ENV, "3")
-    t0 = time.monotonic()
     with pytest.raises(derl_dist.CollectiveTimeout, match=r"^rank 0, step 3: a collective waited more than 3 s"):
         derl_dist.launch(_stall_rank_1, 2, None)
-    assert time.monotonic() - t0 < 100  # rank 1 would stall for 120 s

@@ -9,8 +9,7 @@ import pytest
 from derl.datapipes import schema as S
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.sources import DataError
-
-SMALL = ReaderConfig(batch_size=512, shuffle_buffer=2048, prefetch=2)
+from helpers import SMALL_READER, first_file, read_all, rewrite
 
 
 def _source(root, name):
@@ -37,7 +36,7 @@ def _ad_rows(reader):
 
 
 def test_ad_batches_round_trip_ids_and_labels_exactly(tiny_world):
-    rows = _ad_rows(ExampleReader(tiny_world, "ad_events", config=SMALL))
+    rows = _ad_rows(ExampleReader(tiny_world, "ad_events", config=SMALL_READER))
     src = _source(tiny_world, "ad_events").sort_by("request_id")
     order = np.argsort(rows["request_id"])
     np.testing.assert_array_equal(rows["request_id"][order], src.column("request_id").to_numpy())
@@ -46,7 +45,7 @@ def test_ad_batches_round_trip_ids_and_labels_exactly(tiny_world):
 
 
 def test_engagement_labels_and_sequences_follow_the_source(tiny_world):
-    reader = ExampleReader(tiny_world, "engagements", config=SMALL)
+    reader = ExampleReader(tiny_world, "engagements", config=SMALL_READER)
     got = []
     seqs = _source(tiny_world, "user_sequences").to_pandas().set_index(["ds", "user_id"])
     checked = 0
@@ -80,7 +79,8 @@ def test_engagement_labels_and_sequences_follow_the_source(tiny_world):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_cover_every_row_exactly_once(tiny_world, world_size):
     shares = [
-        _ad_rows(ExampleReader(tiny_world, "ad_events", rank=r, world_size=world_size, config=SMALL))["request_id"]
+        _ad_rows(ExampleReader(tiny_world, "ad_events", rank=r, world_size=world_size,
+                               config=SMALL_READER))["request_id"]
         for r in range(world_size)
     ]
     assert all(len(s) for s in shares)
@@ -92,8 +92,8 @@ def test_ranks_cover_every_row_exactly_once(tiny_world, world_size):
 def test_shuffling_is_bounded_seeded_and_changes_per_epoch(tiny_world):
     days = ("2026-01-02", "2026-01-03")
     ids = lambda r, epoch=0: np.concatenate([b.meta["request_id"].numpy() for b in r.batches(epoch)])
-    a = ExampleReader(tiny_world, "ad_events", days, config=SMALL)
-    b = ExampleReader(tiny_world, "ad_events", days, config=SMALL)
+    a = ExampleReader(tiny_world, "ad_events", days, config=SMALL_READER)
+    b = ExampleReader(tiny_world, "ad_events", days, config=SMALL_READER)
     unshuffled = ExampleReader(tiny_world, "ad_events", days, config=ReaderConfig(batch_size=512, shuffle_buffer=0))
     first = ids(a)
     np.testing.assert_array_equal(first, ids(b))  # same seed, same order
@@ -108,7 +108,7 @@ def test_shuffling_is_bounded_seeded_and_changes_per_epoch(tiny_world):
 
 
 def test_skip_resumes_mid_epoch(tiny_world):
-    r = ExampleReader(tiny_world, "ad_events", config=SMALL)
+    r = ExampleReader(tiny_world, "ad_events", config=SMALL_READER)
     full = [b.meta["request_id"].numpy() for b in r.batches(epoch=0)]
     rest = [b.meta["request_id"].numpy() for b in r.batches(epoch=0, skip=5)]
     assert len(rest) == len(full) - 5
@@ -116,7 +116,7 @@ def test_skip_resumes_mid_epoch(tiny_world):
 
 
 def test_day_range_is_respected(tiny_world):
-    r = ExampleReader(tiny_world, "ad_events", ("2026-01-03", "2026-01-04"), config=SMALL)
+    r = ExampleReader(tiny_world, "ad_events", ("2026-01-03", "2026-01-04"), config=SMALL_READER)
     ts = np.concatenate([b.meta["ts"].numpy() for b in r])
     days = set(np.unique(ts.astype("datetime64[s]").astype("datetime64[D]")).astype(str))
     assert days == {"2026-01-03", "2026-01-04"}
@@ -131,48 +131,34 @@ def test_drop_last_is_counted(tiny_world):
 
 # -- bad input ------------------------------------------------------------------------------
 
-def _first_file(root, table, day="2026-01-02"):
-    return sorted((root / table / f"ds={day}").glob("*.parquet"))[0]
-
-
-def _rewrite(path, fn):
-    pq.write_table(fn(pq.read_table(path)), path, row_group_size=4096)
-
-
-def _read_all(root, table="ad_events", **kw):
-    r = ExampleReader(root, table, config=SMALL, **kw)
-    for _ in r:
-        pass
-    return r
-
-
 def test_missing_column_names_file_and_column(world_copy):
-    path = _first_file(world_copy, "ad_events")
-    _rewrite(path, lambda t: t.drop(["clicked"]))
+    path = first_file(world_copy, "ad_events")
+    rewrite(path, lambda t: t.drop(["clicked"]))
     with pytest.raises(DataError, match=rf"{path}.*missing column 'clicked'"):
-        _read_all(world_copy)
+        read_all(world_copy)
 
 
 def test_wrong_type_names_file_and_column(world_copy):
-    path = _first_file(world_copy, "engagements")
-    _rewrite(path, lambda t: t.set_column(t.schema.get_field_index("ts"), "ts", t.column("ts").cast(pa.float64())))
+    path = first_file(world_copy, "engagements")
+    rewrite(path, lambda t: t.set_column(t.schema.get_field_index("ts"), "ts",
+                                         t.column("ts").cast(pa.float64())))
     with pytest.raises(DataError, match=rf"{path}.*'ts' has type double, expected int64"):
-        _read_all(world_copy, "engagements")
+        read_all(world_copy, "engagements")
 
 
 def test_corrupt_parquet_is_named(world_copy):
-    path = _first_file(world_copy, "ad_events")
+    path = first_file(world_copy, "ad_events")
     path.write_bytes(path.read_bytes()[: 200])
     with pytest.raises(DataError, match=rf"{path}: not a readable Parquet file"):
-        _read_all(world_copy)
+        read_all(world_copy)
 
 
 def test_negative_id_is_an_error(world_copy):
-    path = _first_file(world_copy, "ad_events")
-    _rewrite(path, lambda t: t.set_column(t.schema.get_field_index("pin_id"), "pin_id",
+    path = first_file(world_copy, "ad_events")
+    rewrite(path, lambda t: t.set_column(t.schema.get_field_index("pin_id"), "pin_id",
                                           pa.array(np.where(np.arange(t.num_rows) == 3, -7, t.column("pin_id").to_numpy()))))
     with pytest.raises(DataError, match=rf"{path}: column 'pin_id' has 1 negative values \(table ad_events\)"):
-        _read_all(world_copy)
+        read_all(world_copy)
 
 
 def test_nan_content_embedding_is_replaced_and_counted(world_copy):
@@ -185,8 +171,8 @@ def test_nan_content_embedding_is_replaced_and_counted(world_copy):
         return t.set_column(t.schema.get_field_index("content_emb"), "content_emb",
                             pa.FixedSizeListArray.from_arrays(pa.array(flat), S.CONTENT_DIM))
 
-    _rewrite(path, poison)
-    r = _read_all(world_copy)
+    rewrite(path, poison)
+    r = read_all(world_copy)
     assert r.stats.repaired["content_emb_nan"] == 2
     assert np.isfinite(r.joiner.entities.content).all()
 
@@ -197,35 +183,35 @@ def test_empty_day_range_names_the_table_and_what_exists(tiny_world):
 
 
 def test_labels_outside_0_1_are_an_error(world_copy):
-    path = _first_file(world_copy, "ad_events")
-    _rewrite(path, lambda t: t.set_column(t.schema.get_field_index("clicked"), "clicked",
+    path = first_file(world_copy, "ad_events")
+    rewrite(path, lambda t: t.set_column(t.schema.get_field_index("clicked"), "clicked",
                                           pa.array(np.full(t.num_rows, 2, np.int8))))
     with pytest.raises(DataError, match=rf"{path}: column 'clicked' has \d+ labels outside"):
-        _read_all(world_copy)
+        read_all(world_copy)
 
 
 def test_conversion_without_click_is_repaired_and_counted(world_copy):
-    path = _first_file(world_copy, "ad_events")
-    _rewrite(path, lambda t: t.set_column(t.schema.get_field_index("converted"), "converted",
+    path = first_file(world_copy, "ad_events")
+    rewrite(path, lambda t: t.set_column(t.schema.get_field_index("converted"), "converted",
                                           pa.array(np.where(np.arange(t.num_rows) < 10, 1, t.column("converted").to_numpy()).astype(np.int8))))
     clicked_among_first = pq.read_table(path).column("clicked").to_numpy()[:10].sum()
-    r = _read_all(world_copy)
+    r = read_all(world_copy)
     assert r.stats.repaired["converted_without_click"] == 10 - clicked_among_first
 
 
 def test_unknown_and_out_of_vocabulary_ids_are_kept_and_counted(world_copy):
-    path = _first_file(world_copy, "ad_events")
+    path = first_file(world_copy, "ad_events")
     n = pq.read_metadata(path).num_rows
-    _rewrite(path, lambda t: t.set_column(t.schema.get_field_index("pin_id"), "pin_id",
+    rewrite(path, lambda t: t.set_column(t.schema.get_field_index("pin_id"), "pin_id",
                                           pa.array(np.where(np.arange(t.num_rows) < 4, 10**9, t.column("pin_id").to_numpy()))))
-    r = _read_all(world_copy)
+    r = read_all(world_copy)
     assert r.stats.repaired["unknown_pin"] == 4
     assert r.stats.repaired["hashed_pin_id"] == 4
     assert r.stats.rows_emitted == r.stats.rows_read and n > 4
 
 
 def test_leaking_sequence_is_refused(world_copy):
-    path = _first_file(world_copy, "user_sequences", "2026-01-03")
+    path = first_file(world_copy, "user_sequences", "2026-01-03")
 
     def leak(t):
         ts = t.column("seq_ts").combine_chunks()
@@ -233,27 +219,28 @@ def test_leaking_sequence_is_refused(world_copy):
         vals[0] = S.day_start_ts(S.parse_day("2026-01-03")) + 60
         return t.set_column(t.schema.get_field_index("seq_ts"), "seq_ts", pa.ListArray.from_arrays(ts.offsets, pa.array(vals)))
 
-    _rewrite(path, leak)
+    rewrite(path, leak)
     with pytest.raises(DataError, match=rf"{path}: column 'seq_ts' holds engagements at or after"):
-        _read_all(world_copy, "engagements")
+        read_all(world_copy, "engagements")
 
 
 def test_corrupt_data_in_the_prefetch_thread_reaches_the_caller(world_copy):
-    path = _first_file(world_copy, "ad_events", "2026-01-05")
+    path = first_file(world_copy, "ad_events", "2026-01-05")
     chunk = pq.read_metadata(path).row_group(0).column(S.AD_EVENTS.schema.get_field_index("ts"))
     at = chunk.dictionary_page_offset or chunk.data_page_offset
     data = bytearray(path.read_bytes())
     data[at : at + 20] = b"\xff" * 20  # the page header of a column only batches read
     path.write_bytes(bytes(data))
-    r = ExampleReader(world_copy, "ad_events", config=SMALL)  # the footer is intact: no error yet
+    # The footer is intact: no error yet.
+    r = ExampleReader(world_copy, "ad_events", config=SMALL_READER)
     with pytest.raises(DataError, match=rf"{path}: corrupt Parquet data"):
         for _ in r:
             pass
 
 
 def test_every_batch_has_one_key_layout_and_the_pin_sampling_probability(tiny_world):
-    organic = next(iter(ExampleReader(tiny_world, "engagements", config=SMALL)))
-    ads = next(iter(ExampleReader(tiny_world, "ad_events", config=SMALL)))
+    organic = next(iter(ExampleReader(tiny_world, "engagements", config=SMALL_READER)))
+    ads = next(iter(ExampleReader(tiny_world, "ad_events", config=SMALL_READER)))
     assert organic.sparse.keys() == ads.sparse.keys()
     assert (organic.sparse["position"].lengths() == 0).all()
     assert (ads.sparse["position"].lengths() == 1).all()
@@ -267,7 +254,7 @@ def test_sequence_events_carry_their_pins_attributes(tiny_world):
     """Each sequence event's category and (for ads only) advertiser are its Pin's, aligned with
     seq_pin_id: the Pin tower embeds events from them exactly as it embeds candidates."""
     day = sorted(p.name[3:] for p in (tiny_world / "ad_events").iterdir())[4]  # users have histories
-    batch = next(iter(ExampleReader(tiny_world, "ad_events", (day, day), config=SMALL)))
+    batch = next(iter(ExampleReader(tiny_world, "ad_events", (day, day), config=SMALL_READER)))
     pins = _source(tiny_world, "pins")
     order = np.argsort(pins.column("pin_id").to_numpy())
     category = pins.column("category").to_numpy()[order]

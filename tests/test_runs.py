@@ -6,6 +6,7 @@ in tests/test_upstream_training.py and tests/test_downstream.py.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -14,9 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from derl.datapipes.batch import CONTEXT_FEATURES, PIN_FEATURES, SEQUENCE_FEATURES, USER_FEATURES
+from derl.datapipes.domains import DOMAINS
 from derl.launchers import cli, runs
+from derl.launchers.config import add_flags, from_args, to_flags
 from derl.launchers.finite import NonFiniteError, check_losses, require_finite
 from derl.launchers.settings import ScoreConfig, TrainDownstreamConfig, TrainUpstreamConfig
+from derl.models.downstream import RankerConfig
 
 
 def _upstream(tmp_path: Path, **kw) -> TrainUpstreamConfig:
@@ -95,6 +100,20 @@ def test_resume_of_a_run_an_older_derl_wrote_is_refused(tmp_path):
         runs.claim(_upstream(tmp_path, resume=True), runs.UPSTREAM, resume=True)
 
 
+def test_a_run_that_recorded_the_old_setting_names_still_resumes(tmp_path):
+    """Runs written before `--no-center` and `--no-bf16` took the model's names, `center_entities`
+    and `seq_bf16`, resume; a changed setting is still named by its flag."""
+    cfg = _upstream(tmp_path, center_entities=False)
+    _started(cfg)
+    config = runs.read_config(cfg.out)
+    settings = config["settings"]
+    settings["center"], settings["bf16"] = settings.pop("center_entities"), settings.pop("seq_bf16")
+    runs.write_json(cfg.out / runs.CONFIG, config)
+    runs.claim(_upstream(tmp_path, center_entities=False, resume=True), runs.UPSTREAM, resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(--no-center-entities False then, True now\)"):
+        runs.claim(_upstream(tmp_path, resume=True), runs.UPSTREAM, resume=True)
+
+
 def test_a_score_folder_is_a_run_of_its_own_kind(tmp_path):
     cfg = ScoreConfig(ranker=tmp_path / "ranker", out=tmp_path / "scores")
     _started(cfg, runs.SCORES)
@@ -166,6 +185,39 @@ def test_other_stages_name_their_bad_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert message in capsys.readouterr().err
+
+
+# Model settings: declared once, in the model's settings class; a flag of the field's own name
+
+VOCAB = {f: 10 for f in USER_FEATURES + PIN_FEATURES + SEQUENCE_FEATURES + CONTEXT_FEATURES}
+
+
+def _parsed(cls, flags):
+    parser = argparse.ArgumentParser()
+    add_flags(parser, cls)
+    return from_args(cls, parser.parse_args(flags)), {a.dest for a in parser._actions}
+
+
+def test_a_model_setting_is_the_flag_of_its_model_field_and_reaches_the_model(tmp_path):
+    cfg, flags = _parsed(TrainUpstreamConfig, [
+        "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--no-center-entities", "--no-seq-bf16",
+        "--seq-heads", "2", "--contrastive-positives", "click"])
+    model = cfg.model_config(VOCAB)
+    assert (model.center_entities, model.seq_bf16, model.seq_heads, model.contrastive_positives) == (
+        False, False, 2, ("click",))
+    assert cfg.model_config(VOCAB).tasks == DOMAINS["engagement"].tasks
+    assert not flags & {"num_embeddings", "tasks", "task_weights", "center", "bf16"}
+    default = TrainUpstreamConfig(data=tmp_path, out=tmp_path / "run", domain="conversion").model_config(VOCAB)
+    assert default.contrastive_positives == DOMAINS["conversion"].contrastive_positives
+    with pytest.raises(KeyError, match="no setting 'bf16'"):
+        to_flags(TrainUpstreamConfig, {"bf16": False})
+
+    ranker, flags = _parsed(TrainDownstreamConfig, [
+        "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--interaction", "dot", "--dense-arch", "8"])
+    assert (ranker.upstream, ranker.interaction, ranker.dense_arch) == ("snapshot", "dot", (8,))
+    assert not flags & {"num_embeddings", "tasks", "upstream_dim", "dot_temperatures", "ctr_prior", "cvr_prior"}
+    with pytest.raises(ValueError, match="--interaction must be one of dcn, dot, got 'cross'"):
+        RankerConfig(VOCAB, upstream="none", interaction="cross")
 
 
 def test_a_bad_omp_num_threads_is_named_before_any_process_group(monkeypatch):

@@ -1,4 +1,4 @@
-"""A reader holds one version (issue 38): whatever `--overwrite` swaps in and gc removes while a
+"""A reader holds one version: whatever `--overwrite` swaps in and gc removes while a
 `Snapshot` is open, every answer it gives comes from the one version it opened.
 
 Every planted generation g of version "v" spells itself: cut day 2026-01-01 + g, each user's

@@ -26,8 +26,7 @@ from derl.datapipes.snapshots import (LATEST, MANIFEST, Snapshot, SnapshotError,
                                       pin, resolve, sha256, verify, versions, write_part)
 from derl.datapipes.sources import SourceTables
 from derl.launchers import cli, faults, runs
-from helpers import derl, plant_snapshot
-from test_snapshots import _export, snapshot_root, upstream_runs  # noqa: F401  (session fixtures: trained once)
+from helpers import derl, export, plant_snapshot
 
 IDS = np.arange(5)
 ADS = (100, 101, 102)
@@ -413,7 +412,7 @@ def test_retrieval_refuses_k_below_one_and_an_empty_ad_index(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_export_stops_on_non_finite_vectors_by_domain_and_rows(upstream_runs, tiny_world, tmp_path,  # noqa: F811
+def test_export_stops_on_non_finite_vectors_by_domain_and_rows(upstream_runs, tiny_world, tmp_path,
                                                                monkeypatch, capsys):
     from derl.models.upstream import DERM
 
@@ -435,7 +434,7 @@ def test_export_stops_on_non_finite_vectors_by_domain_and_rows(upstream_runs, ti
 # --- 4. no time leaks -------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_cut_on_or_before_an_upstream_training_day_is_refused(upstream_runs, tiny_world, tmp_path,  # noqa: F811
+def test_a_cut_on_or_before_an_upstream_training_day_is_refused(upstream_runs, tiny_world, tmp_path,
                                                                 capsys):
     first, last = runs.read_config(upstream_runs["engagement"])["days"]
     for cut in (last, first):
@@ -446,8 +445,8 @@ def test_a_cut_on_or_before_an_upstream_training_day_is_refused(upstream_runs, t
 
 
 @pytest.mark.slow
-def test_a_cut_after_the_data_never_publishes_an_empty_snapshot(snapshot_root, upstream_runs, tiny_world,  # noqa: F811
-                                                                tmp_path, capsys):
+def test_a_cut_after_the_data_never_publishes_an_empty_snapshot(snapshot_root, upstream_runs,
+                                                                tiny_world, tmp_path, capsys):
     root = tmp_path / "s"
     shutil.copytree(snapshot_root, root)
     before = (root / LATEST).read_text()
@@ -503,12 +502,13 @@ def test_snapshot_and_retrieve_flags_are_checked_before_any_work(tmp_path, capsy
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ("snapshot-manifest", "snapshot-in-place"))
-def test_derl_export_overwrite_killed_at_the_commit_leaves_latest_complete(snapshot_root, upstream_runs,  # noqa: F811
-                                                                           tiny_world, tmp_path, point):
+def test_derl_export_overwrite_killed_at_the_commit_leaves_latest_complete(snapshot_root,
+                                                                           upstream_runs, tiny_world,
+                                                                           tmp_path, point):
     root = tmp_path / "s"
     shutil.copytree(snapshot_root, root)
     old = Snapshot(root).manifest
-    p = _export(tiny_world, upstream_runs, root, "--overwrite", env={"DERL_FAULT": point}, check=False)
+    p = export(tiny_world, upstream_runs, root, "--overwrite", env={"DERL_FAULT": point}, check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     now = Snapshot(root).manifest  # LATEST names a version that verifies
     assert now["version"] == old["version"]
@@ -517,7 +517,7 @@ def test_derl_export_overwrite_killed_at_the_commit_leaves_latest_complete(snaps
 
 
 @pytest.mark.slow
-def test_derl_export_overwrite_refuses_a_pinned_version(snapshot_root, upstream_runs, tiny_world,  # noqa: F811
+def test_derl_export_overwrite_refuses_a_pinned_version(snapshot_root, upstream_runs, tiny_world,
                                                         tmp_path):
     root = tmp_path / "s"
     shutil.copytree(snapshot_root, root)

@@ -19,25 +19,7 @@ from derl.datapipes.snapshots import (EmbeddingTable, Snapshot, SnapshotError, S
 from derl.datapipes.snapshots.refresh import procrustes
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
-from helpers import SMALL, derl, plant_snapshot
-
-
-@pytest.fixture(scope="session")
-def upstream_runs(tiny_world, tmp_path_factory) -> dict:
-    """Both domains, 3 steps each, trained once per session: under a fixed name in the session's
-    temporary folder, so that a module importing this fixture (test_snapshot_safety) finds them."""
-    root = tmp_path_factory.getbasetemp() / "snapshot-upstream-runs"
-    runs = {domain: root / domain for domain in ("engagement", "conversion")}
-    for domain, run in runs.items():
-        if not (run / "metrics.json").is_file():
-            derl("train-upstream", "--data", str(tiny_world), "--out", str(run),
-                 "--domain", domain, "--max-steps", "3", *SMALL)
-    return runs
-
-
-def _export(world, runs, out, *extra, **kw):
-    ups = [a for d, r in runs.items() for a in ("--upstream", f"{d}={r}")]
-    return derl("export", "--data", str(world), *ups, "--out", str(out), *extra, **kw)
+from helpers import SMALL, derl, export, plant_snapshot
 
 
 def _retained(world: Path, cut: str, days: int) -> dict:
@@ -67,15 +49,6 @@ def _retained(world: Path, cut: str, days: int) -> dict:
         if name == "pins":
             out["ads"] = np.sort(frame[col][keep & frame["is_ad"]].to_numpy())
             out["ads_dropped"] = np.sort(frame[col][~keep & frame["is_ad"]].to_numpy())
-    return out
-
-
-@pytest.fixture(scope="session")
-def snapshot_root(tiny_world, upstream_runs, tmp_path_factory) -> Path:
-    """A 2-rank export of both runs, once per session (as `upstream_runs`); tests copy it to damage it."""
-    out = tmp_path_factory.getbasetemp() / "snapshot-root" / "s"
-    if not (out / "LATEST").is_file():
-        _export(tiny_world, upstream_runs, out, "--nproc", "2", "--batch-size", "512")
     return out
 
 
@@ -115,7 +88,7 @@ def test_default_retention_keeps_every_entity_of_a_short_log(snapshot_root, tiny
 
 
 def test_one_and_two_ranks_export_the_same_vectors(snapshot_root, tiny_world, upstream_runs, tmp_path):
-    _export(tiny_world, upstream_runs, tmp_path / "one", "--nproc", "1")
+    export(tiny_world, upstream_runs, tmp_path / "one", "--nproc", "1")
     one, two = Snapshot(tmp_path / "one"), Snapshot(snapshot_root)
     for domain in ("engagement", "conversion"):
         for entity in ("users", "pins"):
@@ -156,8 +129,8 @@ def test_an_export_killed_mid_way_leaves_no_version_and_latest_untouched(
     root = tmp_path / "s"
     shutil.copytree(snapshot_root, root)
     before = (root / "LATEST").read_text()
-    p = _export(tiny_world, upstream_runs, root, "--nproc", "2", "--version", "v-killed",
-                env={"DERL_FAULT": "export-parts"}, check=False)
+    p = export(tiny_world, upstream_runs, root, "--nproc", "2", "--version", "v-killed",
+               env={"DERL_FAULT": "export-parts"}, check=False)
     assert p.returncode != 0
     assert versions(root) == [before.strip()]
     assert (root / "LATEST").read_text() == before
@@ -168,8 +141,8 @@ def test_an_export_killed_mid_way_leaves_no_version_and_latest_untouched(
     assert not list(root.glob(".v-killed*"))
     # Killed alone, nobody is left to clean up; the lock died with it: gc takes the hidden
     # folder, and only that.
-    p = _export(tiny_world, upstream_runs, root, "--version", "v-killed",
-                env={"DERL_FAULT": "export-parts"}, check=False)
+    p = export(tiny_world, upstream_runs, root, "--version", "v-killed",
+               env={"DERL_FAULT": "export-parts"}, check=False)
     assert p.returncode != 0
     [leftover] = [p.name for p in root.glob(".v-killed.tmp-*") if p.is_dir()]
     assert gc(root, keep=1)["leftovers_removed"] == [leftover]
@@ -295,9 +268,9 @@ def test_refresh_aligns_a_retrained_space_then_smooths(snapshot_root, tiny_world
     retrained = {"engagement": tmp_path / "retrained"}
     derl("train-upstream", "--data", str(tiny_world), "--out", str(retrained["engagement"]),
          "--domain", "engagement", "--max-steps", "3", "--seed", "1", *SMALL)
-    _export(tiny_world, retrained, root, "--version", "v2", "--previous", "latest", "--weight", "0.8")
+    export(tiny_world, retrained, root, "--version", "v2", "--previous", "latest", "--weight", "0.8")
     raw = tmp_path / "raw"
-    _export(tiny_world, retrained, raw, "--version", "v2")
+    export(tiny_world, retrained, raw, "--version", "v2")
     second, daily = Snapshot(root), Snapshot(raw)
     assert second.version == "v2" and versions(root) == [first.version, "v2"]
     info = second.manifest["domains"]["engagement"]["refresh"]
@@ -317,8 +290,8 @@ def test_retention_window_drops_exactly_the_idle_entities_and_refresh_still_smoo
     root = tmp_path / "s"
     shutil.copytree(snapshot_root, root)
     first = Snapshot(root)
-    _export(tiny_world, upstream_runs, root, "--nproc", "2", "--version", "v-idle",
-            "--previous", "latest", "--retention-days", "2")
+    export(tiny_world, upstream_runs, root, "--nproc", "2", "--version", "v-idle",
+           "--previous", "latest", "--retention-days", "2")
     snap = Snapshot(root)
     assert snap.version == "v-idle" and versions(root) == [first.version, "v-idle"]
     want = _retained(tiny_world, snap.manifest["cut_day"], 2)
@@ -345,7 +318,7 @@ def test_retention_window_drops_exactly_the_idle_entities_and_refresh_still_smoo
         refresh = info["refresh"]
         assert refresh["previous_version"] == first.version
         assert refresh["shared_entities"] == len(want["users"]) + len(want["pins"])
-    p = _export(tiny_world, upstream_runs, root, "--retention-days", "0", check=False)
+    p = export(tiny_world, upstream_runs, root, "--retention-days", "0", check=False)
     assert p.returncode == 2 and "--retention-days must be positive, got 0" in p.stderr
 
 

@@ -135,7 +135,7 @@ def test_a_user_tower_without_user_id_has_no_such_table_and_ignores_the_id() -> 
         assert any("t_user_id" in name for name, _ in model.named_parameters()) is not ignores
         same = torch.allclose(model.embed_users(batch.sparse, batch.dense), model.embed_users(other_ids, batch.dense))
         assert same is ignores
-    with pytest.raises(ValueError, match="user_features must be some of"):
+    with pytest.raises(ValueError, match="--user-features must name some of"):
         small_config(user_features=("user_id", "age"))
 
 

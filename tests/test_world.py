@@ -12,10 +12,10 @@ import pytest
 
 from derl.datapipes import schema as S
 from derl.datapipes import world
-from derl.datapipes.world import PRESETS, WORLD_META, generate
+from derl.datapipes.world import WORLD_PRESETS, WORLD_META, generate
 
 # Small enough to make several times in one test.
-SMALL = dataclasses.replace(PRESETS["tiny"], num_users=200, num_pins=600, num_days=3)
+SMALL = dataclasses.replace(WORLD_PRESETS["tiny"], num_users=200, num_pins=600, num_days=3)
 
 
 def _table(root, name):
@@ -24,9 +24,9 @@ def _table(root, name):
 
 def test_same_seed_same_world_other_seed_other_world(tmp_path, tiny_world):
     again = tmp_path / "again"
-    generate(again, PRESETS["tiny"], seed=0)
+    generate(again, WORLD_PRESETS["tiny"], seed=0)
     other = tmp_path / "other"
-    generate(other, PRESETS["tiny"], seed=1)
+    generate(other, WORLD_PRESETS["tiny"], seed=1)
     for name in S.TABLES:
         assert _table(again, name).equals(_table(tiny_world, name)), name
     assert not _table(other, "engagements").equals(_table(tiny_world, "engagements"))
@@ -40,7 +40,7 @@ def test_every_table_has_its_schema_and_day_partitions(tiny_world):
                 assert schema.field(f.name).type == f.type, (path, f.name)
             if spec.partitioned_by_day:
                 S.parse_day(path.parent.name.removeprefix("ds="))
-    assert len(list((tiny_world / "engagements").glob("ds=*"))) == PRESETS["tiny"].num_days
+    assert len(list((tiny_world / "engagements").glob("ds=*"))) == WORLD_PRESETS["tiny"].num_days
 
 
 def test_ads_are_sparse_and_noisy_organic_is_rich(tiny_world):
@@ -67,7 +67,7 @@ def test_pin_popularity_is_power_law(tiny_world):
 
 
 def test_cold_users_and_pins_appear_only_on_the_last_days(tiny_world):
-    cfg = PRESETS["tiny"]
+    cfg = WORLD_PRESETS["tiny"]
     first_cold = S.parse_day(cfg.start_day) + dt.timedelta(days=cfg.num_days - cfg.cold_days)
     users = pq.read_table(tiny_world / "users")
     pins = pq.read_table(tiny_world / "pins")
@@ -83,7 +83,7 @@ def test_cold_users_and_pins_appear_only_on_the_last_days(tiny_world):
 
 
 def test_user_sequences_hold_the_last_engagements_before_the_day_and_nothing_after(tiny_world):
-    cfg = PRESETS["tiny"]
+    cfg = WORLD_PRESETS["tiny"]
     eng = _table(tiny_world, "engagements").to_pandas()
     positive = eng[eng.action != S.Action.IMPRESSION]
     seqs = _table(tiny_world, "user_sequences").to_pandas()
@@ -193,7 +193,7 @@ def test_a_failed_generation_leaves_the_old_world_whole_and_nothing_beside_it(tm
 def test_the_demo_world_has_conversions_to_measure_and_keeps_the_ad_signal_sparse(tmp_path):
     """The demo preset is ad-heavy so that its evaluation day has enough conversions to tell a
     CVR gain from noise (README "Downstream"); organic actions still outnumber ad clicks."""
-    generate(tmp_path / "demo", PRESETS["demo"], seed=0)
+    generate(tmp_path / "demo", WORLD_PRESETS["demo"], seed=0)
     ads = _table(tmp_path / "demo", "ad_events")
     clicked = ads.column("clicked").to_numpy()
     actions = np.bincount(_table(tmp_path / "demo", "engagements").column("action").to_numpy(),

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +43,7 @@ from derl.datapipes.sources import SourceTables
 from derl.launchers import runs
 from derl.launchers.config import to_flags
 from derl.launchers.presets import SMALL_UPSTREAM
+from derl.launchers.processes import run_derl
 from derl.launchers.settings import TrainUpstreamConfig
 
 
@@ -53,7 +52,7 @@ from derl.launchers.settings import TrainUpstreamConfig
 # by heart and test NDCG@10 falls after a few epochs); the next-Pin term over more prefixes and
 # negatives; float32 matmuls (bf16 is slower at d 16).
 SEQREC_UPSTREAM = {"user_features": ("country", "age_bucket", "gender"),
-                   "next_pin_positions": 4096, "next_pin_negatives": 2048, "bf16": False}
+                   "next_pin_positions": 4096, "next_pin_negatives": 2048, "seq_bf16": False}
 
 
 class SnapshotScores(nn.Module):
@@ -69,12 +68,6 @@ class SnapshotScores(nn.Module):
 
     def score_users(self, users: torch.Tensor, stage: str) -> torch.Tensor:
         return self.users[stage][users].to(self.items) @ self.items.T / self.temperature + self.prior
-
-
-def _derl(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "derl.launchers.cli", *args])
-    if proc.returncode:
-        raise RuntimeError(f"derl {' '.join(args[:1])} failed (exit {proc.returncode}): derl {' '.join(args)}")
 
 
 def _write_seq_lines(split: Split, path: Path) -> None:
@@ -106,7 +99,7 @@ def _train_chunk(world: Path, run: Path, overrides: Dict[str, object], epochs: i
     flags = {"data": world, "out": run, **overrides, "epochs": epochs,
              "resume": resume, "overwrite": not resume and (run / runs.CONFIG).exists()}
     t0 = time.perf_counter()
-    _derl("train-upstream", *to_flags(TrainUpstreamConfig, flags), *derl_args.split())
+    run_derl(["train-upstream", *to_flags(TrainUpstreamConfig, flags), *derl_args.split()], own_group=False)
     return time.perf_counter() - t0
 
 
@@ -118,8 +111,8 @@ def _score_snapshots(split: Split, settings, world: Path, run: Path, snaps: Path
 
     val_day, test_day = days[-2], days[-1]
     for day in (val_day, test_day):
-        _derl("export", "--data", str(world), "--out", str(snaps), "--cut", day, "--version", day,
-              "--upstream", f"engagement={run}", "--overwrite")
+        run_derl(["export", "--data", world, "--out", snaps, "--cut", day, "--version", day,
+                  "--upstream", f"engagement={run}", "--overwrite"], own_group=False)
     world_tables = SourceTables(world)
     val, test = Snapshot(snaps, val_day), Snapshot(snaps, test_day)
     users = {stage: _vectors(snap, world_tables, "users", "source_user_id", split.n_users)
@@ -152,8 +145,8 @@ def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = N
     if fresh:
         state = {"shape": shape, "points": [], "train_s": 0.0}
         _write_seq_lines(split, work / "sequences.txt")
-        _derl("import", "seq-lines", "--input", str(work / "sequences.txt"), "--out", str(world),
-              "--days", str(settings.derl_days), "--overwrite")
+        run_derl(["import", "seq-lines", "--input", work / "sequences.txt", "--out", world,
+                  "--days", settings.derl_days, "--overwrite"], own_group=False)
     days = SourceTables(world).days("engagements")
     overrides = {**(SMALL_UPSTREAM if settings.derl_model == "small" else {}), **SEQREC_UPSTREAM,
                  "seed": settings.seed, "until": days[-3]}

@@ -232,7 +232,7 @@ def write(out: Path, command: str, errors: Dict[str, str], load: Dict[str, float
     found = gather(out)
     running = in_progress(out, found)
     bench = {
-        "suite": "seqrec", "command": command, "machine": {**machine(), "cores": os.cpu_count()},
+        "suite": "seqrec", "command": command, "machine": machine(cores=True),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "loadavg_1m": load, "wall_s": round(wall_s, 1), "select": "val " + SELECT,
         "seqrec": {ds: {m: {**r["test"], "val": r["val"], **{k: r.get(k) for k in KEEP},
