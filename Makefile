@@ -8,7 +8,7 @@ DEMO_DIR ?= work/demo
 # ~1.5x faster than one rank with two threads (docs/results.md, "Demo pipeline").
 NPROC ?= 2
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(VENV)/.derl-installed
 
@@ -28,13 +28,17 @@ demo: setup
 
 # Everything (what CI runs): two pytest-xdist workers, a test file each at a time, one thread per
 # process (docs/testing.md); test-fast: the unit tier, no subprocesses, no multi-rank runs, no
-# pipeline (at most 90 s here), for the inner loop.
+# pipeline (at most 90 s here), for the inner loop. Both run the linter first.
 TEST_WORKERS ?= 2
-test: setup
+test: setup lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -q -x -m "not slow"
+
+# ruff (pyproject.toml [tool.ruff]): pycodestyle and pyflakes, lines up to 120 characters.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The whole suite (`derl bench`): `make bench` (quick, minutes) or `make bench BENCH_SUITE=full`.
 # Results, world and runs in BENCH_DIR; the per-stage harnesses (benchmarks/*_bench.py) also run alone.

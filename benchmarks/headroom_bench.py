@@ -113,7 +113,8 @@ def _probes(data: Path, snap, ads: np.ndarray) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def measure(data: Path, snapshots: Path, version: Optional[str] = None) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
+def measure(data: Path, snapshots: Path,
+            version: Optional[str] = None) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     split = default_split(SourceTables(data).days("ad_events"))
     first, last = split.downstream_days
     train_days = [d for d in SourceTables(data).days("ad_events") if first <= d <= last]

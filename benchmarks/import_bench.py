@@ -175,7 +175,8 @@ def measure(rows: int, work: Path, seed: int = 0, timeout: Optional[float] = Non
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(world, ignore_errors=True)
     step = max(1, len(proc["samples"]) // 200)  # the RSS curve, at most ~200 points
-    return {"row": row, "out_tables": out, "dropped": rep.get("dropped"), "repaired": rep.get("repaired"), "rss_samples": proc["samples"][::step] + proc["samples"][-1:],
+    return {"row": row, "out_tables": out, "dropped": rep.get("dropped"), "repaired": rep.get("repaired"),
+            "rss_samples": proc["samples"][::step] + proc["samples"][-1:],
             "sizes": written["sizes"], "ctr": round(written["ctr"], 4)}
 
 
@@ -226,7 +227,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     meta: Dict[str, object] = {**report.machine(threads=False, cores=True),
                                "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                                "command": " ".join(["derl import taobao-ad --input FILES --out WORLD", *extra]),
-                               "commit": source_version(), "seed": args.seed, "users": args.users or "in proportion to rows",
+                               "commit": source_version(), "seed": args.seed,
+                               "users": args.users or "in proportion to rows",
                                "startup_s": startup_s(work),
                                "load_1m_start": round(os.getloadavg()[0], 2)}
     results, errors = [], {}

@@ -171,7 +171,8 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=1)
     args = p.parse_args()
     runner = Runner(PipelineConfig(workdir=args.out, preset=args.preset, seed=args.seed, nproc=args.nproc))
-    runner.run(Stage("generate", "generate", ["--out", str(args.out / "world"), "--preset", STAGE_PRESETS[args.preset].world,
+    runner.run(Stage("generate", "generate", ["--out", str(args.out / "world"),
+                                              "--preset", STAGE_PRESETS[args.preset].world,
                                               "--seed", str(args.seed), "--overwrite"],
                      done=args.out / "world" / "_world.json"))
     days = SourceTables(args.out / "world").days("engagements")

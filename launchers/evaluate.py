@@ -250,7 +250,8 @@ def render(report: Dict[str, object]) -> str:
     for name, r in report["runs"].items():
         lines.append(f"| {name} | {r['upstream']} | {r['vectors'] or '–'}"
                      f"{' →' + str(r['projection_dim']) if r.get('projection_dim') else ''} "
-                     f"| {', '.join(r['eval_versions']) or '–'} | {_f(r['ctr'].get('ne'))} | {_f(r['ctr'].get('auc'))} | {_f(r['ctr'].get('pr_auc'))} "
+                     f"| {', '.join(r['eval_versions']) or '–'} | {_f(r['ctr'].get('ne'))} | {_f(r['ctr'].get('auc'))} "
+                     f"| {_f(r['ctr'].get('pr_auc'))} "
                      f"| {_f(r['ctr'].get('calibration'), 3)} | {_f(r.get('cvr', {}).get('ne'))} "
                      f"| {_f(r.get('cvr', {}).get('auc'))} "
                      f"| {r['train_examples_per_s']:,.0f} | {r['score_examples_per_s']:,.0f} |")

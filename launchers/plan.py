@@ -56,7 +56,8 @@ def cluster_plan(preset: str, hosts: int, gpus_per_host: int, hbm_gb: float) -> 
     world_size = hosts * gpus_per_host
     placed = [device_and_backend(r % gpus_per_host, cuda=True) for r in range(world_size)]
     hbm = int(hbm_gb * 2**30)
-    plans = {name: dry_run_plan(model, "cuda", world_size, gpus_per_host, hbm) for name, model in models(preset).items()}
+    plans = {name: dry_run_plan(model, "cuda", world_size, gpus_per_host, hbm)
+             for name, model in models(preset).items()}
     return ClusterPlan(world_size, [str(d) for d, _ in placed], placed[0][1], plans, hbm)
 
 

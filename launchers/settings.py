@@ -180,7 +180,8 @@ class PipelineConfig:
     refresh: bool = setting(False, "then run one more day: incremental upstream, a refreshed "
                                    "snapshot, the old ranker scored with it")
     coupled: bool = setting(False, "also train and score the coupled ranker (the upstream towers "
-                                   "inside it) where the preset leaves it out (on the demo world, the slowest ranker by far)")
+                                   "inside it) where the preset leaves it out (on the demo world, the slowest ranker "
+                                   "by far)")
 
     def __post_init__(self) -> None:
         check(self, positive=("nproc",), non_negative=("seed",))

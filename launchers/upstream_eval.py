@@ -44,7 +44,8 @@ def _positive_pairs(sources: SourceTables, day: str) -> Dict[str, Tuple[np.ndarr
             for task, codes in EVAL_TASKS.items()}
 
 
-def _impressions(sources: SourceTables, day: str) -> Tuple[np.ndarray, np.ndarray, Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+def _impressions(sources: SourceTables,
+                 day: str) -> Tuple[np.ndarray, np.ndarray, Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """Every impression of the day, organic and ad: (user ids, Pin ids, task -> (row mask, label)).
     An organic row is one impression with its strongest action; an ad row one ad impression."""
     eng = sources.read("engagements", (day, day), columns=["user_id", "pin_id", "action"])

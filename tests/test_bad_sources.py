@@ -71,7 +71,8 @@ def test_sequence_lists_of_unequal_lengths_are_refused(world_copy):
 @pytest.mark.parametrize("name", ["ds=2026-1-5", "ds=20260105", "ds=2026-01-05T00"])
 def test_a_partition_named_other_than_ds_yyyy_mm_dd_is_refused_by_table_and_folder(world_copy, name):
     _partition(world_copy, "engagements", "2026-01-05").rename(world_copy / "engagements" / name)
-    with pytest.raises(DataError, match=rf"engagements/{name}: not a day partition named ds=YYYY-MM-DD \(table engagements\)"):
+    with pytest.raises(DataError,
+                       match=rf"engagements/{name}: not a day partition named ds=YYYY-MM-DD \(table engagements\)"):
         SourceTables(world_copy).days("engagements")
 
 
@@ -107,7 +108,8 @@ def test_days_are_ordered_as_dates_and_day_arguments_must_be_canonical(tiny_worl
 def test_a_gap_in_a_tables_days_is_refused_naming_table_and_day(world_copy):
     for day in ("2026-01-04", "2026-01-05"):
         shutil.rmtree(_partition(world_copy, "ad_events", day))
-    gap = r"ad_events: no partition for 2026-01-04..2026-01-05, between the table's first day 2026-01-01 and its last 2026-01-08"
+    gap = (r"ad_events: no partition for 2026-01-04..2026-01-05, between the table's first day 2026-01-01 "
+           r"and its last 2026-01-08")
     with pytest.raises(DataError, match=gap):
         SourceTables(world_copy).days("ad_events")  # what default_split and the stages see
     _refused(world_copy, gap, days=("2026-01-07", "2026-01-08"))  # even away from the gap
@@ -115,13 +117,15 @@ def test_a_gap_in_a_tables_days_is_refused_naming_table_and_day(world_copy):
 
 def test_default_split_refuses_days_that_are_not_consecutive():
     days = S.day_range("2026-01-01", "2026-01-10")
-    with pytest.raises(ValueError, match="needs consecutive days: 2026-01-03, 2026-01-07 missing between 2026-01-01 and 2026-01-10"):
+    with pytest.raises(ValueError, match=("needs consecutive days: 2026-01-03, 2026-01-07 missing "
+                                          "between 2026-01-01 and 2026-01-10")):
         default_split([d for d in days if d not in ("2026-01-03", "2026-01-07")])
 
 
 def test_a_day_range_must_have_every_one_of_its_days(world_copy):
     shutil.rmtree(_partition(world_copy, "ad_events", "2026-01-08"))  # the end: not a gap
-    _refused(world_copy, r"ad_events: no partitions for 2026-01-08 of day range \[2026-01-07, 2026-01-08\] \(available: 2026-01-01..2026-01-07\)",
+    _refused(world_copy, (r"ad_events: no partitions for 2026-01-08 of day range \[2026-01-07, 2026-01-08\] "
+                          r"\(available: 2026-01-01..2026-01-07\)"),
              days=("2026-01-07", "2026-01-08"))
     _refused(world_copy, r"ad_events: no partitions for 2025-12-31 of day range \[2025-12-31, end\]",
              days=("2025-12-31", None))

@@ -96,7 +96,8 @@ def test_ceiling_orders_the_estimators_by_what_they_know(tiny_world, tmp_path):
     users_from = "action-weighted mean of engaged Pins' {} (users who engaged)".format
     assert probe[users_from("content posteriors")] < probe[users_from("true latents")]
     assert probe["from the tables (`_table_vectors`; users who engaged)"] > probe[users_from("content posteriors")]
-    assert probe["from the tables (`_table_vectors`)"] > probe["content embedding (posterior mean, the projection known)"]
+    assert (probe["from the tables (`_table_vectors`)"]
+            > probe["content embedding (posterior mean, the projection known)"])
 
 
 def test_ceiling_rankers_put_the_worlds_own_probabilities_above_every_snapshot(tiny_world, tmp_path):

@@ -236,7 +236,8 @@ def test_local_train_downstream_on_two_ranks_then_evaluate(local_runner, learned
 
 @pytest.mark.slow
 def test_local_generate(local_runner, tmp_path):
-    handle = local_runner.run_component(_component("generate"), ["--", "--out", str(tmp_path / "w"), "--preset", "tiny"],
+    handle = local_runner.run_component(_component("generate"),
+                                        ["--", "--out", str(tmp_path / "w"), "--preset", "tiny"],
                                         "local_cwd", cfg={"log_dir": str(tmp_path / "logs")})
     assert local_runner.wait(handle, wait_interval=0.5).state == AppState.SUCCEEDED
     assert (tmp_path / "w" / "_world.json").is_file()

@@ -219,7 +219,8 @@ def test_overwrite_replaces_only_a_world_and_refuses_a_foreign_folder(tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "thesis.tex").write_text("years of work")
-    with pytest.raises(FileExistsError, match=rf"--overwrite: {re.escape(str(notes))} holds no {WORLD_META}, so it is not a world"):
+    with pytest.raises(FileExistsError,
+                       match=rf"--overwrite: {re.escape(str(notes))} holds no {WORLD_META}, so it is not a world"):
         import_world("taobao-ad", [tmp_path / "files"], notes, overwrite=True)
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         import_world("taobao-ad", [tmp_path / "files"], notes)
@@ -328,7 +329,8 @@ def test_a_profile_code_beyond_its_column_type_is_refused(tmp_path):
 def test_a_header_where_none_belongs_is_refused(tmp_path):
     path = tmp_path / "UserBehavior.csv"
     path.write_text("user_id,item_id,category_id,behavior_type,timestamp\n1,2,3,pv,1511544070\n")
-    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: line 1: .* looks like a header, but UserBehavior has none"):
+    with pytest.raises(DataError,
+                       match=rf"{re.escape(str(path))}: line 1: .* looks like a header, but UserBehavior has none"):
         import_world("taobao-behavior", [path], tmp_path / "w")
 
 

@@ -98,7 +98,7 @@ def _interrupt(args: list, when, env: dict | None = None, timeout: float = 300) 
         deadline = time.monotonic() + timeout
         while not when() and proc.poll() is None:
             assert time.monotonic() < deadline, "the stage never reached the point to interrupt"
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert proc.poll() is None, "the stage ended before it could be interrupted"
         os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=timeout)
@@ -143,7 +143,9 @@ def test_ctrl_c_in_an_export_is_one_line_and_publishes_nothing(world, learned_up
 
 @pytest.mark.slow
 def test_ctrl_c_in_an_import_is_one_line_and_leaves_no_world(tmp_path):
-    rows = 2_000_000  # a few seconds of reading: still at it once its hidden folder appears
+    # Seconds of reading, then of writing: still at it once its hidden folder appears (with 2M
+    # rows the writing was over before a loaded machine's Ctrl-C landed, once).
+    rows = 6_000_000
     (tmp_path / "u.data").write_text("".join(f"{1 + i % 5000}\t{1 + i * 7 % 20000}\t{1 + i % 5}\t"
                                              f"{881250949 + i}\n" for i in range(rows)))
     out = tmp_path / "w"

@@ -54,7 +54,8 @@ def no_conversions(world_copy):
 def test_supported_domains_follow_the_data(tiny_world, no_ads, tmp_path):
     assert supported(SourceTables(tiny_world)) == list(DOMAINS)
     assert supported(SourceTables(no_ads)) == ["engagement"]
-    assert "has no ad_events table, which the conversion domain trains on" in DOMAINS["conversion"].unsupported(SourceTables(no_ads))
+    assert ("has no ad_events table, which the conversion domain trains on"
+            in DOMAINS["conversion"].unsupported(SourceTables(no_ads)))
     assert vector_sets(["engagement"]) == ["user", "user_pin"]
     assert DOMAINS["engagement"].tables_in(SourceTables(no_ads)) == (("engagements", None),)
 

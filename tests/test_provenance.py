@@ -127,8 +127,8 @@ def test_score_of_an_upstream_run_says_what_the_run_is_in_one_line(learned_upstr
     run = learned_upstream["engagement"]
     p = derl("score", "--run", str(run), "--out", str(tmp_path / "scores"), check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1] == (f"derl score: error: --run {run}: a run of derl train-upstream (config.json "
-                                f"kind 'upstream'), not of derl train-downstream")
+    assert p.stderr.strip().splitlines()[-1] == (f"derl score: error: --run {run}: a run of derl train-upstream "
+                                f"(config.json kind 'upstream'), not of derl train-downstream")
 
 
 # --- resume -----------------------------------------------------------------------------------

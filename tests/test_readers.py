@@ -102,7 +102,8 @@ def test_shuffling_is_bounded_seeded_and_changes_per_epoch(tiny_world):
     assert sorted(first) == sorted(ids(unshuffled))
     # Bounded: day 2's rows all come out before day 3's, since units are read in day order and
     # the buffer is smaller than a day.
-    day_of = lambda x: x >= _source(tiny_world, "ad_events").filter(pads.field("ds") == "2026-01-03").column("request_id").to_numpy().min()
+    day_of = lambda x: x >= (_source(tiny_world, "ad_events").filter(pads.field("ds") == "2026-01-03")
+                             .column("request_id").to_numpy().min())
     flags = day_of(first)
     assert flags[: len(flags) // 3].mean() < 0.05 and flags[-len(flags) // 3 :].mean() > 0.8
 
@@ -156,7 +157,8 @@ def test_corrupt_parquet_is_named(world_copy):
 def test_negative_id_is_an_error(world_copy):
     path = first_file(world_copy, "ad_events")
     rewrite(path, lambda t: t.set_column(t.schema.get_field_index("pin_id"), "pin_id",
-                                          pa.array(np.where(np.arange(t.num_rows) == 3, -7, t.column("pin_id").to_numpy()))))
+                                          pa.array(np.where(np.arange(t.num_rows) == 3, -7,
+                                                            t.column("pin_id").to_numpy()))))
     with pytest.raises(DataError, match=rf"{path}: column 'pin_id' has 1 negative values \(table ad_events\)"):
         read_all(world_copy)
 
@@ -178,7 +180,8 @@ def test_nan_content_embedding_is_replaced_and_counted(world_copy):
 
 
 def test_empty_day_range_names_the_table_and_what_exists(tiny_world):
-    with pytest.raises(DataError, match=r"ad_events: no partitions for 2027-01-01..2027-01-31 of day range \[2027-01-01, 2027-01-31\] \(available: 2026-01-01..2026-01-08\)"):
+    with pytest.raises(DataError, match=(r"ad_events: no partitions for 2027-01-01..2027-01-31 of day range "
+                                         r"\[2027-01-01, 2027-01-31\] \(available: 2026-01-01..2026-01-08\)")):
         ExampleReader(tiny_world, "ad_events", ("2027-01-01", "2027-01-31"))
 
 
@@ -193,7 +196,8 @@ def test_labels_outside_0_1_are_an_error(world_copy):
 def test_conversion_without_click_is_repaired_and_counted(world_copy):
     path = first_file(world_copy, "ad_events")
     rewrite(path, lambda t: t.set_column(t.schema.get_field_index("converted"), "converted",
-                                          pa.array(np.where(np.arange(t.num_rows) < 10, 1, t.column("converted").to_numpy()).astype(np.int8))))
+                                          pa.array(np.where(np.arange(t.num_rows) < 10, 1,
+                                                            t.column("converted").to_numpy()).astype(np.int8))))
     clicked_among_first = pq.read_table(path).column("clicked").to_numpy()[:10].sum()
     r = read_all(world_copy)
     assert r.stats.repaired["converted_without_click"] == 10 - clicked_among_first
@@ -203,7 +207,8 @@ def test_unknown_and_out_of_vocabulary_ids_are_kept_and_counted(world_copy):
     path = first_file(world_copy, "ad_events")
     n = pq.read_metadata(path).num_rows
     rewrite(path, lambda t: t.set_column(t.schema.get_field_index("pin_id"), "pin_id",
-                                          pa.array(np.where(np.arange(t.num_rows) < 4, 10**9, t.column("pin_id").to_numpy()))))
+                                          pa.array(np.where(np.arange(t.num_rows) < 4, 10**9,
+                                                            t.column("pin_id").to_numpy()))))
     r = read_all(world_copy)
     assert r.stats.repaired["unknown_pin"] == 4
     assert r.stats.repaired["hashed_pin_id"] == 4
@@ -217,7 +222,8 @@ def test_leaking_sequence_is_refused(world_copy):
         ts = t.column("seq_ts").combine_chunks()
         vals = ts.values.to_numpy().copy()
         vals[0] = S.day_start_ts(S.parse_day("2026-01-03")) + 60
-        return t.set_column(t.schema.get_field_index("seq_ts"), "seq_ts", pa.ListArray.from_arrays(ts.offsets, pa.array(vals)))
+        return t.set_column(t.schema.get_field_index("seq_ts"), "seq_ts",
+                            pa.ListArray.from_arrays(ts.offsets, pa.array(vals)))
 
     rewrite(path, leak)
     with pytest.raises(DataError, match=rf"{path}: column 'seq_ts' holds engagements at or after"):

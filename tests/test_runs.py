@@ -162,7 +162,8 @@ BAD_FLAGS = [
     ("train-downstream", ["--upstream", "none", "--over-arch", "0"], "--over-arch must be positive widths"),
     ("train-downstream", ["--upstream", "none", "--dense-arch", "32,0"], "--dense-arch must be positive widths"),
     ("train-downstream", ["--upstream", "none", "--ne-window", "0"], "--ne-window must be positive, got 0"),
-    ("train-downstream", ["--upstream", "none", "--eval-day", "08-01-2026"], "--eval-day must be a day written YYYY-MM-DD"),
+    ("train-downstream", ["--upstream", "none", "--eval-day", "08-01-2026"],
+     "--eval-day must be a day written YYYY-MM-DD"),
     ("train-downstream", ["--upstream", "none", "--projection-dim", "0"], "--projection-dim must be positive, got 0"),
     ("train-downstream", ["--upstream", "snapshot"], "--upstream snapshot needs --snapshots"),
 ]
@@ -179,8 +180,10 @@ def test_bad_flags_are_refused_before_any_work_naming_the_flag(stage, flags, mes
 
 def test_other_stages_name_their_bad_flags(tmp_path, capsys):
     for argv, message in (
-            (["score", "--run", str(tmp_path), "--out", str(tmp_path / "s"), "--nproc", "0"], "--nproc must be positive"),
-            (["evaluate", "--runs", "a=x", "--out", str(tmp_path / "e"), "--resamples", "0"], "--resamples must be positive"),
+            (["score", "--run", str(tmp_path), "--out", str(tmp_path / "s"), "--nproc", "0"],
+             "--nproc must be positive"),
+            (["evaluate", "--runs", "a=x", "--out", str(tmp_path / "e"), "--resamples", "0"],
+             "--resamples must be positive"),
             (["pipeline", "--workdir", str(tmp_path / "w"), "--nproc", "0"], "--nproc must be positive")):
         with pytest.raises(SystemExit):
             cli.main(argv)

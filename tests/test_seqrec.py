@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from derl.benchmarks.seqrec import metrics
-from derl.benchmarks.seqrec.data import Sequences, Split, detect_format, load
+from derl.benchmarks.seqrec.data import Split, detect_format, load
 from derl.benchmarks.seqrec.models import MODELS, Popularity, SASRec
 from derl.benchmarks.seqrec.train import Settings, evaluate, fit
 

@@ -59,7 +59,8 @@ def _main(capsys, *argv) -> str:
 
 def _export_flags(tmp_path: Path, runs_by_domain=None, out=None, world=None) -> list:
     ups = runs_by_domain or {"engagement": tmp_path / "no-run"}
-    return ["export", "--data", world or tmp_path / "no-world", *[a for d, r in ups.items() for a in ("--upstream", f"{d}={r}")],
+    return ["export", "--data", world or tmp_path / "no-world",
+            *[a for d, r in ups.items() for a in ("--upstream", f"{d}={r}")],
             "--out", out or tmp_path / "snap"]
 
 
@@ -282,7 +283,8 @@ def test_gc_never_touches_the_folder_of_a_running_export(tmp_path):
     write_part(running.part("d", "users", 0), IDS, np.eye(5, 4))
     for dry_run in (True, False):
         done = gc(root, keep=1, dry_run=dry_run)
-        assert done["leftovers_removed"] == [] and done["skipped"] == {running.folder.name: "an export is still writing it"}
+        assert (done["leftovers_removed"] == []
+                and done["skipped"] == {running.folder.name: "an export is still writing it"})
     running.ads_index("d", np.zeros(0, np.int64))
     running.commit({"cut_day": "2026-01-07", "dim": 4, "domains": {"d": {"rows": {"users": 5, "pins": 0, "ads": 0}}}})
     assert versions(root) == ["v1", "v2"] and Snapshot(root).version == "v2"

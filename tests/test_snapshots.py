@@ -181,7 +181,8 @@ def test_a_written_version_reads_back_verified_and_replaces_only_when_asked(tmp_
         write("v1", 2.0)
     write("v1", 2.0, replace=True)
     np.testing.assert_array_equal(Snapshot(tmp_path).table("d", "users").lookup(ids)[0], 2 * vectors)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "v1"] and (tmp_path / "LATEST").read_text() == "v1\n"
+    assert (sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "v1"]
+            and (tmp_path / "LATEST").read_text() == "v1\n")
 
 
 def test_sequences_as_of_a_day_match_that_days_partition(tiny_world):
@@ -227,7 +228,8 @@ def test_an_ad_index_from_another_version_is_refused(snapshot_root, tmp_path):
     shutil.copytree(snapshot_root, root)
     v = root / (root / "LATEST").read_text().strip()
     ids = pq.read_table(v / "engagement" / "ads_ids.parquet")
-    pq.write_table(ids.replace_schema_metadata({"snapshot_version": "2025-12-31"}), v / "engagement" / "ads_ids.parquet")
+    pq.write_table(ids.replace_schema_metadata({"snapshot_version": "2025-12-31"}),
+                   v / "engagement" / "ads_ids.parquet")
     with pytest.raises(SnapshotError, match="ad index built for version 2025-12-31"):
         Snapshot(root, check=False).ads_index("engagement")
 

@@ -243,7 +243,8 @@ def test_prefix_states_never_see_later_events() -> None:
         towers = model.towers
         ids = model.sequence_ec(b.sparse)
         profile = torch.cat([model.user_ebc(b.sparse)[f] for f in ("user_id", "country", "age_bucket", "gender")], 1)
-        return towers.user(profile, towers.events(ids, b.dense["seq_content"], b.dense["seq_is_ad"]), ids["seq_action"], ids["seq_gap"], prefixes=True)
+        return towers.user(profile, towers.events(ids, b.dense["seq_content"], b.dense["seq_is_ad"]),
+                           ids["seq_action"], ids["seq_gap"], prefixes=True)
 
     user, prefixes = states(batch)
     user2, prefixes2 = states(changed)

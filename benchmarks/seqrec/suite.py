@@ -292,7 +292,8 @@ def markdown(bench: Dict[str, object], found: Dict[str, Dict[str, Dict[str, obje
                   f"{st['users']:,} users, {st['items']:,} items, {st['interactions']:,} interactions "
                   + (f"({trained['positions_per_epoch']:,} training positions per epoch, history "
                      f"capped at {trained['settings']['max_len']})." if trained else "."), "",
-                  "| model | HR@5 | HR@10 | HR@20 | NDCG@5 | NDCG@10 | NDCG@20 | val NDCG@10 | published HR@10 / NDCG@10 "
+                  "| model | HR@5 | HR@10 | HR@20 | NDCG@5 | NDCG@10 | NDCG@20 | val NDCG@10 "
+                  "| published HR@10 / NDCG@10 "
                   "| gap HR@10 / NDCG@10 | epochs (best) | s/epoch | positions/s |",
                   "|" + "---|" * 13]
         for name, r in runs.items():

@@ -37,14 +37,16 @@ from derl.datapipes.snapshots.parts import (PartWriter, embedding_schema, part_n
                                             read_parts, write_part)
 from derl.datapipes.snapshots.reader import EmbeddingTable, Snapshot
 from derl.datapipes.snapshots.store import (ADS_IDS, ADS_INDEX, ENTITIES, LATEST, MANIFEST, PINS, SnapshotError,
-                                            catalogue, cut_days, gc, latest, nonfinite_rows, pin, pinned, plain_name, refuse_replacing, unpin,
+                                            catalogue, cut_days, gc, latest, nonfinite_rows, pin, pinned, plain_name,
+                                            refuse_replacing, unpin,
                                             resolve, sha256, verify, versions)
 from derl.datapipes.snapshots.writer import SnapshotWriter, write_snapshot
 
 __all__ = [
     "ADS_IDS", "ADS_INDEX", "ENTITIES", "FLAT_INDEX_MAX", "HNSW_EF_SEARCH", "LATEST", "MANIFEST", "PINS",
     "EmbeddingTable", "PartWriter", "Snapshot", "SnapshotError", "SnapshotJoin", "SnapshotWriter",
-    "catalogue", "cut_days", "embedding_schema", "gc", "latest", "nonfinite_rows", "part_name", "part_paths", "pin", "pinned", "unpin",
-    "plain_name", "read_part", "read_parts", "refuse_replacing", "resolve", "sha256", "verify", "versions", "write_part",
+    "catalogue", "cut_days", "embedding_schema", "gc", "latest", "nonfinite_rows", "part_name", "part_paths", "pin",
+    "pinned", "unpin", "plain_name", "read_part", "read_parts", "refuse_replacing", "resolve", "sha256", "verify",
+    "versions", "write_part",
     "write_snapshot",
 ]

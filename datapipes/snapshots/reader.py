@@ -42,7 +42,8 @@ class EmbeddingTable:
         dim = self.vectors.shape[1]
         if not len(self.ids):
             missing = np.ones(len(ids), dtype=bool)
-            return np.broadcast_to(default if default is not None else np.zeros(dim, np.float32), (len(ids), dim)).copy(), missing
+            return np.broadcast_to(default if default is not None else np.zeros(dim, np.float32),
+                                   (len(ids), dim)).copy(), missing
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         missing = self.ids[pos] != ids
         out = self.vectors[pos].copy()
