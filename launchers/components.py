@@ -30,7 +30,7 @@ from derl.launchers.registry import REGISTRY
 CLI_MODULE = "derl.launchers.cli"
 TORCHRUN_MODULE = "derl.launchers.torchrun"
 # The image every role runs on kubernetes / docker (ignored by local_cwd and slurm, which run
-# on the host's Python): one with this repository installed as in the README's "Set-up".
+# on the host's Python): one with this repository installed as in docs/usage.md, "Set-up".
 DEFAULT_IMAGE = os.environ.get("DERL_IMAGE", "derl:latest")
 
 _DIST_ARGS_DOC = """

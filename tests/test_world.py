@@ -192,7 +192,7 @@ def test_a_failed_generation_leaves_the_old_world_whole_and_nothing_beside_it(tm
 @pytest.mark.slow
 def test_the_demo_world_has_conversions_to_measure_and_keeps_the_ad_signal_sparse(tmp_path):
     """The demo preset is ad-heavy so that its evaluation day has enough conversions to tell a
-    CVR gain from noise (README "Downstream"); organic actions still outnumber ad clicks."""
+    CVR gain from noise (docs/results.md, "Downstream"); organic actions still outnumber ad clicks."""
     generate(tmp_path / "demo", WORLD_PRESETS["demo"], seed=0)
     ads = _table(tmp_path / "demo", "ad_events")
     clicked = ads.column("clicked").to_numpy()
