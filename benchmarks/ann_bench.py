@@ -59,7 +59,7 @@ from derl.benchmarks import report
 HNSW_M = 32
 HNSW_EF = (16, 32, 64, 128, 256)
 IVF_NPROBE = (1, 4, 16, 64, 256)
-KS = (10, 100)
+RECALL_KS = (10, 100)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -202,13 +202,13 @@ def measure(name: str, xb: np.ndarray, xq: np.ndarray, min_time: float, threads:
         row: Dict[str, object] = {"dataset": name, "ads": n, "index": kind, "param": param,
                                   "build_s": round(build_s, 2)}
         found = {}
-        for k in KS:
+        for k in RECALL_KS:
             found[k], qps = _timed_search(index, xq, min(k, n), min_time)
             row[f"qps_k{k}"] = round(qps, 1)
         if exact is None:  # flat_ip comes first: its top-100 is the ground truth
             assert kind == "flat_ip"
-            exact = found[max(KS)]
-        for k in KS:
+            exact = found[max(RECALL_KS)]
+        for k in RECALL_KS:
             row[f"recall@{k}_%"] = round(100 * recall(found[k], exact, min(k, n)), 2)
         row["index_mb"] = round(mb, 1)
         rows.append(row)

@@ -14,7 +14,7 @@ runs the default model sizes, more steps, a 1M-ad faiss catalogue and tables up 
 `seqrec` is a runner of its own (OWN_RUNNERS): sequential recommenders on public data, leave-one-
 out full ranking, beside the published figures (`derl bench --suite seqrec --help`, docs/seqrec.md).
 --data uses an existing source folder instead. When CUDA is present every stage picks the GPU
-itself (the derl commands and the scaling workers through `derl.launchers.dist.init`; faiss
+itself (the derl commands and the scaling workers through `derl.launchers.runtime.dist.init`; faiss
 stays on the CPU); bench.json's `device` says what was measured.
 
 Stages, in order; each prints one line when done:
@@ -67,12 +67,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from derl.benchmarks.scaling_bench import in_fresh_process
 from derl.datapipes.domains import DOMAINS
-from derl.launchers.config import to_flags
-from derl.launchers.presets import SMALL_RANKER, SMALL_UPSTREAM
-from derl.launchers.processes import StageFailed, run_derl
-from derl.launchers.settings import TrainDownstreamConfig, TrainUpstreamConfig
+from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.presets import SMALL_RANKER, SMALL_UPSTREAM
+from derl.launchers.runtime.processes import StageFailed, run_derl
+from derl.launchers.runtime.settings import TrainDownstreamConfig, TrainUpstreamConfig
 
-STAGES = ("datapipe", "upstream", "export", "downstream", "ann", "sharding", "scaling")
+BENCH_STAGES = ("datapipe", "upstream", "export", "downstream", "ann", "sharding", "scaling")
 
 SUITES: Dict[str, Dict[str, object]] = {
     "quick": {
@@ -108,7 +108,7 @@ SUITES: Dict[str, Dict[str, object]] = {
 
 # Suites with a runner of their own (own flags and outputs): `--suite NAME` hands the whole
 # command line to that module's run(argv).
-OWN_RUNNERS = {"seqrec": "derl.benchmarks.seqrec.suite"}
+OWN_RUNNERS = {"seqrec": "derl.benchmarks.studies.seqrec.suite"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,8 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshots", type=Path,
                    help="snapshot root the downstream, ann and sharding stages read (default: the "
                         "export stage's DIR/snapshots)")
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--stages", default=",".join(BENCH_STAGES),
+                   help=f"comma-separated subset of {','.join(BENCH_STAGES)}")
     p.add_argument("--upstream-steps", type=int, help="train-upstream --max-steps (suite default)")
     p.add_argument("--downstream-steps", type=int, help="train-downstream --max-steps (suite default)")
     p.add_argument("--scaling-rows", type=int, nargs="+", help="table sizes (suite default)")
@@ -431,10 +431,10 @@ class Bench:
         from derl.benchmarks import report
 
         wanted = [s.strip() for s in self.args.stages.split(",") if s.strip()]
-        unknown = sorted(set(wanted) - set(STAGES))
+        unknown = sorted(set(wanted) - set(BENCH_STAGES))
         if unknown:
-            raise ValueError(f"--stages: unknown {', '.join(unknown)} (known: {', '.join(STAGES)})")
-        todo = [s for s in STAGES if s in wanted]
+            raise ValueError(f"--stages: unknown {', '.join(unknown)} (known: {', '.join(BENCH_STAGES)})")
+        todo = [s for s in BENCH_STAGES if s in wanted]
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in self.out.glob("bench-*.png"):  # an earlier run's
             stale.unlink()
@@ -530,7 +530,7 @@ def plot_throughput(table: List[Dict[str, object]], path: Path, result: Dict[str
 
     rows = [r for r in table if r["throughput"] > 0]
     fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.6))
-    colours = {s: f"C{i}" for i, s in enumerate(STAGES)}
+    colours = {s: f"C{i}" for i, s in enumerate(BENCH_STAGES)}
     labels = [f"{r['what']} [{r['ranks']} rank(s)]" for r in rows]
     y = list(range(len(rows)))[::-1]
     ax.barh(y, [r["throughput"] for r in rows], color=[colours[r["stage"]] for r in rows])

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from derl.benchmarks import report
-from derl.launchers.processes import run_derl
+from derl.launchers.runtime.processes import run_derl
 
 MODES = ("none", "snapshot", "coupled")
 

@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from derl.benchmarks import report
-from derl.benchmarks.taobao_files import write_taobao_ad_files
-from derl.launchers.processes import DERL, StageFailed, run_derl
+from derl.datapipes.importers.taobao_files import write_taobao_ad_files
+from derl.launchers.runtime.processes import DERL, StageFailed, run_derl
 
 REPORT = "import_report.json"
 

@@ -7,7 +7,7 @@ DIR/scaling.{json,md,png}).
         [--export-batch 8192] [--nproc 1]
 
 What runs, in a fresh process per size (its peak memory is its own), on the device the stages
-use (`derl.launchers.dist.init`: CUDA when present, else CPU and gloo):
+use (`derl.launchers.runtime.dist.init`: CUDA when present, else CPU and gloo):
 - the model: one `EmbeddingBagCollection` table of N rows x --dim (sum pooling, one feature)
   and a linear logit on the pooled vector, BCE against random labels; built on the meta device
   and sharded by `derl.models.sharding.shard_model` exactly as the stages' models are
@@ -18,7 +18,7 @@ use (`derl.launchers.dist.init`: CUDA when present, else CPU and gloo):
   table-size effect at its plainest); steps_per_s and examples_per_s (global) over the timed
   steps, plain loop (forward, backward with the fused update, dense step);
 - export-like pass: every row's pooled vector once, without gradients, in chunks of
-  --export-batch ids (each rank its own share, `derl.launchers.embedding.rank_chunks`), each
+  --export-batch ids (each rank its own share, `derl.launchers.runtime.embedding.rank_chunks`), each
   chunk streamed into a Parquet part of the snapshot schema (entity_id, embedding) as `derl
   export` writes; entities_per_s = N / seconds of the slowest rank. The part is deleted after.
 - peak_rss_mb: rank 0's peak resident memory after training and after the export pass (it
@@ -85,8 +85,8 @@ def _worker(spec: Dict) -> Dict[str, float]:
     import torch.distributed as dist
 
     from derl.datapipes.snapshots import PartWriter, part_name
-    from derl.launchers import dist as derl_dist
-    from derl.launchers.embedding import rank_chunks
+    from derl.launchers.runtime import dist as derl_dist
+    from derl.launchers.runtime.embedding import rank_chunks
     from derl.models.sharding import OptimConfig, describe_plan, shard_model
 
     worker = derl_dist.init()
@@ -150,7 +150,7 @@ def _worker(spec: Dict) -> Dict[str, float]:
 
 
 def _slowest(seconds: float, device) -> float:
-    from derl.launchers import dist as derl_dist
+    from derl.launchers.runtime import dist as derl_dist
 
     return max(derl_dist.reduced(seconds, "max", device), 1e-9)
 
@@ -195,7 +195,7 @@ def measure(rows: int, out: Path, dim: int = 64, batch_size: int = 2048, ids_per
             steps: int = 20, warmup: int = 3, export_batch: int = 8192, nproc: int = 1,
             seed: int = 0, timeout: Optional[float] = None) -> Dict[str, object]:
     """One table size, in a fresh process (with --nproc ranks): the table row of the docstring."""
-    from derl.launchers import dist as derl_dist
+    from derl.launchers.runtime import dist as derl_dist
 
     spec = {"rows": rows, "dim": dim, "batch_size": batch_size, "ids_per_example": ids_per_example,
             "steps": steps, "warmup": warmup, "export_batch": export_batch, "out": str(out),

@@ -62,10 +62,10 @@ from derl.benchmarks import report, upstream_limits
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.world import WORLD_PRESETS, WORLD_META, generate
-from derl.launchers import dist as derl_dist
-from derl.launchers import train_upstream
-from derl.launchers.config import default_of
-from derl.launchers.settings import TrainUpstreamConfig
+from derl.launchers.runtime import dist as derl_dist
+from derl.launchers.stages import train_upstream
+from derl.launchers.runtime.config import default_of
+from derl.launchers.runtime.settings import TrainUpstreamConfig
 
 EMBEDDING_MODULES = ("user_ebc", "context_ebc", "sequence_ec")
 # `upstream_limits` figures in the table (the plain 1-rank rows).

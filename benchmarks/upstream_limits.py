@@ -26,8 +26,8 @@ import torch
 from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula,
                                      sdpa_backward_flop, sdpa_flop)
 
-from derl.benchmarks.seqrec.models import SASRec
-from derl.benchmarks.seqrec.train import Settings
+from derl.benchmarks.studies.seqrec.models import SASRec
+from derl.benchmarks.studies.seqrec.train import Settings
 
 _aten = torch.ops.aten
 # The counter knows the CUDA attention kernels; the CPU one computes the same products.

@@ -3,7 +3,7 @@
     derl <stage> ...  =  python -m derl.launchers.cli <stage> ...  =  torchrun ... -m derl.launchers.cli <stage> ...
 
 The stages are those of the registry (`launchers/registry.py`). A stage's flags are generated
-from its config dataclass (`launchers/settings.py`); the CLI parses them into the config, runs
+from its config dataclass (`launchers/runtime/settings.py`); the CLI parses them into the config, runs
 the stage's `validate` before any worker starts, then its `run` on --nproc local ranks (or
 inline, under torchrun / TorchX, which start the ranks themselves). No stage logic lives here,
 and nothing imports this module: it sits at the top.
@@ -27,9 +27,10 @@ from derl.datapipes.importers import FORMATS, ImportOptions, import_world, summa
 from derl.datapipes.snapshots import Snapshot, SnapshotError, catalogue, gc, latest, pinned
 from derl.datapipes.sources import DataError, SourceTables
 from derl.datapipes.world import WORLD_PRESETS, generate
-from derl.launchers import pipeline, quiet, runs
-from derl.launchers.config import add_flags, from_args
-from derl.launchers.dist import CollectiveTimeout, RankFailed, launch
+from derl.launchers.stages import pipeline
+from derl.launchers.runtime import quiet, runs
+from derl.launchers.runtime.config import add_flags, from_args
+from derl.launchers.runtime.dist import CollectiveTimeout, RankFailed, launch
 from derl.launchers.registry import REGISTRY, StageSpec
 from derl.models import checkpoint
 from derl.models.sharding import ShardingError
@@ -143,7 +144,7 @@ def _retrieve(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from derl.launchers.plan import cluster_plan, render
+    from derl.launchers.stages.plan import cluster_plan, render
 
     for flag in ("hosts", "gpus_per_host"):
         if getattr(args, flag) < 1:

@@ -28,7 +28,7 @@ from torchx.components.structured_arg import StructuredNameArgument
 from derl.launchers.registry import REGISTRY
 
 CLI_MODULE = "derl.launchers.cli"
-TORCHRUN_MODULE = "derl.launchers.torchrun"
+TORCHRUN_MODULE = "derl.launchers.runtime.torchrun"
 # The image every role runs on kubernetes / docker (ignored by local_cwd and slurm, which run
 # on the host's Python): one with this repository installed as in docs/usage.md, "Set-up".
 DEFAULT_IMAGE = os.environ.get("DERL_IMAGE", "derl:latest")
@@ -145,7 +145,7 @@ def stage_app(
     role = app.roles[0]
     role.name = role_name
     # The ranks start under derl's torchrun (same flags), which ends a failed job with derl's
-    # one line instead of torchrun's traceback and summary (launchers/torchrun.py).
+    # one line instead of torchrun's traceback and summary (launchers/runtime/torchrun.py).
     command = role.args[-1]
     if not command.startswith("torchrun "):
         raise RuntimeError(f"torchx's ddp component no longer starts with torchrun: {command!r}")

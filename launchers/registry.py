@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Dict, Optional
 
-SETTINGS = "derl.launchers.settings"  # where the stage configs live
+SETTINGS = "derl.launchers.runtime.settings"  # where the stage configs live
 
 
 @dataclass(frozen=True)
@@ -45,23 +45,23 @@ REGISTRY: Dict[str, StageSpec] = {spec.name: spec for spec in (
               component="generate"),
     StageSpec("train-upstream", help="train one domain's upstream entity model (DERM)",
               component="train_upstream", distributed=True,
-              module="derl.launchers.train_upstream", config="TrainUpstreamConfig"),
+              module="derl.launchers.stages.train_upstream", config="TrainUpstreamConfig"),
     StageSpec("export", help="export upstream embeddings as a versioned snapshot",
               component="export", distributed=True,
-              module="derl.launchers.export", config="ExportConfig"),
+              module="derl.launchers.stages.export", config="ExportConfig"),
     StageSpec("train-downstream", help="train a CTR/CVR ranker, with or without upstream vectors",
               component="train_downstream", distributed=True,
-              module="derl.launchers.train_downstream", config="TrainDownstreamConfig"),
+              module="derl.launchers.stages.train_downstream", config="TrainDownstreamConfig"),
     StageSpec("score",
               help="score a day with a trained ranker and a snapshot version of your choice",
               component="score", distributed=True,
-              module="derl.launchers.score", config="ScoreConfig"),
+              module="derl.launchers.stages.score", config="ScoreConfig"),
     StageSpec("evaluate", help="compare ranker runs on the held-out day: report.json/.md",
               component="evaluate",
-              module="derl.launchers.evaluate", config="EvaluateConfig"),
+              module="derl.launchers.stages.evaluate", config="EvaluateConfig"),
     StageSpec("pipeline", help="every stage in order into one work folder, resumable, one report",
               component="pipeline",
-              module="derl.launchers.pipeline", config="PipelineConfig"),
+              module="derl.launchers.stages.pipeline", config="PipelineConfig"),
     StageSpec("bench", help="the benchmark suite: every stage's throughput and memory "
                             "(--suite quick|full --out DIR)",
               component="bench"),

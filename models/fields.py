@@ -2,7 +2,7 @@
 and the rule checks that name that flag.
 
 On floor 2 so that a model config can declare its tunable settings itself (`UpstreamSettings`,
-`RankerSettings`): the stage configs take them in and `launchers/config.py` makes the flags,
+`RankerSettings`): the stage configs take them in and `launchers/runtime/config.py` makes the flags,
 so a model setting, its default, its help and its check are written once.
 """
 

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from derl.datapipes.readers import ExampleReader, ReaderConfig
-from derl.launchers.config import to_flags
-from derl.launchers.presets import SMALL_RANKER, SMALL_UPSTREAM
-from derl.launchers.processes import Finished, run_derl
-from derl.launchers.settings import TrainDownstreamConfig, TrainUpstreamConfig
+from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.presets import SMALL_RANKER, SMALL_UPSTREAM
+from derl.launchers.runtime.processes import Finished, run_derl
+from derl.launchers.runtime.settings import TrainDownstreamConfig, TrainUpstreamConfig
 
 # The presets' small models, as flags (small enough for CPU CI, big enough to learn something).
 SMALL = to_flags(TrainUpstreamConfig, SMALL_UPSTREAM)
@@ -38,7 +38,7 @@ def plant_snapshot(root, version: str, cut_day: str, tables: dict, dim: int, ads
     temperature 0.05, and the fault hook as `reached` (DERL_FAULT kills a planting process at a
     commit step)."""
     from derl.datapipes.snapshots import write_snapshot
-    from derl.launchers import faults
+    from derl.launchers.runtime import faults
 
     return write_snapshot(root, version, cut_day, tables, dim, temperature=0.05, normalised=False, ads=ads,
                           replace=replace, reached=reached or faults.reached)

@@ -88,4 +88,4 @@ def test_derl_bench_runs_the_stack_at_its_smallest_and_writes_its_reports(tiny_w
     assert set(result["plots"]) == {"bench-throughput.png", "bench-downstream.png", "bench-scaling.png"}
     for png in result["plots"]:
         assert (out / png).stat().st_size > 0
-    assert set(bench.STAGES) >= set(stages)
+    assert set(bench.BENCH_STAGES) >= set(stages)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from derl.benchmarks import upstream_bench
-from derl.launchers import dist as derl_dist
-from derl.launchers.presets import SMALL_UPSTREAM
+from derl.launchers.runtime import dist as derl_dist
+from derl.launchers.runtime.presets import SMALL_UPSTREAM
 
 
 def test_upstream_worker_times_and_breaks_down_a_plain_step(tiny_world, tmp_path):
@@ -31,9 +31,9 @@ def test_headroom_sets_the_snapshot_between_base_rate_and_the_world_truth(tiny_p
     vectors' dot correlates with the true affinity."""
     import json
 
-    from derl.benchmarks import headroom_bench
+    from derl.benchmarks.studies import headroom
 
-    headroom_bench.main(["--data", str(tiny_pipeline / "world"), "--snapshots", str(tiny_pipeline / "snapshots"),
+    headroom.main(["--data", str(tiny_pipeline / "world"), "--snapshots", str(tiny_pipeline / "snapshots"),
                          "--out", str(tmp_path)])
     result = json.loads((tmp_path / "headroom.json").read_text())
     ne = {(r["task"], r["predictor"]): float(r["ne"]) for r in result["rows"]}
@@ -53,7 +53,7 @@ def test_headroom_sets_the_snapshot_between_base_rate_and_the_world_truth(tiny_p
 def test_the_linear_probe_recovers_a_linear_image_and_not_noise():
     import numpy as np
 
-    from derl.benchmarks.headroom_bench import probe_r2
+    from derl.benchmarks.studies.headroom import probe_r2
 
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(2000, 4))
@@ -66,11 +66,11 @@ def test_the_linear_probe_recovers_a_linear_image_and_not_noise():
 def test_headroom_names_a_snapshot_version_it_cannot_find(tiny_pipeline, tmp_path):
     import pytest
 
-    from derl.benchmarks import headroom_bench
+    from derl.benchmarks.studies import headroom
     from derl.datapipes.snapshots import SnapshotError
 
     with pytest.raises(SnapshotError, match="2099-01-01"):
-        headroom_bench.main(["--data", str(tiny_pipeline / "world"), "--snapshots",
+        headroom.main(["--data", str(tiny_pipeline / "world"), "--snapshots",
                              str(tiny_pipeline / "snapshots"), "--version", "2099-01-01", "--out", str(tmp_path)])
 
 
@@ -79,9 +79,9 @@ def test_ceiling_orders_the_estimators_by_what_they_know(tiny_world, tmp_path):
     and the world's own expected saves retrieve better than popularity."""
     import json
 
-    from derl.benchmarks import ceiling_bench
+    from derl.benchmarks.studies import ceiling
 
-    ceiling_bench.main(["--data", str(tiny_world), "--out", str(tmp_path)])
+    ceiling.main(["--data", str(tiny_world), "--out", str(tmp_path)])
     value = {r["estimator"]: r["value"] for r in json.loads((tmp_path / "ceiling.json").read_text())["rows"]}
     assert value["true latents (last upstream day)"] < value["user from engaged Pins' true latents, true ad"] < 1.0
     assert value["true latents (last upstream day)"] < value["true user, ad from content"] < 1.0
@@ -108,14 +108,14 @@ def test_ceiling_rankers_put_the_worlds_own_probabilities_above_every_snapshot(t
     +13.2 % [-4.9 %, +25.0 %] on the day's few conversions)."""
     import json
 
-    from derl.benchmarks import ceiling_bench
+    from derl.benchmarks.studies import ceiling
 
-    ceiling_bench.main(["--data", str(tiny_world), "--out", str(tmp_path), "--rankers", "tiny", "--nproc", "1"])
+    ceiling.main(["--data", str(tiny_world), "--out", str(tmp_path), "--rankers", "tiny", "--nproc", "1"])
     rows = {(r["figure"], r["estimator"]): r for r in json.loads((tmp_path / "ceiling.json").read_text())["rows"]}
     for task in ("CTR", "CVR"):
         gain = {name: rows[(f"{task} NE gain over none (%)", label)]
-                for name, label in ceiling_bench.ESTIMATORS.items()}
-        assert gain["bayes"]["value"] > max(gain[name]["value"] for name in ceiling_bench.ESTIMATORS if name != "bayes")
+                for name, label in ceiling.ESTIMATORS.items()}
+        assert gain["bayes"]["value"] > max(gain[name]["value"] for name in ceiling.ESTIMATORS if name != "bayes")
         low, high = (float(x) for x in gain["bayes"]["interval"].strip("[]").split(","))
         assert low < gain["bayes"]["value"] < high
         assert low > 0 or task == "CVR"  # the tiny world's evaluation day has too few conversions
@@ -125,8 +125,8 @@ def test_ceiling_rankers_put_the_worlds_own_probabilities_above_every_snapshot(t
 def test_ceiling_refuses_a_rank_count_below_one(tiny_world, tmp_path):
     import pytest
 
-    from derl.benchmarks import ceiling_bench
+    from derl.benchmarks.studies import ceiling
 
     with pytest.raises(SystemExit):
-        ceiling_bench.main(["--data", str(tiny_world), "--out", str(tmp_path), "--rankers", "tiny", "--nproc", "0"])
+        ceiling.main(["--data", str(tiny_world), "--out", str(tmp_path), "--rankers", "tiny", "--nproc", "0"])
     assert not (tmp_path / "ceiling.json").exists()

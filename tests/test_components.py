@@ -57,7 +57,7 @@ def _check_entrypoint(stage: str, entrypoint: str, args: list) -> None:
     if REGISTRY[stage].distributed:
         assert entrypoint == "bash" and args[0] == "-c"
         cmd = shlex.split(args[1])
-        launcher = ["python", "-m", "derl.launchers.torchrun"]
+        launcher = ["python", "-m", "derl.launchers.runtime.torchrun"]
         assert cmd[:3] == launcher and cmd[-len(tail):] == tail
         opts = dict(zip(cmd[3:-len(tail)], cmd[4:-len(tail)]))
         assert opts["--nnodes"] == "2" and opts["--nproc_per_node"] == "4"

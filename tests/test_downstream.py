@@ -15,12 +15,12 @@ import torch
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.snapshots import Snapshot, SnapshotError, SnapshotJoin, pinned
 from derl.datapipes.sources import SourceTables
-from derl.launchers import dist as derl_dist
+from derl.launchers.runtime import dist as derl_dist
 from derl.datapipes.schema import CONTENT_DIM
-from derl.launchers.config import to_flags
-from derl.launchers.presets import SMALL_RANKER
-from derl.launchers.runs import read_predictions
-from derl.launchers.settings import TrainDownstreamConfig
+from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.presets import SMALL_RANKER
+from derl.launchers.runtime.runs import read_predictions
+from derl.launchers.runtime.settings import TrainDownstreamConfig
 from derl.models.downstream import Ranker, RankerConfig, UpstreamFeatures
 from derl.models.metrics import binary_metrics, bootstrap_ne_gain, normalized_entropy
 from helpers import DOWN, derl, plant_snapshot
@@ -234,7 +234,7 @@ def test_each_mode_trains_and_scores_the_held_out_day(mode, nproc, tiny_world, l
 def coupled_pin_worker(run: str, world: str) -> dict:
     """Rebuild a coupled ranker as train-downstream does, load the upstream towers, and embed
     the evaluation day's Pins with them."""
-    from derl.launchers import train_downstream
+    from derl.launchers.stages import train_downstream
 
     worker = derl_dist.init()
     try:
@@ -346,7 +346,7 @@ def test_vectors_that_carry_affinity_make_snapshot_beat_none(tiny_pipeline, tmp_
     learned upstream's vectors give +0.05 % [-0.12 %, +0.22 %] here, within the noise of the
     92 clicks of the evaluation day (docs/results.md, "Downstream": the demo world resolves it)."""
     from derl.datapipes.world import latent_state
-    from derl.launchers.presets import STAGE_PRESETS
+    from derl.launchers.runtime.presets import STAGE_PRESETS
 
     learned = Snapshot(tiny_pipeline / "snapshots")
     users, pins = latent_state(tiny_pipeline / "world", learned.version)

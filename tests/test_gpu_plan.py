@@ -9,8 +9,8 @@ function every stage's ranks use.
 import pytest
 import torch
 
-from derl.launchers.dist import device_and_backend
-from derl.launchers.plan import cluster_plan, models, render
+from derl.launchers.runtime.dist import device_and_backend
+from derl.launchers.stages.plan import cluster_plan, models, render
 from derl.models.sharding import ShardingError, dry_run_plan, sharded_bytes_per_rank
 
 HOSTS, GPUS, HBM_GB = 2, 8, 80

@@ -1,5 +1,5 @@
 """The whole stack on a taobao-ad world: files in the exact layouts, drawn by
-`benchmarks/taobao_files.py`, through `derl import` and `derl pipeline --data` (the real data
+`datapipes/importers/taobao_files.py`, through `derl import` and `derl pipeline --data` (the real data
 from import to retrieval: `test_real_data_stack.py`).
 
 The thresholds are what these runs measured (docs/importing.md, "Measured"), with margin.
@@ -10,7 +10,7 @@ import json
 import pytest
 from helpers import derl
 
-from derl.benchmarks.taobao_files import write_taobao_ad_files
+from derl.datapipes.importers.taobao_files import write_taobao_ad_files
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,10 @@ from derl.launchers.registry import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = ("derl", "datapipes", "models", "launchers", "benchmarks")  # the floors, bottom up
-# The stages' entry modules (`derl <stage>`); libraries of launchers/ are the other modules.
+# Inside a floor, a sub-folder sits half a floor up: launchers/' stages (launchers/stages/) over
+# the runtime they share (launchers/runtime/). benchmarks/ has no such order: the upstream
+# harness times the seqrec study's reference SASRec as its peer.
+UPPER_HALF = {"launchers": "stages"}
 STAGE_MODULES = {spec.module for spec in REGISTRY.values() if spec.module is not None}
 CLI = "derl.launchers.cli"
 
@@ -53,12 +56,18 @@ def _graph() -> Dict[str, Set[str]]:
 
 
 def _floor(module: str) -> float:
-    """Its folder's place in FOLDERS, with the stages half a floor above launchers/' libraries
-    and the CLI above everything (`derl bench` reaches the benchmarks through it)."""
+    """Its folder's place in FOLDERS, plus half for the upper sub-folder (UPPER_HALF), and the
+    CLI above everything (`derl bench` reaches the benchmarks through it)."""
     if module == CLI:
         return math.inf
-    folder = module.split(".")[1] if "." in module else "derl"
-    return FOLDERS.index(folder) + (0.5 if module in STAGE_MODULES else 0)
+    parts = module.split(".")
+    folder = parts[1] if len(parts) > 1 else "derl"
+    upper = len(parts) > 3 and parts[2] == UPPER_HALF.get(folder)
+    return FOLDERS.index(folder) + (0.5 if upper else 0)
+
+
+def test_the_stage_modules_live_in_launchers_stages():
+    assert {m.rsplit(".", 1)[0] for m in STAGE_MODULES} == {"derl.launchers.stages"}
 
 
 def test_each_module_imports_only_from_its_floor_or_the_ones_below():

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from derl.launchers import cli
-from derl.launchers.settings import ExportConfig, PipelineConfig, TrainDownstreamConfig, TrainUpstreamConfig
+from derl.launchers.runtime.settings import ExportConfig, PipelineConfig, TrainDownstreamConfig, TrainUpstreamConfig
 from helpers import DOWN, SMALL
 
 DERL = [sys.executable, "-m", "derl.launchers.cli"]

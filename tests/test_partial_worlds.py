@@ -118,8 +118,8 @@ def test_no_conversions_ranks_ctr_only(no_conversions, tmp_path):
 
 
 def test_pipeline_on_a_world_runs_what_it_supports(no_conversions, tmp_path):
-    from derl.launchers.pipeline import plan, stages
-    from derl.launchers.settings import PipelineConfig
+    from derl.launchers.stages.pipeline import plan, stages
+    from derl.launchers.runtime.settings import PipelineConfig
 
     cfg = PipelineConfig(workdir=tmp_path / "w", preset="demo", data=no_conversions, coupled=True)
     p = plan(cfg)
@@ -135,8 +135,8 @@ def test_pipeline_on_a_world_runs_what_it_supports(no_conversions, tmp_path):
 
 
 def test_pipeline_on_an_upstream_only_world_stops_after_export(no_ads, tmp_path):
-    from derl.launchers.pipeline import plan, stages, validate
-    from derl.launchers.settings import PipelineConfig
+    from derl.launchers.stages.pipeline import plan, stages, validate
+    from derl.launchers.runtime.settings import PipelineConfig
 
     cfg = PipelineConfig(workdir=tmp_path / "w", preset="tiny", data=no_ads)
     assert [s.name for s in stages(cfg, plan(cfg))] == ["upstream-engagement", "export"]

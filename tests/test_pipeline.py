@@ -106,8 +106,8 @@ def test_a_rerun_skips_finished_stages_and_redoes_an_unfinished_one(tiny_pipelin
 
 
 def test_the_demo_preset_trains_the_coupled_ranker_only_when_asked():
-    from derl.launchers.pipeline import rankers
-    from derl.launchers.presets import STAGE_PRESETS
+    from derl.launchers.stages.pipeline import rankers
+    from derl.launchers.runtime.presets import STAGE_PRESETS
 
     demo, tiny = STAGE_PRESETS["demo"], STAGE_PRESETS["tiny"]
     assert set(rankers(demo)) == RANKERS - {"coupled"}

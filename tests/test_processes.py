@@ -1,4 +1,4 @@
-"""launchers/processes.py, the one runner of `derl` children: a timeout kills the child's whole
+"""launchers/runtime/processes.py, the one runner of `derl` children: a timeout kills the child's whole
 process group, a failure names its log's tail, output is captured, the peak resident set is the
 child's. The child here is a short Python script standing in for `derl` (DERL patched), so
 that each test takes a second, not torch's start-up."""
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from derl.launchers import processes
-from derl.launchers.processes import StageFailed, run_derl
+from derl.launchers.runtime import processes
+from derl.launchers.runtime.processes import StageFailed, run_derl
 
 pytestmark = pytest.mark.slow  # starts processes (docs/testing.md)
 

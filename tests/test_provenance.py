@@ -18,10 +18,12 @@ import pytest
 
 from derl.datapipes.snapshots import Snapshot
 from derl.datapipes.world import WORLD_PRESETS, WORLD_META, generate, read_world_id
-from derl.launchers import cli, evaluate, runs
-from derl.launchers.config import from_args, to_flags
+from derl.launchers import cli
+from derl.launchers.stages import evaluate
+from derl.launchers.runtime import runs
+from derl.launchers.runtime.config import from_args, to_flags
 from derl.launchers.registry import REGISTRY
-from derl.launchers.settings import EvaluateConfig, TrainUpstreamConfig
+from derl.launchers.runtime.settings import EvaluateConfig, TrainUpstreamConfig
 from helpers import derl
 
 

@@ -17,7 +17,7 @@ import pytest
 from derl.datapipes.readers import _prefetched
 from derl.datapipes.sources import DataError, SourceTables, shard_units
 from derl.datapipes.splits import default_split
-from derl.launchers import dist as derl_dist
+from derl.launchers.runtime import dist as derl_dist
 from helpers import DOWN, damage, derl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_one_ranks_data_error_under_torchrun_is_one_line(world_copy, tmp_path):
     its exit code, and nothing from torchrun or the other rank."""
     _damage_rank_1(world_copy)
     proc = subprocess.run(
-        [sys.executable, "-m", "derl.launchers.torchrun", "--nproc_per_node", "2", "-m", "derl.launchers.cli",
+        [sys.executable, "-m", "derl.launchers.runtime.torchrun", "--nproc_per_node", "2", "-m", "derl.launchers.cli",
          "train-downstream", "--data", str(world_copy), "--upstream", "none", "--max-steps", "4",
          "--out", str(tmp_path / "run"), *DOWN],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -17,10 +17,11 @@ import torch
 
 from derl.datapipes.batch import CONTEXT_FEATURES, PIN_FEATURES, SEQUENCE_FEATURES, USER_FEATURES
 from derl.datapipes.domains import DOMAINS
-from derl.launchers import cli, runs
-from derl.launchers.config import add_flags, from_args, to_flags
-from derl.launchers.finite import NonFiniteError, check_losses, require_finite
-from derl.launchers.settings import ScoreConfig, TrainDownstreamConfig, TrainUpstreamConfig
+from derl.launchers import cli
+from derl.launchers.runtime import runs
+from derl.launchers.runtime.config import add_flags, from_args, to_flags
+from derl.launchers.runtime.finite import NonFiniteError, check_losses, require_finite
+from derl.launchers.runtime.settings import ScoreConfig, TrainDownstreamConfig, TrainUpstreamConfig
 from derl.models.downstream import RankerConfig
 
 
@@ -224,7 +225,7 @@ def test_a_model_setting_is_the_flag_of_its_model_field_and_reaches_the_model(tm
 
 
 def test_a_bad_omp_num_threads_is_named_before_any_process_group(monkeypatch):
-    from derl.launchers import dist as derl_dist
+    from derl.launchers.runtime import dist as derl_dist
 
     monkeypatch.setenv("OMP_NUM_THREADS", "two")
     with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a positive whole number of threads, got 'two'"):

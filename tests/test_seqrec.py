@@ -1,4 +1,4 @@
-"""The sequential-recommendation benchmark (derl.benchmarks.seqrec): the split, the metrics, the
+"""The sequential-recommendation benchmark (derl.benchmarks.studies.seqrec): the split, the metrics, the
 reference models and the resumable loop, on small files written here (and Beauty's first users)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from derl.benchmarks.seqrec import metrics
-from derl.benchmarks.seqrec.data import Split, detect_format, load
-from derl.benchmarks.seqrec.models import MODELS, Popularity, SASRec
-from derl.benchmarks.seqrec.train import Settings, evaluate, fit
+from derl.benchmarks.studies.seqrec import metrics
+from derl.benchmarks.studies.seqrec.data import Split, detect_format, load
+from derl.benchmarks.studies.seqrec.models import MODELS, Popularity, SASRec
+from derl.benchmarks.studies.seqrec.train import Settings, evaluate, fit
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 BEAUTY = DATA / "amazon-seq" / "Beauty.txt"
@@ -160,7 +160,7 @@ def test_sasrec_learns_the_successor_task_and_beats_popularity(tmp_path):
 
 
 def test_bce_negatives_avoid_the_users_training_items(tmp_path):
-    from derl.benchmarks.seqrec.models import sample_unseen, seen_keys
+    from derl.benchmarks.studies.seqrec.models import sample_unseen, seen_keys
 
     split = Split(load(_write(tmp_path / "t.txt", ["a 1 2 3 4 5 6 7", "b 7 6 5 4"])))  # a trains on 1..5
     neg = sample_unseen(seen_keys(split), split.n_items, torch.zeros(2000, dtype=torch.long),
@@ -218,7 +218,7 @@ def test_derl_bench_suite_seqrec_writes_its_results_and_skips_finished_runs(tmp_
     assert (out / "bench.md").is_file() and (out / "seqrec.png").is_file()
     assert (out / "state" / "toy-sasrec.pt").is_file() and (out / "results" / "toy-sasrec.json").is_file()
     # Each row names the command that reproduces it: parsed back, it gives the row's settings.
-    from derl.benchmarks.seqrec.suite import settings_for
+    from derl.benchmarks.studies.seqrec.suite import settings_for
 
     command = entry["command"]
     assert command in (out / "bench.md").read_text()
@@ -234,7 +234,7 @@ def test_derl_bench_suite_seqrec_writes_its_results_and_skips_finished_runs(tmp_
 
 def _parse_bench_command(command: str) -> argparse.Namespace:
     """`derl bench ...` as the suite's own parser reads it."""
-    from derl.benchmarks.seqrec.suite import add_arguments
+    from derl.benchmarks.studies.seqrec.suite import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -242,7 +242,7 @@ def _parse_bench_command(command: str) -> argparse.Namespace:
 
 
 def test_a_rows_command_carries_flag_like_values_and_switches_back_to_its_settings(tmp_path):
-    from derl.benchmarks.seqrec.suite import DATASETS, row_command, settings_for
+    from derl.benchmarks.studies.seqrec.suite import DATASETS, row_command, settings_for
 
     settings = dataclasses.replace(Settings(**MODELS["derl"].defaults), derl_args="--seq-len 50 --seed 3",
                                    bf16=True, threads=1)
@@ -255,7 +255,7 @@ def test_a_rows_command_carries_flag_like_values_and_switches_back_to_its_settin
 
 
 def test_too_few_derl_days_fail_that_run_naming_the_flag(tmp_path):
-    from derl.benchmarks.seqrec.suite import run
+    from derl.benchmarks.studies.seqrec.suite import run
 
     _successor_split(tmp_path, users=20, items=10, length=5)
     result = run(["--out", str(tmp_path / "out"), "--dataset", f"toy={tmp_path / 'succ.txt'}",
@@ -281,7 +281,7 @@ def test_beautys_first_users_split_as_the_file_says(tmp_path):
 def test_derl_upstream_runs_in_the_suite_through_the_derl_commands(tmp_path):
     """`derl` in the seqrec suite: import, train-upstream in chunks, two exports a chunk, scored
     like the others, the chunk best on validation reported; a rerun resumes after the last chunk."""
-    from derl.benchmarks.seqrec.suite import run
+    from derl.benchmarks.studies.seqrec.suite import run
     from derl.datapipes.sources import SourceTables
 
     lines = (DATA / "amazon-seq" / "Beauty.txt").read_text().splitlines()[:300]

@@ -25,7 +25,8 @@ import pytest
 from derl.datapipes.snapshots import (LATEST, MANIFEST, Snapshot, SnapshotError, SnapshotJoin, SnapshotWriter, gc,
                                       pin, resolve, sha256, verify, versions, write_part)
 from derl.datapipes.sources import SourceTables
-from derl.launchers import cli, faults, runs
+from derl.launchers import cli
+from derl.launchers.runtime import faults, runs
 from helpers import derl, export, plant_snapshot
 
 IDS = np.arange(5)

@@ -1,4 +1,4 @@
-"""The synthetic Ali_Display_Ad_Click files (benchmarks/taobao_files.py): the real headers and
+"""The synthetic Ali_Display_Ad_Click files (datapipes/importers/taobao_files.py): the real headers and
 layouts, values in the real ranges, the days in their windows, the real proportions, the
 coverage the importer's tests rely on, a learnable click signal, and determinism."""
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from derl.benchmarks import taobao_files as tf
+from derl.datapipes.importers import taobao_files as tf
 
 CHINA = dt.timezone(dt.timedelta(hours=8))
 

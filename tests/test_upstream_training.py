@@ -10,11 +10,11 @@ import torch
 
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.sources import DataError
-from derl.launchers import dist as derl_dist
-from derl.launchers.config import to_flags
-from derl.launchers.presets import STAGE_PRESETS
-from derl.launchers.runs import upstream_model_config
-from derl.launchers.settings import TrainUpstreamConfig
+from derl.launchers.runtime import dist as derl_dist
+from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.presets import STAGE_PRESETS
+from derl.launchers.runtime.runs import upstream_model_config
+from derl.launchers.runtime.settings import TrainUpstreamConfig
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, shard_model
 from derl.models.upstream import DERM

@@ -28,10 +28,10 @@ from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.world import read_world_id
-from derl.launchers import dist as derl_dist
-from derl.launchers import faults, finite, runs
-from derl.launchers.settings import TrainUpstreamConfig
-from derl.launchers.upstream_eval import AUC_TASKS, evaluate_recall
+from derl.launchers.runtime import dist as derl_dist
+from derl.launchers.runtime import faults, finite, runs
+from derl.launchers.runtime.settings import TrainUpstreamConfig
+from derl.launchers.runtime.upstream_eval import AUC_TASKS, evaluate_recall
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, describe_plan, shard_model
 from derl.models.upstream import DERM, UpstreamConfig

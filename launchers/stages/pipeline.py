@@ -44,19 +44,19 @@ from derl.datapipes.snapshots import LATEST, MANIFEST, Snapshot, unpin, versions
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.world import WORLD_META
-from derl.launchers import runs
-from derl.launchers.config import to_flags
-from derl.launchers.presets import STAGE_PRESETS, Preset
-from derl.launchers.processes import StageFailed, run_derl
+from derl.launchers.runtime import runs
+from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.presets import STAGE_PRESETS, Preset
+from derl.launchers.runtime.processes import StageFailed, run_derl
 from derl.launchers.registry import REGISTRY
-from derl.launchers.settings import (EvaluateConfig, ExportConfig, PipelineConfig, ScoreConfig,
+from derl.launchers.runtime.settings import (EvaluateConfig, ExportConfig, PipelineConfig, ScoreConfig,
                                      TrainDownstreamConfig, TrainUpstreamConfig)
 
 REFRESH_ROOT = Path("refresh") / "snapshots"  # under W: the refresh's raw and aligned-only versions
 
 
 @dataclass(frozen=True)
-class Plan:
+class PipelinePlan:
     """What the pipeline runs on its world: its folder, the domains it trains, and whether it
     has ad impressions for the rankers."""
 
@@ -66,15 +66,15 @@ class Plan:
     lacks: Tuple[str, ...]  # one sentence per thing left out, for the report
 
 
-def plan(cfg: PipelineConfig) -> Plan:
+def plan(cfg: PipelineConfig) -> PipelinePlan:
     if cfg.data is None:  # the world the pipeline generates has everything
-        return Plan(cfg.workdir / "world", tuple(DOMAINS), True, ())
+        return PipelinePlan(cfg.workdir / "world", tuple(DOMAINS), True, ())
     sources = SourceTables(cfg.data)
     domains = tuple(supported(sources))
     lacks = tuple(DOMAINS[d].unsupported(sources) for d in DOMAINS if d not in domains)
     if not sources.has("ad_events"):
         lacks += (f"{cfg.data} has no ad impressions: no rankers, no downstream evaluation",)
-    return Plan(cfg.data, domains, sources.has("ad_events"), lacks)
+    return PipelinePlan(cfg.data, domains, sources.has("ad_events"), lacks)
 
 
 def rankers(preset: Preset, domains: Tuple[str, ...] = tuple(DOMAINS),
@@ -128,7 +128,7 @@ def upstream_overrides(cfg: PipelineConfig, preset: Preset) -> Mapping[str, Any]
     return {k: v for k, v in preset.upstream.items() if cfg.data is None or k != "from_day"}
 
 
-def stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
+def stages(cfg: PipelineConfig, p: PipelinePlan) -> List[Stage]:
     w, preset = cfg.workdir, STAGE_PRESETS[cfg.preset]
     world, snaps = p.world, w / "snapshots"
     out = []
@@ -170,7 +170,7 @@ def incremental_upstream(preset: Preset) -> Mapping[str, Any]:
     return {k: v for k, v in preset.upstream.items() if k != "from_day"}
 
 
-def refresh_stages(cfg: PipelineConfig, p: Plan) -> List[Stage]:
+def refresh_stages(cfg: PipelineConfig, p: PipelinePlan) -> List[Stage]:
     """One more day: incremental upstream on the cut day, a new version for the next day
     (smoothed and aligned; raw and aligned-only beside it), the old ranker scored with each."""
     w = cfg.workdir
@@ -314,7 +314,7 @@ def run(cfg: PipelineConfig) -> Dict[str, object]:
     return report
 
 
-def combined_report(cfg: PipelineConfig, p: Plan, timings: Dict[str, object], wall: float) -> Dict[str, object]:
+def combined_report(cfg: PipelineConfig, p: PipelinePlan, timings: Dict[str, object], wall: float) -> Dict[str, object]:
     w = cfg.workdir
     evaluated = p.has_ads
     report = json.loads((w / "evaluate" / "report.json").read_text()) if evaluated else {}

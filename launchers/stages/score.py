@@ -17,9 +17,9 @@ import torch
 from derl.datapipes.snapshots import SnapshotJoin
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.world import read_world_id
-from derl.launchers import dist as derl_dist
-from derl.launchers import runs, scoring
-from derl.launchers.settings import ScoreConfig
+from derl.launchers.runtime import dist as derl_dist
+from derl.launchers.runtime import runs, scoring
+from derl.launchers.runtime.settings import ScoreConfig
 from derl.models import checkpoint
 from derl.models.downstream import Ranker
 from derl.models.sharding import OptimConfig, shard_model

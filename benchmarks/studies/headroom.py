@@ -1,7 +1,7 @@
 """Headroom: how much of the synthetic world's ad signal a snapshot's vectors carry, against
 the world's own answer (this prints the table and writes DIR/headroom.{json,md}).
 
-    python -m derl.benchmarks.headroom_bench --data W --snapshots SNAP --out DIR [--version V]
+    python -m derl.benchmarks.studies.headroom --data W --snapshots SNAP --out DIR [--version V]
 
 On the split's downstream days (fit) and evaluation day (score), each day's rows with the
 snapshot version live on that day (or --version for all):
@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     rows, meta = measure(args.data, args.snapshots, args.version)
-    command = (f"python -m derl.benchmarks.headroom_bench --data {args.data} --snapshots {args.snapshots} "
+    command = (f"python -m derl.benchmarks.studies.headroom --data {args.data} --snapshots {args.snapshots} "
                f"--out {args.out}" + (f" --version {args.version}" if args.version else ""))
     meta = {**report.machine(), **meta, "command": command}
     print(report.write(args.out, "headroom", rows, meta).read_text())

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from derl.datapipes.world import read_world_id
-from derl.launchers.config import flag_name, to_json
+from derl.launchers.runtime.config import flag_name, to_json
 from derl.models import checkpoint
 from derl.models.downstream import RankerConfig
 from derl.models.upstream import UpstreamConfig

@@ -25,13 +25,13 @@ import torch.distributed as dist
 from derl.datapipes import schema as S
 from derl.datapipes.features import FeatureJoiner
 from derl.datapipes.sources import DayRange, SourceTables
-from derl.launchers.dist import Worker
-from derl.launchers.embedding import all_gather_rows, embed_chunks, rank_chunks
+from derl.launchers.runtime.dist import Worker
+from derl.launchers.runtime.embedding import all_gather_rows, embed_chunks, rank_chunks
 from derl.models.metrics import binary_metrics
 from derl.models.retrieval import hits_at_k, topk_rows
 
 EVAL_TASKS = {"save": (S.Action.SAVE,), "click": (S.Action.CLICK, S.Action.LONG_CLICK)}
-KS = (10, 50, 100)
+RECALL_KS = (10, 50, 100)
 # The dot-product AUC's tasks: saves and clicks among organic impressions, clicks among ad ones.
 AUC_TASKS = ("save", "click", "ad_click")
 
@@ -92,7 +92,7 @@ def _positions(ranked: np.ndarray, ids: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def evaluate_recall(model: torch.nn.Module, joiner: FeatureJoiner, sources: SourceTables,
                     day: str, train_days: DayRange, worker: Worker, batch_size: int = 2048,
-                    ks: Sequence[int] = KS, temperature: float = 1.0,
+                    ks: Sequence[int] = RECALL_KS, temperature: float = 1.0,
                     pin_log_prior: Optional[np.ndarray] = None) -> Dict[str, object]:
     """Collective. recall@K per task for `model` (a DERM, sharded or not) and for popularity.
 

@@ -36,8 +36,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from derl.benchmarks.seqrec import metrics
-from derl.benchmarks.seqrec.data import Split
+from derl.benchmarks.studies.seqrec import metrics
+from derl.benchmarks.studies.seqrec.data import Split
 
 SELECT = "ndcg@10"  # the validation metric of model selection and early stopping
 
@@ -103,7 +103,7 @@ def evaluate(model: nn.Module, split: Split, stage: str, settings: Settings,
                       else model.score(inputs))
         rows, items = split.seen(stage, users)
         r = metrics.ranks(scores.float(), targets[users].to(device), rows.to(device), items.to(device),
-                          exact_below=max(metrics.KS))
+                          exact_below=max(metrics.CUTOFFS))
         for k, v in metrics.sums(r).items():
             total[k] += v
     return {k: v / split.n_users for k, v in total.items()}

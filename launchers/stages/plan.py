@@ -21,7 +21,7 @@ from torchrec.distributed.types import ShardingPlan
 from derl.datapipes.batch import feature_vocab
 from derl.datapipes.domains import DOMAINS, VECTOR_SETS
 from derl.datapipes.world import WORLD_PRESETS, id_sizes
-from derl.launchers.dist import device_and_backend
+from derl.launchers.runtime.dist import device_and_backend
 from derl.models.downstream import Ranker, RankerConfig
 from derl.models.sharding import dry_run_plan, sharded_bytes_per_rank
 from derl.models.upstream import DERM, UpstreamConfig

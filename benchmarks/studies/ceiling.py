@@ -2,7 +2,7 @@
 issue targets are set in: the headroom benchmark's CTR NE, upstream recall@50 of saves and the
 snapshot ranker's NE gain over `none`.
 
-    python -m derl.benchmarks.ceiling_bench --data W --out DIR [--rankers PRESET --nproc N]
+    python -m derl.benchmarks.studies.ceiling --data W --out DIR [--rankers PRESET --nproc N]
 
 Without `--rankers` no model is trained. Each row is an estimator handed part of the world's
 hidden state (`datapipes.world.hidden_state`); the true-latent rows and the world's expected
@@ -50,18 +50,19 @@ import numpy as np
 import pyarrow.dataset as ds
 
 from derl.benchmarks import report
-from derl.benchmarks.headroom_bench import _day, _logistic, probe_r2
+from derl.benchmarks.studies.headroom import _day, _logistic, probe_r2
 from derl.datapipes import schema as S
 from derl.datapipes import world as W
 from derl.datapipes.snapshots import write_snapshot
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
-from derl.launchers import evaluate, runs
-from derl.launchers.config import to_flags
-from derl.launchers.presets import STAGE_PRESETS
-from derl.launchers.processes import run_derl
-from derl.launchers.settings import EvaluateConfig, TrainDownstreamConfig
-from derl.launchers.upstream_eval import popular_pins
+from derl.launchers.stages import evaluate
+from derl.launchers.runtime import runs
+from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.presets import STAGE_PRESETS
+from derl.launchers.runtime.processes import run_derl
+from derl.launchers.runtime.settings import EvaluateConfig, TrainDownstreamConfig
+from derl.launchers.runtime.upstream_eval import popular_pins
 from derl.models.metrics import binary_metrics, bootstrap_ne_gain
 
 K = 50
@@ -297,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = p.parse_args(argv)
     if args.nproc < 1:
         p.error(f"--nproc must be at least 1, got {args.nproc}")
-    command = f"python -m derl.benchmarks.ceiling_bench --data {args.data} --out {args.out}"
+    command = f"python -m derl.benchmarks.studies.ceiling --data {args.data} --out {args.out}"
     if args.rankers:
         command += f" --rankers {args.rankers} --nproc {args.nproc}"
     rows = [{**r, "interval": "–"} for r in measure(args.data)]

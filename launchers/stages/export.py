@@ -51,11 +51,11 @@ from derl.datapipes.snapshots.refresh import refresh_domain
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.world import read_world_id
-from derl.launchers import dist as derl_dist
-from derl.launchers import faults, runs
-from derl.launchers.embedding import Chunk, rank_chunks
-from derl.launchers.finite import NonFiniteError
-from derl.launchers.settings import ExportConfig
+from derl.launchers.runtime import dist as derl_dist
+from derl.launchers.runtime import faults, runs
+from derl.launchers.runtime.embedding import Chunk, rank_chunks
+from derl.launchers.runtime.finite import NonFiniteError
+from derl.launchers.runtime.settings import ExportConfig
 from derl.models import checkpoint
 from derl.models.sharding import OptimConfig, shard_model
 from derl.models.upstream import DERM, UpstreamConfig
@@ -160,7 +160,7 @@ def _export(cfg: ExportConfig, worker: derl_dist.Worker) -> Optional[dict]:
         raise
 
 
-def _embed(cfg: ExportConfig, plan: "Plan", sources: SourceTables, writer: SnapshotWriter,
+def _embed(cfg: ExportConfig, plan: ExportPlan, sources: SourceTables, writer: SnapshotWriter,
            worker: derl_dist.Worker) -> Dict[str, dict]:
     """Collective: this rank's parts of every domain's tables, smoothed with `--previous`'s
     vectors where it is given (closed before the commit, so an `--overwrite` of it is not
@@ -183,7 +183,7 @@ def _embed(cfg: ExportConfig, plan: "Plan", sources: SourceTables, writer: Snaps
 # --- plan: what every rank works out alike ----------------------------------------------------
 
 @dataclass(frozen=True)
-class Plan:
+class ExportPlan:
     cut: str
     version: str
     world: Optional[str]  # the id of --data's world (`read_world_id`), for the manifest
@@ -196,7 +196,7 @@ class Plan:
     retention: dict  # for the manifest
 
 
-def _plan(cfg: ExportConfig, sources: SourceTables) -> Plan:
+def _plan(cfg: ExportConfig, sources: SourceTables) -> ExportPlan:
     upstream = upstream_runs(cfg)
     configs, dim = _model_configs(upstream)
     cut = cfg.cut or default_split(sources.days("engagements")).cut_day
@@ -212,7 +212,7 @@ def _plan(cfg: ExportConfig, sources: SourceTables) -> Plan:
             f"{cut_name}: the snapshot would hold {len(users):,} users and {len(pins):,} Pins (activity "
             f"read: {retention['activity_days'] or 'none before the cut'}; idle over --retention-days "
             f"{cfg.retention_days}: {retention['dropped_idle']}); an empty snapshot is never published")
-    return Plan(cut, cfg.version or cut, read_world_id(cfg.data), upstream, configs, dim, users, pins,
+    return ExportPlan(cut, cfg.version or cut, read_world_id(cfg.data), upstream, configs, dim, users, pins,
                 np.sort(ads), retention)
 
 
@@ -300,7 +300,7 @@ class Share(NamedTuple):
     joiner: FeatureJoiner
 
 
-def _share(cfg: ExportConfig, plan: Plan, sources: SourceTables, worker: derl_dist.Worker) -> Share:
+def _share(cfg: ExportConfig, plan: ExportPlan, sources: SourceTables, worker: derl_dist.Worker) -> Share:
     users = rank_chunks(plan.users, worker.rank, worker.world_size, cfg.batch_size)
     pins = rank_chunks(plan.pins, worker.rank, worker.world_size, cfg.batch_size)
     joiner = FeatureJoiner(sources)
@@ -323,7 +323,7 @@ def _embed_part(path: Path, chunks: List[Chunk], embed, make_batch, device: torc
     return part.rows, bad
 
 
-def _embed_domain(plan: Plan, domain: str, share: Share, writer: SnapshotWriter,
+def _embed_domain(plan: ExportPlan, domain: str, share: Share, writer: SnapshotWriter,
                   worker: derl_dist.Worker) -> dict:
     """Collective. This rank's parts of the domain's users and Pins; the domain's manifest entry.
     Stops every rank, before anything is published, when any vector is not finite."""
@@ -387,7 +387,7 @@ def ad_prior(sources: SourceTables, days: Tuple[str, str], ad_ids: np.ndarray,
     return (temperature * weight * np.log(share)).astype(np.float32)
 
 
-def _publish(cfg: ExportConfig, plan: Plan, sources: SourceTables, writer: SnapshotWriter,
+def _publish(cfg: ExportConfig, plan: ExportPlan, sources: SourceTables, writer: SnapshotWriter,
              domains: Dict[str, dict], world_size: int, t0: float) -> dict:
     """Each domain's ad index (with its popularity prior where the model asks for one), then
     the manifest and the commit."""

@@ -1,6 +1,6 @@
 """Daily refresh, measured downstream: smoothing strategies, and what alignment recovers.
 
-    python -m derl.benchmarks.refresh_bench --out DIR [--preset tiny|demo] [--nproc N]
+    python -m derl.benchmarks.studies.refresh --out DIR [--preset tiny|demo] [--nproc N]
 
 1. Smoothing (the paper's E(t) = w·E(t−1) + (1−w)·E_daily(t)). Upstream trains up to the cut;
    then, day by day, each model trains one more day from its checkpoint and a new version is
@@ -28,11 +28,11 @@ from derl.datapipes.snapshots import MANIFEST
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.domains import DOMAINS
-from derl.launchers import runs
-from derl.launchers.config import to_flags
-from derl.launchers.pipeline import Runner, Stage, incremental_upstream, upstream_specs
-from derl.launchers.presets import STAGE_PRESETS
-from derl.launchers.settings import (ExportConfig, PipelineConfig, ScoreConfig, TrainDownstreamConfig,
+from derl.launchers.runtime import runs
+from derl.launchers.runtime.config import to_flags
+from derl.launchers.stages.pipeline import Runner, Stage, incremental_upstream, upstream_specs
+from derl.launchers.runtime.presets import STAGE_PRESETS
+from derl.launchers.runtime.settings import (ExportConfig, PipelineConfig, ScoreConfig, TrainDownstreamConfig,
                                      TrainUpstreamConfig)
 
 STRATEGIES = {"latest": None, "w=0.2": 0.2, "w=0.5": 0.5, "w=0.8": 0.8}
@@ -192,7 +192,7 @@ def main() -> None:
     rows += [{"experiment": k.replace("_", " "), **cells(r)}
              for k, r in result["version_skew"].items() if k != "drift"]
     meta = {**report.machine(), "preset": args.preset,
-            "command": f"python -m derl.benchmarks.refresh_bench --out {args.out} --preset {args.preset}",
+            "command": f"python -m derl.benchmarks.studies.refresh --out {args.out} --preset {args.preset}",
             "drift": result["version_skew"]["drift"]}
     md = report.write(args.out, "refresh", rows, meta)
     (args.out / "refresh_full.json").write_text(json.dumps(result, indent=2))

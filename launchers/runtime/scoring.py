@@ -18,8 +18,8 @@ import torch.distributed as dist
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.snapshots import Snapshot, SnapshotJoin
 from derl.datapipes.sources import SourceTables
-from derl.launchers import dist as derl_dist
-from derl.launchers import finite, runs
+from derl.launchers.runtime import dist as derl_dist
+from derl.launchers.runtime import finite, runs
 from derl.models.metrics import ranker_metrics
 
 SCORE_BATCH = 4096

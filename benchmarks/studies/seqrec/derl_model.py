@@ -36,15 +36,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from derl.benchmarks.seqrec.data import Split
+from derl.benchmarks.studies.seqrec.data import Split
 from derl.datapipes.snapshots import Snapshot
 from derl.datapipes.snapshots.parts import part_paths, read_parts
 from derl.datapipes.sources import SourceTables
-from derl.launchers import runs
-from derl.launchers.config import to_flags
-from derl.launchers.presets import SMALL_UPSTREAM
-from derl.launchers.processes import run_derl
-from derl.launchers.settings import TrainUpstreamConfig
+from derl.launchers.runtime import runs
+from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.presets import SMALL_UPSTREAM
+from derl.launchers.runtime.processes import run_derl
+from derl.launchers.runtime.settings import TrainUpstreamConfig
 
 
 # What the seqrec protocol asks of the upstream beyond a preset (docs/seqrec.md, "derl"):
@@ -107,7 +107,7 @@ def _score_snapshots(split: Split, settings, world: Path, run: Path, snaps: Path
                      desc: str, progress: bool) -> Dict[str, object]:
     """Export the user vectors as of the validation and the test day and every item's vector,
     and score them as `train.evaluate` scores every model: {"val": metrics, "test": metrics}."""
-    from derl.benchmarks.seqrec import train
+    from derl.benchmarks.studies.seqrec import train
 
     val_day, test_day = days[-2], days[-1]
     for day in (val_day, test_day):
@@ -131,7 +131,7 @@ def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = N
     `derl_patience` chunks without a better validation NDCG@10 or at `derl_epochs`; the result
     is the best chunk's, as `train.fit` keeps the best state of the other models. Each chunk's
     scores go to WORK/progress.json: a rerun with the same settings resumes after the last one."""
-    from derl.benchmarks.seqrec.train import SELECT
+    from derl.benchmarks.studies.seqrec.train import SELECT
 
     if settings.derl_days < 3:
         raise ValueError(f"--derl-days must be at least 3 (training days, then the validation and "

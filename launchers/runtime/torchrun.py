@@ -1,4 +1,4 @@
-"""`python -m derl.launchers.torchrun ...`: torchrun, ending a failed job with derl's line alone.
+"""`python -m derl.launchers.runtime.torchrun ...`: torchrun, ending a failed job with derl's line alone.
 
 Same flags as `torchrun` (it runs torchrun's own `run`). A rank that fails has already printed
 derl's one line and exit code (`derl.launchers.cli`); plain torchrun then adds its agent's
@@ -19,7 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, g
 from torch.distributed.elastic.multiprocessing.errors import _NOT_AVAILABLE
 from torch.distributed.run import get_args_parser, run
 
-from derl.launchers import quiet
+from derl.launchers.runtime import quiet
 
 # What the agent logs when a rank ends badly (derl's own line has said why).
 AGENT_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api")

@@ -4,7 +4,7 @@ on public data, beside the published figures (docs/seqrec.md).
     derl bench --suite seqrec --out DIR [--dataset NAME[=PATH] ...]
         [--models popularity,sasrec,sasrec-ssm] [--epochs N] [--eval-every N] [--patience N]
         [--threads N] [--device auto|cpu|cuda] [model and training flags, below]
-    python -m derl.benchmarks.seqrec.suite ...   (the same, without --suite)
+    python -m derl.benchmarks.studies.seqrec.suite ...   (the same, without --suite)
 
 Datasets: a known NAME alone takes its default file (DATASETS: beauty, sports, ml-100k, under
 ../shared/data beside the repository); NAME=PATH reads any sequence-lines file, RecBole .inter,
@@ -34,10 +34,10 @@ import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from derl.benchmarks.seqrec import metrics
-from derl.benchmarks.seqrec.data import Split, load
-from derl.benchmarks.seqrec.models import MODELS
-from derl.benchmarks.seqrec.train import SELECT, Settings, fit
+from derl.benchmarks.studies.seqrec import metrics
+from derl.benchmarks.studies.seqrec.data import Split, load
+from derl.benchmarks.studies.seqrec.models import MODELS
+from derl.benchmarks.studies.seqrec.train import SELECT, Settings, fit
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"  # ../shared/data beside the repository

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 FORMATS = ("seq-lines", "recbole", "ml-100k", "ml-1m")
-STAGES = ("val", "test")
+EVAL_SPLITS = ("val", "test")
 MIN_ITEMS = 3  # one training item, the validation and the test target
 
 

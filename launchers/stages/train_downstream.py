@@ -35,9 +35,9 @@ from derl.datapipes.snapshots import SnapshotJoin, pin
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.world import read_world_id
-from derl.launchers import dist as derl_dist
-from derl.launchers import finite, runs, scoring
-from derl.launchers.settings import TrainDownstreamConfig, settings_of
+from derl.launchers.runtime import dist as derl_dist
+from derl.launchers.runtime import finite, runs, scoring
+from derl.launchers.runtime.settings import TrainDownstreamConfig, settings_of
 from derl.models import checkpoint
 from derl.models.downstream import TASKS, Ranker, RankerConfig, RankerSettings, dot_pairs
 from derl.models.sharding import OptimConfig, describe_plan, shard_model

@@ -28,11 +28,11 @@ import numpy as np
 
 from derl.datapipes.snapshots import Snapshot, SnapshotJoin
 from derl.datapipes.sources import SourceTables
-from derl.launchers import runs as run_folder
-from derl.launchers.settings import EvaluateConfig
+from derl.launchers.runtime import runs as run_folder
+from derl.launchers.runtime.settings import EvaluateConfig
+from derl.launchers.runtime.upstream_eval import RECALL_KS
 from derl.models.metrics import bootstrap_ne_gain, ranker_metrics
 
-KS = (10, 50, 100)
 
 
 def validate(cfg: EvaluateConfig) -> None:
@@ -116,19 +116,19 @@ def ad_retrieval(snapshots: Path, data: Path, day: str, train_days) -> Dict[str,
     past = sources.read("ad_events", tuple(train_days), columns=["pin_id", "clicked"])
     ids, counts = np.unique(past.column("pin_id").to_numpy()[past.column("clicked").to_numpy() > 0],
                             return_counts=True)
-    popular = ids[np.argsort(-counts, kind="stable")[:max(KS)]]
+    popular = ids[np.argsort(-counts, kind="stable")[:max(RECALL_KS)]]
     version = SnapshotJoin(snapshots, ("engagement/users",)).version_on(day)
     snap = Snapshot(snapshots, version)
     out: Dict[str, object] = {"version": version, "pairs": int(len(users)),
                               "popularity": {f"recall@{k}": float(np.isin(ads, popular[:k]).mean()) if len(ads) else 0.0
-                                             for k in KS}}
+                                             for k in RECALL_KS}}
     for domain in snap.domains:
-        top, _, missing = snap.retrieve_ads(domain, users, max(KS))
+        top, _, missing = snap.retrieve_ads(domain, users, max(RECALL_KS))
         known = ~missing
         hits = top[known] == ads[known, None]
         out[domain] = {"users_in_snapshot": int(known.sum()),
                        **{f"recall@{k}": float(hits[:, :k].any(axis=1).mean()) if known.any() else 0.0
-                          for k in KS}}
+                          for k in RECALL_KS}}
     return out
 
 
@@ -285,9 +285,9 @@ def render(report: Dict[str, object]) -> str:
     if ret:
         lines += ["", f"Ad retrieval through the faiss index of snapshot {ret['version']} "
                       f"({ret['pairs']:,} clicked pairs):", "",
-                  "| source | " + " | ".join(f"recall@{k}" for k in KS) + " |",
-                  "|---|" + "---|" * len(KS)]
+                  "| source | " + " | ".join(f"recall@{k}" for k in RECALL_KS) + " |",
+                  "|---|" + "---|" * len(RECALL_KS)]
         for src in [d for d in ret if d not in ("version", "pairs")]:
-            lines.append(f"| {src} | " + " | ".join(_f(ret[src][f'recall@{k}'], 3) for k in KS) + " |")
+            lines.append(f"| {src} | " + " | ".join(_f(ret[src][f'recall@{k}'], 3) for k in RECALL_KS) + " |")
     lines += ["", "![CTR NE over training steps](ne_over_steps.png)", ""]
     return "\n".join(lines)

@@ -17,8 +17,8 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-KS = (5, 10, 20)
-NAMES = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS)
+CUTOFFS = (5, 10, 20)
+NAMES = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in CUTOFFS)
 
 
 def ranks(scores: torch.Tensor, targets: torch.Tensor, seen_rows: Optional[torch.Tensor] = None,
@@ -47,7 +47,7 @@ def ranks(scores: torch.Tensor, targets: torch.Tensor, seen_rows: Optional[torch
     return above
 
 
-def sums(r: torch.Tensor, ks: Iterable[int] = KS) -> Dict[str, float]:
+def sums(r: torch.Tensor, ks: Iterable[int] = CUTOFFS) -> Dict[str, float]:
     """Per-metric sums over a batch of ranks (to add up over batches, then divide by the users)."""
     r = r.double()
     gain = 1.0 / torch.log2(r + 2.0)
@@ -57,6 +57,6 @@ def sums(r: torch.Tensor, ks: Iterable[int] = KS) -> Dict[str, float]:
             **{f"ndcg@{k}": float((gain * hits[k]).sum()) for k in ks}}
 
 
-def from_ranks(r: torch.Tensor, ks: Iterable[int] = KS) -> Dict[str, float]:
+def from_ranks(r: torch.Tensor, ks: Iterable[int] = CUTOFFS) -> Dict[str, float]:
     n = max(len(r), 1)
     return {k: v / n for k, v in sums(r, ks).items()}

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from derl.datapipes.domains import DOMAINS, VECTOR_SETS
-from derl.launchers.config import check, default_of, setting
-from derl.launchers.presets import STAGE_PRESETS
+from derl.launchers.runtime.config import check, default_of, setting
+from derl.launchers.runtime.presets import STAGE_PRESETS
 from derl.models.downstream import RankerSettings
 from derl.models.sharding import OptimConfig
 from derl.models.upstream import UpstreamConfig, UpstreamSettings
@@ -169,7 +169,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     workdir: Path = setting(help="work folder: the world, every run, the snapshots, the report")
-    preset: str = setting("demo", "the world and the stages' overrides (launchers/presets.py)",
+    preset: str = setting("demo", "the world and the stages' overrides (launchers/runtime/presets.py)",
                           choices=sorted(STAGE_PRESETS))
     seed: int = setting(0, "seed of the world and of every stage")
     data: Optional[Path] = setting(None, "run on this world (derl import, or generated before) instead "

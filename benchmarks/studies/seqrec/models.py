@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from derl.benchmarks.seqrec import derl_model
-from derl.benchmarks.seqrec.data import Split
+from derl.benchmarks.studies.seqrec import derl_model
+from derl.benchmarks.studies.seqrec.data import Split
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The stages: one module each (build, loop, report), run by `derl <stage>`."""
