@@ -26,9 +26,16 @@ PIN_FEATURES = ("pin_id", "category", "advertiser_id")  # advertiser_id: empty f
 SEQUENCE_FEATURES = ("seq_pin_id", "seq_category", "seq_advertiser_id", "seq_action", "seq_gap")
 CONTEXT_FEATURES = ("surface", "hour")
 AD_FEATURES = ("campaign_id", "position")  # empty for organic rows (campaign: unless an ad)
+# The upstream's catalogue negatives (datapipes/windows.py), from the candidate Pin's tables;
+# empty in every other batch.
+NEGATIVE_FEATURES = ("neg_pin_id", "neg_category", "neg_advertiser_id")
 # Every batch carries all of these, in this order: sharded TorchRec modules fix the key order on
 # their first batch, so organic and ad batches must share one layout.
-ALL_SPARSE_FEATURES = USER_FEATURES + PIN_FEATURES + SEQUENCE_FEATURES + CONTEXT_FEATURES + AD_FEATURES
+ALL_SPARSE_FEATURES = (USER_FEATURES + PIN_FEATURES + SEQUENCE_FEATURES + CONTEXT_FEATURES + AD_FEATURES
+                       + NEGATIVE_FEATURES)
+# The columns of the upstream's dense `row_context` (datapipes/windows.py): what the interaction
+# tower knows of a row beyond its user and Pin.
+ROW_CONTEXT = ("surface", "hour", "position")
 
 # Time since a sequence engagement, in log2(hours + 1) buckets.
 NUM_GAP_BUCKETS = 16
@@ -45,6 +52,9 @@ def feature_vocab(id_sizes: Dict[str, int]) -> Dict[str, int]:
         "seq_pin_id": id_sizes["pin_id"],
         "seq_category": id_sizes["category"],
         "seq_advertiser_id": id_sizes["advertiser_id"],
+        "neg_pin_id": id_sizes["pin_id"],
+        "neg_category": id_sizes["category"],
+        "neg_advertiser_id": id_sizes["advertiser_id"],
         "seq_action": S.NUM_ACTIONS,
         "seq_gap": NUM_GAP_BUCKETS,
         "surface": S.NUM_SURFACES,

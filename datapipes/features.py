@@ -109,9 +109,21 @@ class _Sequences:
         return lengths, self.pin[flat], self.action[flat], self.ts[flat]
 
 
-def _gap_bucket(gap_seconds: np.ndarray) -> np.ndarray:
+def gap_buckets(gap_seconds: np.ndarray) -> np.ndarray:
+    """log2(hours + 1) buckets of the time between two events, the last one also for "no
+    event before it in the window"."""
     hours = np.maximum(gap_seconds, 0) / 3600.0
     return np.minimum(np.floor(np.log2(1.0 + hours)), NUM_GAP_BUCKETS - 1).astype(np.int64)
+
+
+def window_gaps(ts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Each event's gap bucket from the event before it in its window (windows flat, oldest
+    first, `lengths` each): a window's first event has none (the last bucket). The state after
+    an event then depends on that event and the ones before it only."""
+    gaps = gap_buckets(ts - np.concatenate([ts[:1], ts[:-1]]))
+    lengths = np.asarray(lengths)
+    gaps[(np.cumsum(lengths) - lengths)[lengths > 0]] = NUM_GAP_BUCKETS - 1
+    return gaps
 
 
 def _present(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -147,18 +159,40 @@ class FeatureJoiner:
         start = S.day_start_ts(S.parse_day(day))
         self._sequences[start] = _Sequences(table, Path(f"<sequences as of {day}>"), start)
 
-    def user_features(self, user_ids: np.ndarray, ts: np.ndarray,
-                      day_start: np.ndarray) -> Tuple[Jagged, Dict[str, torch.Tensor]]:
-        """Profile and sequence features, and the dense `seq_content` [events, CONTENT_DIM] and
-        `seq_is_ad` [events] of the sequence's Pins (in `seq_pin_id` value order). Each row's
-        sequence is that of its own day, its time gaps measured from the row's `ts`. Unknown
-        users get empty profiles (counted)."""
+    def profile_features(self, user_ids: np.ndarray) -> Jagged:
+        """user_id and the profile; unknown users get empty profiles (counted)."""
         n = len(user_ids)
         row, found = self.entities.users.rows(user_ids)
         self.stats.repair("unknown_user", int((~found).sum()))
         jagged: Jagged = {"user_id": (np.ones(n, dtype=np.int64), user_ids)}
         for c in ("country", "age_bucket", "gender"):
             jagged[c] = (found.astype(np.int64), self.entities.profile[c][row][found])
+        return jagged
+
+    def event_features(self, pin: np.ndarray, action: np.ndarray, ts: np.ndarray,
+                       lengths: np.ndarray) -> Tuple[Jagged, Dict[str, torch.Tensor]]:
+        """The sequence features of windows of events (flat, oldest first, `lengths` [n] each):
+        their Pins' ids and attributes, actions and gaps (`window_gaps`), and the dense
+        `seq_content` [events, CONTENT_DIM] and `seq_is_ad` [events]."""
+        e = self.entities
+        n = len(lengths)
+        owner = np.repeat(np.arange(n), lengths)
+        jagged: Jagged = {"seq_pin_id": (lengths, pin), "seq_action": (lengths, action.astype(np.int64)),
+                          "seq_gap": (lengths, window_gaps(ts, lengths))}
+        pin_row, found = e.pins.rows(pin)
+        jagged["seq_category"] = (lengths, np.where(found, e.category[pin_row], 0))
+        advertiser = np.where(found, e.advertiser[pin_row], -1)
+        is_ad = advertiser >= 0
+        jagged["seq_advertiser_id"] = (np.bincount(owner[is_ad], minlength=n).astype(np.int64), advertiser[is_ad])
+        return jagged, {"seq_content": torch.from_numpy(self.content_of(pin)), "seq_is_ad": torch.from_numpy(is_ad)}
+
+    def user_features(self, user_ids: np.ndarray,
+                      day_start: np.ndarray) -> Tuple[Jagged, Dict[str, torch.Tensor]]:
+        """Profile and sequence features of users as of their day's start: the sequence is the
+        user's last engagements before it (`user_sequences` of that day), as a window of
+        context (`event_features`)."""
+        n = len(user_ids)
+        jagged = self.profile_features(user_ids)
         seq_len = np.zeros(n, dtype=np.int64)
         parts = []
         for start in np.unique(day_start):
@@ -168,18 +202,10 @@ class FeatureJoiner:
             parts.append((np.repeat(idx, ln), pin, action, seq_ts))
         owner, pin, action, seq_ts = (np.concatenate(p) for p in zip(*parts))
         by_row = np.argsort(owner, kind="stable")  # flat values in row order
-        owner, pin, action, seq_ts = owner[by_row], pin[by_row], action[by_row], seq_ts[by_row]
         self.stats.no_history += int((seq_len == 0).sum())
-        jagged["seq_pin_id"] = (seq_len, pin)
-        jagged["seq_action"] = (seq_len, action)
-        jagged["seq_gap"] = (seq_len, _gap_bucket(ts[owner] - seq_ts))
-        e = self.entities
-        pin_row, found = e.pins.rows(pin)
-        jagged["seq_category"] = (seq_len, np.where(found, e.category[pin_row], 0))
-        advertiser = np.where(found, e.advertiser[pin_row], -1)
-        is_ad = advertiser >= 0
-        jagged["seq_advertiser_id"] = (np.bincount(owner[is_ad], minlength=n).astype(np.int64), advertiser[is_ad])
-        return jagged, {"seq_content": torch.from_numpy(self.content_of(pin)), "seq_is_ad": torch.from_numpy(is_ad)}
+        events, dense = self.event_features(pin[by_row], action[by_row], seq_ts[by_row], seq_len)
+        jagged.update(events)
+        return jagged, dense
 
     def content_of(self, pin_ids: np.ndarray) -> np.ndarray:
         """[n, CONTENT_DIM] content embeddings; zeros for Pins missing from `pins`."""
@@ -223,10 +249,9 @@ class FeatureJoiner:
         )
 
     def user_batch(self, user_ids: np.ndarray, day: str) -> Batch:
-        """Users as of the start of `day` (their sequence then, gaps measured from then)."""
+        """Users as of the start of `day`: their profile and their last engagements before it."""
         start = S.day_start_ts(S.parse_day(day))
-        ts = np.full(len(user_ids), start, dtype=np.int64)
-        jagged, dense = self.user_features(user_ids, ts, ts)
+        jagged, dense = self.user_features(user_ids, np.full(len(user_ids), start, dtype=np.int64))
         return Batch(sparse=self.sparse(jagged, len(user_ids)), dense=dense, labels={},
                      meta={"user_id": torch.from_numpy(user_ids)})
 

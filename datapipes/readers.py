@@ -61,7 +61,7 @@ class ReaderConfig:
 PREFETCH_JOIN_S = 60.0
 
 
-def _prefetched(make: Callable[[], Iterator[Batch]], depth: int) -> Iterator[Batch]:
+def prefetched(make: Callable[[], Iterator[Batch]], depth: int) -> Iterator[Batch]:
     """Run `make()` in a background thread, `depth` items ahead; errors surface to the caller.
 
     A consumer may stop early (a training loop takes a fixed number of steps, then closes its
@@ -121,6 +121,7 @@ class ExampleReader:
         config: Optional[ReaderConfig] = None,
         vocab: Optional[Dict[str, int]] = None,
         joins: Sequence[DenseJoin] = (),
+        joiner: Optional[FeatureJoiner] = None,
     ):
         if table not in ("engagements", "ad_events"):
             raise ValueError(f"examples come from 'engagements' or 'ad_events', not {table!r}")
@@ -133,7 +134,7 @@ class ExampleReader:
         self.rank, self.world_size = rank, world_size
         every = self.sources.units(table, days)
         self.units: List[ReadUnit] = shard_units(every, rank, world_size)
-        self.joiner = FeatureJoiner(self.sources, vocab)
+        self.joiner = joiner or FeatureJoiner(self.sources, vocab)
         self.stats = self.joiner.stats
         self.joins = list(joins)
         self._epoch = 0
@@ -180,11 +181,17 @@ class ExampleReader:
 
         if self.config.prefetch <= 0:
             return make()
-        return _prefetched(make, self.config.prefetch)
+        return prefetched(make, self.config.prefetch)
 
     # -- rows -------------------------------------------------------------------------------
 
-    def _read_unit(self, unit: ReadUnit) -> Dict[str, np.ndarray]:
+    def read_columns(self, path: Path, day: Optional[str], columns: Sequence[str]) -> Dict[str, np.ndarray]:
+        """Some columns of one file of the table, checked."""
+        table = read_checked(path, self.spec, columns=list(columns), day=day)
+        return {c: table.column(c).to_numpy() for c in columns}
+
+    def read_unit(self, unit: ReadUnit) -> Dict[str, np.ndarray]:
+        """One unit's rows, checked (labels in {0, 1}; a conversion without a click repaired)."""
         columns = self.spec.schema.names
         table = read_checked(unit.path, self.spec, unit.row_group, columns, unit.day)
         rows = {c: table.column(c).to_numpy() for c in columns}
@@ -225,7 +232,7 @@ class ExampleReader:
             buffered -= n_out
 
         for i in order:
-            buffer.append(self._read_unit(self.units[i]))
+            buffer.append(self.read_unit(self.units[i]))
             buffered += len(buffer[-1]["ts"])
             if buffered >= max(cfg.shuffle_buffer, cfg.batch_size):
                 yield from drain()
@@ -241,27 +248,9 @@ class ExampleReader:
 
     def _to_batch(self, rows: Dict[str, np.ndarray]) -> Batch:
         n = len(rows["ts"])
-        joiner = self.joiner
-        jagged, dense = joiner.user_features(rows["user_id"], rows["ts"], rows["day_start"])
-        pin_jagged, content, pin_row = joiner.pin_features(rows["pin_id"])
+        jagged, dense = self.joiner.user_features(rows["user_id"], rows["day_start"])
+        pin_jagged, content, pin_row, labels = row_features(self.joiner, self.table, rows)
         jagged.update(pin_jagged)
-        one = np.ones(n, dtype=np.int64)
-        jagged["surface"] = (one, rows["surface"].astype(np.int64))
-        jagged["hour"] = (one, (rows["ts"] // 3600) % S.NUM_HOURS)
-        if self.table == "ad_events":  # the impression's own ad ids, and its slot
-            jagged["advertiser_id"] = (one, rows["advertiser_id"])
-            jagged["campaign_id"] = (one, rows["campaign_id"])
-            jagged["position"] = (one, np.minimum(rows["position"], NUM_POSITIONS - 1).astype(np.int64))
-            labels = {c: rows[c] for c in AD_LABELS}
-        else:
-            a = rows["action"]
-            labels = {
-                "closeup": np.isin(a, [S.Action.CLOSEUP, S.Action.CLICK, S.Action.SAVE, S.Action.LONG_CLICK]),
-                "click": np.isin(a, [S.Action.CLICK, S.Action.LONG_CLICK]),
-                "save": a == S.Action.SAVE,
-                "long_click": a == S.Action.LONG_CLICK,
-                "hide": a == S.Action.HIDE,
-            }
         meta = {"user_id": rows["user_id"], "pin_id": rows["pin_id"], "ts": rows["ts"]}
         if self.table == "ad_events":
             meta["request_id"] = rows["request_id"]
@@ -271,8 +260,34 @@ class ExampleReader:
         for join in self.joins:
             dense.update({k: torch.from_numpy(v) for k, v in join(rows).items()})
         return Batch(
-            sparse=joiner.sparse(jagged, n),
+            sparse=self.joiner.sparse(jagged, n),
             dense=dense,
             labels={k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in labels.items()},
             meta={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in meta.items()},
         )
+
+
+def row_features(joiner: FeatureJoiner, table: str, rows: Dict[str, np.ndarray]):
+    """(the rows' Pin and context features, their content [n, CONTENT_DIM], each Pin's row in
+    `pins` (-1: unknown), the labels): an ad row carries its own advertiser, campaign and slot;
+    an organic row's labels come from its action."""
+    n = len(rows["ts"])
+    jagged, content, pin_row = joiner.pin_features(rows["pin_id"])
+    one = np.ones(n, dtype=np.int64)
+    jagged["surface"] = (one, rows["surface"].astype(np.int64))
+    jagged["hour"] = (one, (rows["ts"] // 3600) % S.NUM_HOURS)
+    if table == "ad_events":  # the impression's own ad ids, and its slot
+        jagged["advertiser_id"] = (one, rows["advertiser_id"])
+        jagged["campaign_id"] = (one, rows["campaign_id"])
+        jagged["position"] = (one, np.minimum(rows["position"], NUM_POSITIONS - 1).astype(np.int64))
+        labels = {c: rows[c] for c in AD_LABELS}
+    else:
+        a = rows["action"]
+        labels = {
+            "closeup": np.isin(a, [S.Action.CLOSEUP, S.Action.CLICK, S.Action.SAVE, S.Action.LONG_CLICK]),
+            "click": np.isin(a, [S.Action.CLICK, S.Action.LONG_CLICK]),
+            "save": a == S.Action.SAVE,
+            "long_click": a == S.Action.LONG_CLICK,
+            "hide": a == S.Action.HIDE,
+        }
+    return jagged, content, pin_row, labels

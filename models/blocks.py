@@ -174,8 +174,9 @@ class SequenceEncoder(nn.Module):
     (k = 0: the CLS token alone, "no history"): every prefix's state, for a next-event
     objective over the whole sequence, in one forward. The summary is then the state after the
     last event. An empty sequence (length 0) is its CLS token alone and gives a learned "no
-    history" vector. Position embeddings count back from the most recent event (sequences are
-    oldest-first).
+    history" vector. Position embeddings count from the window's oldest event (sequences are
+    oldest-first), so that the state after an event depends on that event and the ones before
+    it alone: a window's context gives the same state in training as in export.
 
     `bf16`: the layers' projections and feed-forward under bf16 autocast where the device
     multiplies bf16 in hardware (`native_bf16`); the residual stream, the norms and attention
@@ -187,7 +188,7 @@ class SequenceEncoder(nn.Module):
         super().__init__()
         self.max_len, self.causal, self.buckets, self.bf16 = max_len, causal, buckets, bf16
         self.cls = nn.Parameter(torch.randn(1, dim) * 0.02)
-        self.recency = nn.Embedding(max_len, dim)
+        self.position = nn.Embedding(max_len, dim)
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
@@ -206,8 +207,8 @@ class SequenceEncoder(nn.Module):
         source = first_kept[packed.row] + packed.step - 1
         events = F.pad(events, (0, 0, 0, 1))  # a row to point CLS slots at, even with no events
         tokens = events[torch.where(packed.step > 0, source, len(events) - 1)]
-        recency = self.recency((packed.kept[packed.row] - packed.step).clamp(0, self.max_len - 1))  # CLS: unused
-        x = torch.where((packed.step > 0).unsqueeze(1), tokens + recency, self.cls)
+        position = self.position((packed.step - 1).clamp(min=0))  # CLS: unused
+        x = torch.where((packed.step > 0).unsqueeze(1), tokens + position, self.cls)
         groups = Groups(packed.kept + 1, packed.starts, len(x), self.buckets, self.causal)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.matmul_dtype(x.device) == torch.bfloat16):
             for layer in self.layers:

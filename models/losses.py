@@ -1,5 +1,4 @@
-"""Losses shared by derl models: weighted multi-task BCE, in-batch sampled softmax, next-item softmax,
-pairwise ranking."""
+"""Losses shared by derl models: weighted multi-task BCE, in-batch and sampled softmax, pairwise ranking."""
 
 from __future__ import annotations
 
@@ -14,18 +13,24 @@ def multi_task_bce(
     labels: Mapping[str, torch.Tensor],
     weights: Mapping[str, float],
 ) -> Dict[str, torch.Tensor]:
-    """Per-task BCE with logits (mean over the batch) times its weight, for every task in
-    `logits` whose label is present in `labels`.
+    """Per-task BCE with logits (mean over the rows that have the label) times its weight, for
+    every task in `logits` with a label in `labels`.
 
-    Organic and ad batches carry different labels (ENGAGEMENT_LABELS vs AD_LABELS), so a task
-    without a label in this batch is skipped rather than treated as all-negative.
+    Organic and ad rows carry different labels (ENGAGEMENT_LABELS vs AD_LABELS): a row whose
+    table lacks a task's label holds NaN there, and a task no row has is skipped, rather than
+    treated as negative.
     """
-    return {
-        task: weights.get(task, 1.0)
-        * F.binary_cross_entropy_with_logits(logit, labels[task].to(logit.dtype))
-        for task, logit in logits.items()
-        if task in labels
-    }
+    parts = {}
+    for task, logit in logits.items():
+        if task not in labels:
+            continue
+        label = labels[task].to(logit.dtype)
+        known = ~torch.isnan(label)
+        if bool(known.all()):
+            parts[task] = weights.get(task, 1.0) * F.binary_cross_entropy_with_logits(logit, label)
+        elif bool(known.any()):
+            parts[task] = weights.get(task, 1.0) * F.binary_cross_entropy_with_logits(logit[known], label[known])
+    return parts
 
 
 def in_batch_softmax_loss(
@@ -36,6 +41,7 @@ def in_batch_softmax_loss(
     temperature: Union[float, torch.Tensor],
     item_prob: Optional[torch.Tensor] = None,
     logq_strength: float = 1.0,
+    groups: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """In-batch sampled softmax: row i's positive is item i, the other in-batch items are negatives.
 
@@ -46,7 +52,9 @@ def in_batch_softmax_loss(
     correction, logits - beta * log q_j: 1 makes the dot product estimate log P(item | query),
     popularity included; 0 the pointwise mutual information, popularity removed; in between,
     the dot carries beta times the log popularity. Off-diagonal columns holding the same item
-    id as row i's positive are masked out: they are the positive, not a negative.
+    id as row i's positive are masked out: they are the positive, not a negative; so are, with
+    `groups` [n] (the rows' users), the other positives of row i's own group: the same user at
+    the same moment engaged with them too.
 
     Only rows with `positive[i]` true contribute, and the loss is their summed cross entropy over
     the batch's rows (not over its positives): every positive pair weighs the same, whichever
@@ -59,6 +67,8 @@ def in_batch_softmax_loss(
         logits = logits - logq_strength * torch.log(item_prob.clamp(min=1e-12)).unsqueeze(0)
     diagonal = torch.eye(len(item_ids), dtype=torch.bool, device=logits.device)
     same_item = (item_ids.unsqueeze(0) == item_ids.unsqueeze(1)) & ~diagonal
+    if groups is not None:
+        same_item |= (groups.unsqueeze(0) == groups.unsqueeze(1)) & positive.unsqueeze(0) & ~diagonal
     logits = logits.masked_fill(same_item, float("-inf"))
     targets = torch.arange(len(item_ids), device=logits.device)
     per_row = F.cross_entropy(logits, targets, reduction="none")
@@ -66,31 +76,29 @@ def in_batch_softmax_loss(
     return (per_row * positive).sum() / len(per_row)
 
 
-def next_item_softmax_loss(
+def sampled_softmax_loss(
     states: torch.Tensor,
     targets: torch.Tensor,
     items: torch.Tensor,
-    item_counts: torch.Tensor,
-    negatives: torch.Tensor,
+    item_ids: torch.Tensor,
+    log_q: torch.Tensor,
     temperature: Union[float, torch.Tensor],
     logq_strength: float = 1.0,
 ) -> torch.Tensor:
-    """Sampled softmax of each state against its next item, the other items as negatives.
+    """Sampled softmax of each state against its next item among shared candidates.
 
-    states [P, d]: one per sequence position; targets [P]: the row of each one's next item in
-    items [U, d] (the batch's distinct next items); negatives [K]: the rows of `items` every
-    state is contrasted with (all of them, or a sample). Negatives drawn from the batch's next
-    items come in proportion to `item_counts` (their count among the targets), hence the logQ
-    correction, logits - beta * log q, on the positive and the negatives alike (as in
-    `in_batch_softmax_loss`); a negative that is the state's own target is masked out. The mean
+    states [P, d]: one per position; targets [P]: each one's column in items [C, d], the
+    candidates (the batch's distinct next items, then items drawn from the catalogue), whose
+    ids are `item_ids` [C]. `log_q` [C] is log of each candidate's expected count among the
+    candidates; logits - beta * log q corrects for popular items being drawn more often than
+    rare ones (Yi et al. 2019; beta = `logq_strength`). A candidate with the id of a state's
+    own target, other than its target column, is masked out: a hit, not a negative. The mean
     cross entropy over the positions.
     """
-    log_q = torch.log(item_counts.to(states.dtype) / item_counts.sum())
-    positive = (states * items[targets]).sum(dim=1) / temperature - logq_strength * log_q[targets]
-    negative = states @ items[negatives].T / temperature - logq_strength * log_q[negatives].unsqueeze(0)
-    negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
-    logits = torch.cat([positive.unsqueeze(1), negative], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    logits = states @ items.T / temperature - logq_strength * log_q.unsqueeze(0)
+    hit = item_ids.unsqueeze(0) == item_ids[targets].unsqueeze(1)
+    hit[torch.arange(len(targets), device=targets.device), targets] = False
+    return F.cross_entropy(logits.masked_fill(hit, float("-inf")), targets)
 
 
 def pairwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,9 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from derl.datapipes.batch import (
     CONTEXT_FEATURES,
+    NEGATIVE_FEATURES,
     PIN_FEATURES,
+    ROW_CONTEXT,
     SEQUENCE_FEATURES,
     USER_FEATURES,
     Batch,
@@ -39,13 +41,14 @@ from derl.models.fields import check, flag_name, setting
 from derl.models.losses import (
     in_batch_softmax_loss,
     multi_task_bce,
-    next_item_softmax_loss,
     pairwise_logistic_loss,
+    sampled_softmax_loss,
 )
 
-# Each sequence feature that reads a candidate Pin feature's table: an event's Pin and the
-# candidate Pin start from the same vectors, and the Pin tower can embed either.
-SHARED_TABLES = {"seq_pin_id": "pin_id", "seq_category": "category", "seq_advertiser_id": "advertiser_id"}
+# Each feature that reads a candidate Pin feature's table: an event's Pin, a catalogue negative
+# and the candidate Pin start from the same vectors, and the Pin tower can embed any of them.
+SHARED_TABLES = {"seq_pin_id": "pin_id", "seq_category": "category", "seq_advertiser_id": "advertiser_id",
+                 "neg_pin_id": "pin_id", "neg_category": "category", "neg_advertiser_id": "advertiser_id"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +58,8 @@ class UpstreamSettings:
     the data fixes."""
 
     embedding_dim: int = setting(64, "width of every table and of the entity vectors")
-    seq_len: int = setting(32, "sequence events the model reads")
+    seq_len: int = setting(32, "events of history the model reads before a day (a training window holds "
+                                "up to as many of the day's own after them)")
     seq_layers: int = setting(2, "transformer layers over the user sequence")
     seq_heads: int = setting(4, "attention heads of the sequence transformer (--embedding-dim must be a multiple)")
     seq_dropout: float = setting(0.1, "dropout in the sequence transformer")
@@ -85,16 +89,14 @@ class UpstreamSettings:
     # 0.1: better than 0.05 on both yardsticks (the seqrec suite and the demo world's recall and
     # ranker gains; docs/seqrec.md, "derl"), worse at 0.2.
     temperature: float = setting(0.1, "softmax temperature of the dot")
-    # The next-Pin term is PinnerFormer's dense all-action objective, SASRec's next item: the user
-    # vector after each prefix of the sequence, against the Pin tower's vector of the event that
-    # followed, under a sampled softmax over the batch's next Pins. > 0 makes the sequence encoder
-    # causal (`SequenceEncoder`); 0 leaves one positive per row.
-    next_pin_weight: float = setting(1.0, "weight of the next-Pin term over every prefix of the sequence "
-                                          "(0: off, and the sequence encoder bidirectional)")
-    # Prefixes drawn at random: every prefix goes through the user tower's MLP, the term's main cost.
-    next_pin_positions: int = setting(1024, "at most this many of the batch's sequence prefixes in the "
-                                            "next-Pin term")
-    next_pin_negatives: int = setting(1024, "at most this many of the batch's distinct next Pins as its negatives")
+    # The next-Pin term is PinnerFormer's dense all-action objective, SASRec's next item: the
+    # state after each event of a window against the Pin tower's vector of the event that
+    # followed, under a sampled softmax over the batch's other next Pins and Pins drawn from
+    # the whole catalogue, logQ-corrected (datapipes/windows.py).
+    next_pin_weight: float = setting(1.0, "weight of the next-Pin term over every engagement of the "
+                                          "training days (0: off)")
+    catalogue_negatives: int = setting(256, "Pins drawn uniformly from the catalogue each batch, negatives "
+                                            "of every next-Pin target beside the batch's other targets")
     # The contrastive and next-Pin terms teach the dot which Pins a user engages with among all
     # Pins, exposure included; the dot-rank term (per task, a pairwise logistic loss of
     # scale_task x user·pin; docs/experiments.md, "2026-12-06") which of the Pins they were
@@ -112,8 +114,8 @@ class UpstreamSettings:
 
     def __post_init__(self) -> None:
         check(self, positive=("embedding_dim", "seq_len", "seq_layers", "seq_heads", "temperature",
-                              "next_pin_positions", "next_pin_negatives", "length_buckets"),
-              non_negative=("contrastive_weight", "next_pin_weight", "dot_rank_weight"),
+                              "length_buckets"),
+              non_negative=("contrastive_weight", "next_pin_weight", "dot_rank_weight", "catalogue_negatives"),
               below_one=("seq_dropout",), fraction=("logq_strength",),
               widths=("tower_dims", "interaction_dims"))
         if not self.user_features or set(self.user_features) - set(USER_FEATURES):
@@ -133,7 +135,7 @@ class UpstreamConfig(UpstreamSettings):
 
     num_embeddings: Mapping[str, int]
     content_dim: int = CONTENT_DIM
-    # Add "position" for ad-only training; then organic batches must carry it empty.
+    # Of ROW_CONTEXT, what the interaction tower reads ("position": none on organic rows).
     context_features: Tuple[str, ...] = CONTEXT_FEATURES
     tasks: Tuple[str, ...] = DOMAINS["engagement"].tasks
     task_weights: Mapping[str, float] = field(default_factory=dict)  # missing tasks weigh 1
@@ -146,9 +148,8 @@ class UpstreamConfig(UpstreamSettings):
         if not self.contrastive_positives:  # unset (or empty): the tasks' own
             positives = tuple(t for t in self.tasks if t not in NEGATIVE_LABELS)
             object.__setattr__(self, "contrastive_positives", positives)  # frozen: set once, here
-        missing = [
-            f for f in self.sparse_features if f not in SHARED_TABLES and f not in self.num_embeddings
-        ]
+        missing = [f for f in self.sparse_features + self.context_features
+                   if f not in SHARED_TABLES and f not in self.num_embeddings]
         if missing:
             raise ValueError(f"num_embeddings lacks {missing}")
         unknown = set(self.task_weights) - set(self.tasks)
@@ -169,7 +170,7 @@ class UpstreamConfig(UpstreamSettings):
     @property
     def sparse_features(self) -> Tuple[str, ...]:
         """The KJT keys a DERM reads."""
-        return self.user_features + PIN_FEATURES + SEQUENCE_FEATURES + self.context_features
+        return self.user_features + PIN_FEATURES + SEQUENCE_FEATURES + NEGATIVE_FEATURES
 
     @classmethod
     def for_domain(
@@ -204,7 +205,7 @@ def _sequence_tables(cfg: UpstreamConfig) -> List[EmbeddingConfig]:
         return EmbeddingConfig(name=f"t_{feature}", embedding_dim=cfg.embedding_dim,
                                num_embeddings=cfg.num_embeddings[feature], feature_names=features)
 
-    shared = [table(f, [f, seq]) for seq, f in SHARED_TABLES.items()]
+    shared = [table(f, [f] + [g for g, of in SHARED_TABLES.items() if of == f]) for f in PIN_FEATURES]
     return shared + [table("seq_action", ["seq_action"]), table("seq_gap", ["seq_gap"])]
 
 
@@ -275,73 +276,84 @@ class PinFeatures:
     def __getitem__(self, rows: torch.Tensor) -> "PinFeatures":
         return PinFeatures(self.pin[rows], self.category[rows], self.advertiser[rows], self.content[rows])
 
+    def __len__(self) -> int:
+        return len(self.pin)
+
     @staticmethod
     def cat(parts: Sequence["PinFeatures"]) -> "PinFeatures":
         return PinFeatures(*(torch.cat([getattr(p, f) for p in parts])
                              for f in ("pin", "category", "advertiser", "content")))
 
+    @staticmethod
+    def of(ids: Dict[str, JaggedTensor], prefix: str, content: torch.Tensor, is_ad: torch.Tensor) -> "PinFeatures":
+        """Pins whose id and category embeddings are the values of `<prefix>pin_id` and
+        `<prefix>category` (one each per Pin) and whose advertiser embeddings, the values of
+        `<prefix>advertiser_id`, belong to the Pins where `is_ad` [N] holds."""
+        pin = ids[prefix + "pin_id"].values()
+        advertiser = pin.new_zeros(pin.shape).index_put((is_ad,), ids[prefix + "advertiser_id"].values())
+        return PinFeatures(pin, ids[prefix + "category"].values(), advertiser, content)
+
 
 @dataclass
-class Prefixes:
-    """The user states of a batch's sequence prefixes that have a next event (at most
-    `next_pin_positions` of them, drawn at random): `states` [P, d],
-    unit vectors from the events up to the prefix's end only (causal attention), and `events`
-    [P], the flat index (in `seq_pin_id.values()`) of the event that came next. A state is not
-    quite the vector of the sequence cut there: its position and gap embeddings still count
-    from the row's last event and time, as SASRec's right-aligned positions do."""
+class Windows:
+    """A batch's user windows through the encoder: `states` [T, d], the packed states (per
+    window its CLS output, then one after each event: `SequenceEncoder.layout`), `starts` [W]
+    each window's CLS slot, `lengths` [W] its events, `context` [W] how many of them are
+    context (the day-start state is the one after them)."""
 
     states: torch.Tensor
-    events: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    context: torch.Tensor
+
+    def day_start_slots(self) -> torch.Tensor:
+        return self.starts + self.context
+
+    def transitions(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the slot of every state that has a next event after the context, [P]; that event's
+        flat index, [P]): each window's events past its context are its next-Pin targets, each
+        predicted by the state after the events before it."""
+        targets = self.lengths - self.context
+        window = torch.repeat_interleave(torch.arange(len(targets), device=targets.device), targets)
+        step = torch.arange(len(window), device=window.device) - (torch.cumsum(targets, 0) - targets)[window]
+        step = step + self.context[window]  # events before the target
+        first_event = torch.cumsum(self.lengths, 0) - self.lengths
+        return (self.starts[window] + step).long(), (first_event[window] + step).long()
 
 
 class UserTower(nn.Module):
-    """Profile embeddings + the sequence encoder's summary -> DHEN tower -> unit vector.
+    """Profile embeddings + the sequence encoder's state -> DHEN tower -> unit vector.
 
-    Each sequence event is the sum of its Pin's id, category and advertiser embeddings, its
-    projected content embedding (as PinnerFormer feeds PinSage vectors: a Pin seen a few times
-    has a weak id embedding but informative content), its action and its time-gap bucket.
-    With a causal encoder the tower also gives the user vector after every prefix of the
-    sequence (`Prefixes`), for the next-Pin objective."""
+    Each event is the sum of its Pin's id, category and advertiser embeddings, its projected
+    content embedding (as PinnerFormer feeds PinSage vectors: a Pin seen a few times has a weak
+    id embedding but informative content), its action and its gap from the event before it.
+    The encoder is causal: the state after each event of a window is a user state (after the
+    context: the user at the day's start; after each later event: the query for the next)."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         super().__init__()
         d = cfg.embedding_dim
         self.content = nn.Linear(cfg.content_dim, d)
         self.sequence = SequenceEncoder(
-            d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout, causal=cfg.next_pin_weight > 0,
+            d, 2 * cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout, causal=True,
             buckets=cfg.length_buckets, bf16=cfg.seq_bf16)
         self.mlp = Tower((len(cfg.user_features) + 1) * d, cfg.tower_dims, d)
         self.unit = _Unit(d, cfg.center_entities)
-        self.positions = cfg.next_pin_positions
 
-    def forward(
-        self, profile: torch.Tensor, events: PinFeatures, actions: JaggedTensor, gaps: JaggedTensor,
-        prefixes: bool = False,
-    ) -> Tuple[torch.Tensor, Optional[Prefixes]]:
-        """profile: [B, len(user_features) * d] pooled embeddings; events: the sequence's Pins, flat in event order;
-        actions/gaps: the events' action and gap embeddings, jagged per row. Returns [B, d] unit
-        user vectors, and with `prefixes` (causal encoder only) the prefixes' states."""
+    def windows(self, events: PinFeatures, actions: JaggedTensor, gaps: JaggedTensor,
+                context: Optional[torch.Tensor]) -> Windows:
+        """events: every window's Pins, flat in event order; actions/gaps: the events' action
+        and gap embeddings, jagged per window; context [W] (None: every event is context)."""
         lengths = actions.lengths()
         flat = (events.pin + events.category + events.advertiser + self.content(events.content)
                 + actions.values() + gaps.values())
-        if not prefixes:
-            return self._unit(profile, self.sequence(flat, lengths)), None
-        if not self.sequence.causal:
-            raise ValueError("prefix states need the causal encoder (next_pin_weight > 0)")
-        states = self.sequence(flat, lengths, every_state=True)  # packed: per row CLS, then each event
+        states = self.sequence(flat, lengths, every_state=True)
         packed = self.sequence.layout(lengths)
-        kept, row, step = packed.kept, packed.row, packed.step
-        # The state after k >= 1 of the kept events predicts kept event k + 1 (0-based: k).
-        position = ((step >= 1) & (step < kept[row])).nonzero().squeeze(1)
-        if len(position) > self.positions:
-            position = position[torch.randperm(len(position), device=position.device)[: self.positions]]
-        row, step = row[position], step[position]
-        first_kept = actions.offsets()[1:] - kept  # flat index of each row's oldest kept event
-        vectors = self._unit(torch.cat([profile, profile[row]]), states[torch.cat([packed.starts + kept, position])])
-        return vectors[: len(kept)], Prefixes(vectors[len(kept):], first_kept[row] + step)
+        return Windows(states, packed.starts, packed.kept, packed.kept if context is None else context)
 
-    def _unit(self, profile: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        return self.unit(self.mlp(torch.cat([profile, history], dim=1)))
+    def forward(self, profile: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """profile [N, len(user_features) * d] and states [N, d] -> [N, d] unit vectors."""
+        return self.unit(self.mlp(torch.cat([profile, states], dim=1)))
 
 
 class PinTower(nn.Module):
@@ -361,90 +373,112 @@ class PinTower(nn.Module):
 
 @dataclass
 class NextPins:
-    """What the next-Pin term needs of a batch: the prefixes' user `states` [P, d]; `items`
-    [U, d], the Pin tower's vectors of the batch's distinct next Pins, with their `counts`
-    among the P targets; `targets` [P], each state's row in `items`; `negatives` [K], the rows
-    every state is contrasted with."""
+    """What the next-Pin term needs of a batch: the `states` [P, d] that have a next event, and
+    for each its `targets` [P] column among `items` [C, d] (the Pin tower's vectors of the
+    batch's distinct next Pins, then the catalogue negatives), with the columns' Pin ids
+    `item_ids` [C] and `log_q` [C] (log of each one's expected count among the columns)."""
 
     states: torch.Tensor
     targets: torch.Tensor
     items: torch.Tensor
-    counts: torch.Tensor
-    negatives: torch.Tensor
+    item_ids: torch.Tensor
+    log_q: torch.Tensor
+
+
+@dataclass
+class TowerOutputs:
+    """What the towers make of a batch: `users` [W, d], each window's user at its day's start;
+    with candidates, `pins` [R, d] their vectors, `row_window` [R] each one's window and
+    `row_users` [R, d] its window's user; `next_pins` in training."""
+
+    users: torch.Tensor
+    pins: Optional[torch.Tensor] = None
+    row_window: Optional[torch.Tensor] = None
+    row_users: Optional[torch.Tensor] = None
+    next_pins: Optional[NextPins] = None
 
 
 class EntityTowers(nn.Module):
-    """The user and Pin towers, with what both read of a batch's Pins: a candidate's features and
-    every sequence event's, from the same tables. One module, so that the train pipeline's
-    tracer (which treats DERM's children as leaves) never sees the next-Pin term's
-    data-dependent choices: which prefixes have a next event, which Pins are distinct."""
+    """The user and Pin towers, with what both read of a batch's Pins: a candidate's features,
+    every event's and every catalogue negative's, from the same tables. One module, so that the
+    train pipeline's tracer (which treats DERM's children as leaves) never sees the next-Pin
+    term's data-dependent choices: which Pins are distinct."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         super().__init__()
         self.user = UserTower(cfg)
         self.pin = PinTower(cfg)
         self.next_pin = cfg.next_pin_weight > 0
-        self.negatives = cfg.next_pin_negatives
 
-    @staticmethod
-    def candidates(ids: Dict[str, JaggedTensor], content: torch.Tensor) -> PinFeatures:
-        """One Pin per row: its id and attribute embeddings (zero where absent) and content."""
-        one = lambda f: ids[f].to_padded_dense(1).squeeze(1)  # noqa: E731
-        return PinFeatures(one("pin_id"), one("category"), one("advertiser_id"), content)
-
-    @staticmethod
-    def events(ids: Dict[str, JaggedTensor], seq_content: torch.Tensor, seq_is_ad: torch.Tensor) -> PinFeatures:
-        """The sequences' Pins, flat in event order; only ad events carry an advertiser."""
-        pin = ids["seq_pin_id"].values()
-        advertiser = pin.new_zeros(pin.shape).index_put((seq_is_ad,), ids["seq_advertiser_id"].values())
-        return PinFeatures(pin, ids["seq_category"].values(), advertiser, seq_content)
-
-    def forward(
-        self, ids: Dict[str, JaggedTensor], content_emb: Optional[torch.Tensor],
-        profile: Optional[torch.Tensor] = None, seq_content: Optional[torch.Tensor] = None,
-        seq_is_ad: Optional[torch.Tensor] = None, event_pin_ids: Optional[torch.Tensor] = None,
-    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[NextPins]]:
-        """(user [B, d] unit vectors, or None without `profile` (and the events' `seq_content`,
-        `seq_is_ad`); candidate Pin [B, d], or None without `content_emb`; the next-Pin term's
-        inputs, in training with `event_pin_ids` (the sequences' Pin ids, flat in event order),
-        else None). Tensors, not the batch's dicts, come in: every caller goes through here,
-        and DERM's own methods are traced by the train pipeline, its children are not."""
-        candidates = None if content_emb is None else self.candidates(ids, content_emb)
+    def forward(self, ids: Dict[str, JaggedTensor], profile: Optional[torch.Tensor],
+                dense: Dict[str, torch.Tensor], candidates: bool,
+                event_pin_ids: Optional[torch.Tensor] = None,
+                negative_pin_ids: Optional[torch.Tensor] = None) -> TowerOutputs:
+        """Tensors, not the batch, come in: every caller goes through here, and DERM's own
+        methods are traced by the train pipeline, its children are not. `dense` holds the
+        events' `seq_content` and `seq_is_ad` (with `profile`), the candidates' `content_emb`
+        (and `pin_is_ad` where a window holds several), and for training the windows'
+        `context_len`, the negatives' `neg_content`, `neg_is_ad` and the `*_log_q`; the
+        next-Pin term's inputs are made in training mode, from batches that have them, with the
+        events' and the negatives' Pin ids."""
+        pins = row_window = None
+        if candidates:
+            lengths = ids["pin_id"].lengths()
+            is_ad = dense["pin_is_ad"] if "pin_is_ad" in dense else ids["advertiser_id"].lengths() > 0
+            pins = PinFeatures.of(ids, "", dense["content_emb"], is_ad)
+            row_window = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
         if profile is None:
-            return None, None if candidates is None else self.pin(candidates), None
-        events = self.events(ids, seq_content, seq_is_ad)
-        with_next = self.training and self.next_pin and event_pin_ids is not None and candidates is not None
-        user, prefixes = self.user(profile, events, ids["seq_action"], ids["seq_gap"], prefixes=with_next)
-        if prefixes is None or len(prefixes.events) == 0:
-            return user, None if candidates is None else self.pin(candidates), None
-        distinct, targets, counts = torch.unique(event_pin_ids[prefixes.events], return_inverse=True,
-                                                 return_counts=True)
+            return TowerOutputs(profile, None if pins is None else self.pin(pins), row_window)
+        events = PinFeatures.of(ids, "seq_", dense["seq_content"], dense["seq_is_ad"])
+        windows = self.user.windows(events, ids["seq_action"], ids["seq_gap"], dense.get("context_len"))
+        day_start = windows.day_start_slots()
+        window_of = torch.arange(len(day_start), device=day_start.device)
+        with_next = self.training and self.next_pin and event_pin_ids is not None and "neg_log_q" in dense
+        if with_next:
+            slots, targets = windows.transitions()
+            with_next = len(targets) > 0
+        if not with_next:
+            users = self.user(profile, windows.states[day_start])
+            return TowerOutputs(users, None if pins is None else self.pin(pins), row_window,
+                                None if pins is None else users[row_window])
+        owner = torch.repeat_interleave(window_of, windows.lengths)
+        vectors = self.user(torch.cat([profile, profile[owner[targets]]]),
+                            windows.states[torch.cat([day_start, slots])])
+        users, states = vectors[: len(day_start)], vectors[len(day_start):]
+        distinct, column = torch.unique(event_pin_ids[targets], return_inverse=True)
         # One event of each distinct next Pin stands for it: its features are the Pin's.
-        first = torch.full_like(distinct, len(event_pin_ids)).scatter_reduce(0, targets, prefixes.events, "amin")
-        vectors = self.pin(PinFeatures.cat([candidates, events[first]]))
-        pin, items = vectors[: len(user)], vectors[len(user):]
-        negatives = torch.randperm(len(distinct), device=items.device)[: self.negatives]
-        return user, pin, NextPins(prefixes.states, targets, items, counts, negatives)
+        first = torch.full_like(distinct, len(event_pin_ids)).scatter_reduce(0, column, targets, "amin")
+        negatives = PinFeatures.of(ids, "neg_", dense["neg_content"], dense["neg_is_ad"])
+        n_pins = 0 if pins is None else len(pins)
+        vectors = self.pin(PinFeatures.cat(([] if pins is None else [pins]) + [events[first], negatives]))
+        next_pins = NextPins(states, column, vectors[n_pins:], torch.cat([distinct, negative_pin_ids]),
+                             torch.cat([dense["seq_log_q"][first], dense["neg_log_q"]]))
+        return TowerOutputs(users, None if pins is None else vectors[:n_pins], row_window,
+                            None if pins is None else users[row_window], next_pins)
 
 
 class InteractionTower(nn.Module):
-    """The only place context (surface, hour, position) meets the entities: it sees both
+    """The only place context (surface, hour, ad position) meets the entities: it sees both
     tower outputs, their elementwise product and dot product, and the context embeddings, and
     emits one logit per task. Its gradients flow back into the towers on purpose: the entity
-    vectors must be useful to the heads."""
+    vectors must be useful to the heads. The context tables are a few dozen rows each, plain
+    dense embeddings (a last row for "none": an organic row's ad position)."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         super().__init__()
         d = cfg.embedding_dim
         self.tasks = cfg.tasks
+        self.columns = [ROW_CONTEXT.index(f) for f in cfg.context_features]
+        self.context = nn.ModuleList(nn.Embedding(cfg.num_embeddings[f] + 1, d) for f in cfg.context_features)
         in_dim = (3 + len(cfg.context_features)) * d + 1
         self.mlp = Tower(in_dim, cfg.interaction_dims, len(cfg.tasks))
 
-    def forward(
-        self, user: torch.Tensor, pin: torch.Tensor, context: torch.Tensor
-    ) -> Dict[str, torch.Tensor]:
+    def forward(self, user: torch.Tensor, pin: torch.Tensor, row_context: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """row_context [R, len(ROW_CONTEXT)], -1 where a row has none."""
+        context = [table(torch.where(row_context[:, c] < 0, table.num_embeddings - 1, row_context[:, c]))
+                   for c, table in zip(self.columns, self.context)]
         cross = user * pin
-        x = torch.cat([user, pin, cross, cross.sum(dim=1, keepdim=True), context], dim=1)
+        x = torch.cat([user, pin, cross, cross.sum(dim=1, keepdim=True), *context], dim=1)
         logits = self.mlp(x)
         return {task: logits[:, i] for i, task in enumerate(self.tasks)}
 
@@ -481,7 +515,7 @@ class UpstreamLoss(nn.Module):
                 positive |= labels[name] > 0
         for name in NEGATIVE_LABELS:
             if name in labels:
-                positive &= labels[name] <= 0
+                positive &= ~(labels[name] > 0)
         return positive
 
     def forward(
@@ -490,6 +524,7 @@ class UpstreamLoss(nn.Module):
         user: torch.Tensor,
         pin: torch.Tensor,
         pin_ids: torch.Tensor,
+        row_window: torch.Tensor,
         labels: Dict[str, torch.Tensor],
         dense: Dict[str, torch.Tensor],
         next_pins: Optional[NextPins] = None,
@@ -498,15 +533,18 @@ class UpstreamLoss(nn.Module):
         parts = multi_task_bce(logits, labels, cfg.task_weights)
         if next_pins is not None:
             n = next_pins
-            parts["next_pin"] = cfg.next_pin_weight * next_item_softmax_loss(
-                n.states, n.targets, n.items, n.counts, n.negatives, self.temperature(), cfg.logq_strength)
+            parts["next_pin"] = cfg.next_pin_weight * sampled_softmax_loss(
+                n.states, n.targets, n.items, n.item_ids, n.log_q, self.temperature(), cfg.logq_strength)
         if self.dot_scale is not None:
             dot = (user * pin).sum(dim=1)
-            ranked = [pairwise_logistic_loss(self.dot_scale[i] * dot, labels[t])
-                      for i, t in enumerate(cfg.tasks) if t in labels]
+            ranked = []
+            for i, t in enumerate(cfg.tasks):
+                if t in labels:
+                    known = ~torch.isnan(labels[t])
+                    ranked.append(pairwise_logistic_loss(self.dot_scale[i] * dot[known], labels[t][known]))
             if ranked:
                 parts["dot_rank"] = cfg.dot_rank_weight * torch.stack(ranked).mean()
-        if cfg.contrastive:
+        if cfg.contrastive and len(pin_ids):
             key = cfg.sampling_prob_key
             if key is not None and key not in dense:
                 raise KeyError(f"logQ correction needs batch.dense[{key!r}], the pin sampling prob")
@@ -518,6 +556,7 @@ class UpstreamLoss(nn.Module):
                 self.temperature(),
                 dense[key] if key is not None else None,
                 cfg.logq_strength,
+                groups=row_window,
             )
         if not parts:
             raise ValueError(f"batch has none of the labels {cfg.tasks}, contrastive is off")
@@ -526,22 +565,20 @@ class UpstreamLoss(nn.Module):
 
 class DERM(nn.Module):
     """Decoupled entity representation model: `forward(batch) -> (loss, outputs)` for training
-    (TorchRec's train pipelines expect exactly that), `embed_users` / `embed_pins` for export.
+    on user windows (datapipes/windows.py; TorchRec's train pipelines expect exactly that),
+    `embed_users` / `embed_pins` / `embed_both` for export, evaluation and the coupled ranker.
 
-    outputs: "logits" (task -> [B]), "user_emb" and "pin_emb" ([B, d], unit norm), "losses"
-    (detached per-part losses, for logging). `table_device="meta"` defers allocating the
-    tables to `DistributedModelParallel`, which builds only this rank's shards.
+    outputs: "logits" (task -> [R]), "user_emb" and "pin_emb" ([R, d], unit norm: each row's
+    user at its day's start and its Pin), "losses" (detached per-part losses, for logging),
+    "next_pins" (the next-Pin term's inputs, or None).
+    `table_device="meta"` defers allocating the tables to `DistributedModelParallel`, which
+    builds only this rank's shards.
     """
 
     def __init__(self, cfg: UpstreamConfig, table_device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.cfg = cfg
-
-        def bags(features: Sequence[str]) -> EmbeddingBagCollection:
-            return EmbeddingBagCollection(_bag_tables(cfg, features), device=table_device)
-
-        self.user_ebc = bags(cfg.user_features)
-        self.context_ebc = bags(cfg.context_features)
+        self.user_ebc = EmbeddingBagCollection(_bag_tables(cfg, cfg.user_features), device=table_device)
         self.sequence_ec = EmbeddingCollection(_sequence_tables(cfg), device=table_device)
         self.towers = EntityTowers(cfg)
         self.interaction = InteractionTower(cfg)
@@ -549,41 +586,36 @@ class DERM(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
         ids = self.sequence_ec(batch.sparse)
-        profile = self._profile(batch.sparse)
-        dense = batch.dense
-        # Indexed, not unpacked: under the train pipeline's tracer the towers' output is a proxy.
-        towers = self.towers(ids, dense["content_emb"], profile, dense["seq_content"], dense["seq_is_ad"],
-                             batch.sparse["seq_pin_id"].values())
-        user, pin = towers[0], towers[1]
-        context = _pooled(self.context_ebc(batch.sparse), self.cfg.context_features)
-        logits = self.interaction(user, pin, context)
-        pin_ids = batch.sparse["pin_id"].values()
-        loss, losses = self.loss(logits, user, pin, pin_ids, batch.labels, dense, towers[2])
-        return loss, {"logits": logits, "user_emb": user, "pin_emb": pin, "losses": losses}
+        sparse = batch.sparse
+        towers = self.towers(ids, self._profile(sparse), batch.dense, True, sparse["seq_pin_id"].values(),
+                             sparse["neg_pin_id"].values())
+        # Attributes, not unpacked: under the train pipeline's tracer the towers' output is a proxy.
+        user, pin = towers.row_users, towers.pins
+        logits = self.interaction(user, pin, batch.dense["row_context"])
+        loss, losses = self.loss(logits, user, pin, batch.sparse["pin_id"].values(), towers.row_window,
+                                 batch.labels, batch.dense, towers.next_pins)
+        return loss, {"logits": logits, "user_emb": user, "pin_emb": pin, "losses": losses,
+                      "next_pins": towers.next_pins}
 
     def _profile(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """[B, len(user_features) * d] the user's pooled profile embeddings."""
+        """[W, len(user_features) * d] the user's pooled profile embeddings."""
         return _pooled(self.user_ebc(sparse), self.cfg.user_features)
 
     def embed_users(self, sparse: KeyedJaggedTensor, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """[B, d] unit user vectors, without labels (dense: the events' `seq_content` and
-        `seq_is_ad`). `sparse` still carries every key of `cfg.sparse_features`; pin and
-        context features may be empty lists."""
-        profile = self._profile(sparse)
-        return self.towers(self.sequence_ec(sparse), None, profile, dense["seq_content"], dense["seq_is_ad"])[0]
+        """[B, d] unit user vectors, without labels, each after all of its sequence (dense: the
+        events' `seq_content` and `seq_is_ad`). `sparse` still carries every key of
+        `cfg.sparse_features`; Pin features may be empty lists."""
+        return self.towers(self.sequence_ec(sparse), self._profile(sparse), dict(dense), False).users
 
     def embed_both(self, sparse: KeyedJaggedTensor,
                    dense: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """([B, d] user, [B, d] pin) unit vectors of each row, without labels, reading each
         table once: under TorchRec's train pipeline an embedding module may be called only once
         per forward (the coupled ranker runs the towers this way)."""
-        profile = self._profile(sparse)
-        towers = self.towers(self.sequence_ec(sparse), dense["content_emb"], profile, dense["seq_content"],
-                             dense["seq_is_ad"])
-        return towers[0], towers[1]
+        towers = self.towers(self.sequence_ec(sparse), self._profile(sparse), dict(dense), True)
+        return towers.row_users, towers.pins
 
     def embed_pins(self, sparse: KeyedJaggedTensor, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, d] unit pin vectors, without labels (dense: `content_emb`). `sparse` still
-        carries every key of `cfg.sparse_features`; user, sequence and context features may be
-        empty lists."""
-        return self.towers(self.sequence_ec(sparse), dense["content_emb"])[1]
+        carries every key of `cfg.sparse_features`; user and sequence features may be empty."""
+        return self.towers(self.sequence_ec(sparse), None, dict(dense), True).pins

@@ -23,10 +23,9 @@ import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from derl.datapipes.domains import DOMAINS
-from derl.datapipes.mixing import MixedStream
-from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
+from derl.datapipes.windows import WindowConfig, WindowReader
 from derl.datapipes.world import read_world_id
 from derl.launchers.runtime import dist as derl_dist
 from derl.launchers.runtime import faults, finite, runs
@@ -59,7 +58,7 @@ class Training:
     days: Tuple[str, str]
     eval_day: str
     model_cfg: UpstreamConfig
-    stream: MixedStream
+    stream: WindowReader
     steps: int
     dmp: Any
     optimizer: Any
@@ -76,30 +75,23 @@ def table_days(sources: SourceTables, table: str, main_table: str, days: Tuple[s
     return (have[0], have[-1]) if have else None
 
 
-def example_stream(cfg: TrainUpstreamConfig, sources: SourceTables, days: Tuple[str, str],
-                   worker: derl_dist.Worker, vocab: Dict[str, int]) -> MixedStream:
-    """The domain's tables that the source holds, each over the training days it covers, mixed
-    in their shares (in proportion to rows, over all ranks, where the registry gives none)."""
-    reader_cfg = ReaderConfig(batch_size=cfg.batch_size, seed=cfg.seed, drop_last=True)
+def window_stream(cfg: TrainUpstreamConfig, sources: SourceTables, days: Tuple[str, str],
+                  worker: derl_dist.Worker, vocab: Dict[str, int]) -> WindowReader:
+    """The user windows of the domain's tables that the source holds, each over the training
+    days it covers."""
     domain = DOMAINS[cfg.domain]
-    tables = [(t, share, table_days(sources, t, domain.main_table, days)) for t, share in domain.tables_in(sources)]
-    tables = [(t, share, d) for t, share, d in tables if d is not None]
-    readers = [ExampleReader(cfg.data, t, d, worker.rank, worker.world_size, reader_cfg, vocab)
-               for t, _, d in tables]
-    shares = [s for _, s, _ in tables]
-    if None in shares:
-        rows = [r.num_rows for r in readers]
-        shares = [n / sum(rows) for n in rows]
-    return MixedStream(readers, shares)
+    tables = [(t, table_days(sources, t, domain.main_table, days)) for t, _ in domain.tables_in(sources)]
+    config = WindowConfig(batch_size=cfg.batch_size, seq_len=cfg.seq_len, negatives=cfg.catalogue_negatives,
+                          seed=cfg.seed)
+    return WindowReader(cfg.data, [(t, d) for t, d in tables if d is not None], worker.rank, worker.world_size,
+                        config, vocab)
 
 
-def _steps(cfg: TrainUpstreamConfig, stream: MixedStream, device: torch.device) -> int:
-    """Steps every rank takes: --max-steps, or --epochs over the main table
-    (`dist.agreed_steps`)."""
+def _steps(cfg: TrainUpstreamConfig, stream: WindowReader, device: torch.device) -> int:
+    """Steps every rank takes: --max-steps, or --epochs over the windows (`dist.agreed_steps`)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return derl_dist.agreed_steps(
-        cfg.epochs, stream.readers[0].num_rows / cfg.batch_size / stream.shares[0], device)
+    return derl_dist.agreed_steps(cfg.epochs, stream.batches_per_epoch, device)
 
 
 def _next_day(sources: SourceTables, day: str) -> str:
@@ -117,7 +109,7 @@ def build(cfg: TrainUpstreamConfig, worker: derl_dist.Worker) -> Training:
     days = (cfg.from_day or split.upstream_days[0], cfg.until or split.upstream_days[1])
     eval_day = _next_day(sources, cfg.until) if cfg.until else split.cut_day
     vocab = sources.vocab()
-    stream = example_stream(cfg, sources, days, worker, vocab)
+    stream = window_stream(cfg, sources, days, worker, vocab)
     steps = _steps(cfg, stream, worker.device)
     model_cfg = cfg.model_config(vocab)
     model = DERM(model_cfg, table_device=torch.device("meta"))
@@ -174,7 +166,8 @@ class Loop:
     """What the training loop leaves for the report."""
 
     step: int
-    examples: int
+    rows: int  # this rank's labelled rows
+    positions: int  # this rank's next-Pin targets
     seconds: float
     losses: Dict[str, float]
     history: List[Dict[str, float]]
@@ -208,16 +201,17 @@ def train_loop(t: Training, resume_from: Optional[Path], writer: Any) -> Loop:
     evals: List[Dict[str, object]] = []
     bar = tqdm(total=steps, initial=step, desc=f"upstream {cfg.domain}", disable=not worker.is_main)
     dmp.train()
-    t_start, examples, losses = time.perf_counter(), 0, {}
+    t_start, rows, positions, losses = time.perf_counter(), 0, 0, {}
     while step < steps:
         step += 1
         with derl_dist.collectives(worker, f"step {step}"):
             output = pipeline.progress(batches)
-            examples += cfg.batch_size * worker.world_size
+            rows += output["user_emb"].shape[0]
+            positions += 0 if output["next_pins"] is None else output["next_pins"].targets.numel()
             losses = {k: float(v) for k, v in output["losses"].items()}
             finite.check_losses(step, losses, worker.device)
             if worker.is_main:
-                rate = examples / (time.perf_counter() - t_start)
+                rate = rows * worker.world_size / (time.perf_counter() - t_start)
                 bar.set_postfix(loss=f"{sum(losses.values()):.3f}", ex_s=f"{rate:,.0f}")
                 bar.update(1)
                 for k, v in losses.items():
@@ -232,25 +226,25 @@ def train_loop(t: Training, resume_from: Optional[Path], writer: Any) -> Loop:
                 evals.append(_evaluate(t, pipeline, step, writer))
                 dmp.train()
     bar.close()
-    batches.close()  # stops the readers' prefetch threads
-    return Loop(step, examples, time.perf_counter() - t_start, losses, history, evals, pipeline, writer)
+    batches.close()  # stops the reader's prefetch thread
+    return Loop(step, rows, positions, time.perf_counter() - t_start, losses, history, evals, pipeline, writer)
 
 
-def _pin_log_prior(model_cfg: UpstreamConfig, stream: MixedStream) -> Optional[np.ndarray]:
+def _pin_log_prior(model_cfg: UpstreamConfig, stream: WindowReader) -> Optional[np.ndarray]:
     """The retrieval prior (`UpstreamConfig.retrieval_prior_weight` x log q) per Pin row, with
-    q the organic impression share the logQ correction uses; a Pin never shown in the window
-    counts as half an impression of the rarest one."""
+    q the organic impression share; a Pin never shown in the window counts as half an
+    impression of the rarest one."""
     weight = model_cfg.retrieval_prior_weight
     if not weight:
         return None
-    q = next(r for r in stream.readers if r.table == "engagements").pin_prob
+    q = stream.engagements.pin_prob
     return weight * np.log(np.maximum(q, q[q > 0].min() / 2))
 
 
 def _evaluate(t: Training, pipeline: TrainPipelineSparseDist, step: int, writer) -> Dict[str, object]:
     pipeline.detach()  # the sharded modules answer plain calls again; progress() re-attaches
     t.dmp.eval()
-    result = evaluate_recall(t.dmp.module, t.stream.readers[0].joiner, t.sources, t.eval_day, t.days,
+    result = evaluate_recall(t.dmp.module, t.stream.joiner, t.sources, t.eval_day, t.days,
                              t.worker, batch_size=t.cfg.eval_batch_size, temperature=t.model_cfg.temperature,
                              pin_log_prior=_pin_log_prior(t.model_cfg, t.stream))
     if writer is not None:
@@ -262,17 +256,22 @@ def _evaluate(t: Training, pipeline: TrainPipelineSparseDist, step: int, writer)
 def report(t: Training, loop: Loop) -> Dict[str, object]:
     """Collective: the final evaluation; rank 0 writes RUN/metrics.json and the loss history."""
     final = _evaluate(t, loop.pipeline, loop.step, loop.writer)
+    device = t.worker.device
+    rows, positions = (int(derl_dist.reduced(n, "sum", device)) for n in (loop.rows, loop.positions))
+    seconds = derl_dist.reduced(loop.seconds, "max", device)
     metrics = {
         "domain": t.cfg.domain,
         "steps": loop.step,
         "world_size": t.worker.world_size,
-        "train_examples": loop.examples,
-        "train_examples_per_s": loop.examples / loop.seconds if loop.seconds else 0.0,
+        "train_examples": rows,
+        "train_examples_per_s": rows / seconds if seconds else 0.0,
+        "train_positions": positions,
+        "train_positions_per_s": positions / seconds if seconds else 0.0,
         "final_losses": loop.losses,
         **runs.headline(final),
         "eval": final,
         "eval_history": loop.evals,
-        "reader_stats": {r.table: r.stats.as_dict() for r in t.stream.readers},
+        "reader_stats": t.stream.stats.as_dict(),
         "plan": describe_plan(t.plan),
     }
     if t.worker.is_main:
