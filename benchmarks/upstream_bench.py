@@ -3,7 +3,7 @@
 table and writes DIR/upstream.{json,md,png}; reference figures in docs/results.md).
 
     python -m derl.benchmarks.upstream_bench --out DIR [--data WORLD] [--steps N] [--warmup N]
-        [--profile-steps N] [--batch-size 1024] [--embedding-dim 64] [--seq-layers 2]
+        [--profile-steps N] [--batch-size 256] [--embedding-dim 64] [--seq-layers 2]
         [--threads N] [--quick]
 
 Without --data it generates two worlds under DIR (once): the demo preset with stored sequences
@@ -16,14 +16,15 @@ from the last BENCH_DAYS upstream days, where histories are longest.
 Each configuration runs in fresh processes on the training path of `train-upstream` (its
 `build`: the model config, the example stream, `shard_model`; gloo ranks
 through `launch`, each rank with cores / ranks intra-op `threads` unless --threads says):
-- examples_per_s = world_size * batch_size * steps / seconds, timed on rank 0 over `--steps`
+- examples_per_s = world_size * labelled rows a step * steps / seconds (positions_per_s the
+  same of next-Pin targets), timed on rank 0 over `--steps`
   steps after `--warmup` untimed ones (sharded steps are collective: ranks run in lockstep).
   `pipeline`: `TrainPipelineSparseDist.progress`; `plain` (1 rank): next(batches); loss, _ =
   model(batch); loss.backward(); optimizer.step(); optimizer.zero_grad().
 - peak_rss_mb: rank 0's peak resident memory, read before any profiling.
 - embedding / transformer / data / rest_% (1 rank, plain loop, after its timed steps): a
   torch.profiler trace of `--profile-steps` steps. Forward hooks open a record_function scope
-  around the three TorchRec modules (user_ebc, context_ebc, sequence_ec: input dist,
+  around the two TorchRec modules (user_ebc, sequence_ec: input dist,
   lookup, output dist) and around `towers.user.sequence` (the transformer). Each backward autograd
   node is charged to the scope its forward op ran in, linked by the profiler's sequence numbers;
   the fused row-wise Adagrad update runs inside the TBE backward node, so it counts as
@@ -67,7 +68,7 @@ from derl.launchers.stages import train_upstream
 from derl.launchers.runtime.config import default_of
 from derl.launchers.runtime.settings import TrainUpstreamConfig
 
-EMBEDDING_MODULES = ("user_ebc", "context_ebc", "sequence_ec")
+EMBEDDING_MODULES = ("user_ebc", "sequence_ec")
 # `upstream_limits` figures in the table (the plain 1-rank rows).
 LIMITS = ("transformer_gflop_s", "matmul_gflop_s", "matmul_dtype", "fraction_of_matmul_peak",
           "sasrec_examples_per_s")
@@ -99,11 +100,15 @@ def _worker(spec: Dict) -> Dict[str, float]:
     try:
         dmp, optimizer, stream = _build(spec, worker)
         lengths: List[float] = []
+        rows: List[int] = []
+        positions: List[int] = []
 
-        def batches_of(it: Iterator) -> Iterator:  # records how many events each example fed
+        def batches_of(it: Iterator) -> Iterator:  # records each batch's rows, targets and context
             for b in it:
-                seq = b.sparse["seq_pin_id"].lengths().clamp(max=spec["seq_len"])
-                lengths.append(float(seq.float().mean()))
+                context = b.dense["context_len"]
+                lengths.append(float(context.float().mean()))
+                rows.append(len(b.meta["pin_id"]))
+                positions.append(int((b.sparse["seq_pin_id"].lengths() - context).sum()))
                 yield b
 
         batches = batches_of(stream.iterate())
@@ -130,6 +135,7 @@ def _worker(spec: Dict) -> Dict[str, float]:
             step()
         seconds = time.perf_counter() - t0
         out = {"seconds": seconds, "mean_seq": sum(lengths) / len(lengths),
+               "rows_per_step": sum(rows) / len(rows), "positions_per_step": sum(positions) / len(positions),
                "threads": torch.get_num_threads(), "peak_rss_mb": report.peak_rss_mb()}
         if spec["profile_steps"] and spec["loop"] == "plain" and worker.world_size == 1:
             out.update(_breakdown(dmp, step, spec["profile_steps"]))
@@ -232,7 +238,8 @@ def measure(world: Path, config: Dict, seq_len: int, world_size: int, loop: str,
     return {
         "seq_len": seq_len, "world_size": world_size, "loop": loop,
         "threads": r["threads"], "mean_seq": r["mean_seq"],
-        "examples_per_s": world_size * config["batch_size"] * steps / r["seconds"],
+        "examples_per_s": world_size * r["rows_per_step"] * steps / r["seconds"],
+        "positions_per_s": world_size * r["positions_per_step"] * steps / r["seconds"],
         "step_ms": 1e3 * r["seconds"] / steps,
         **{k: r.get(k, "-") for k in ("embedding_%", "transformer_%", "data_%", "rest_%",
                                       "profiled_step_ms", *LIMITS)},
@@ -281,7 +288,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 4: the first steps run slow; --quick 1)")
     p.add_argument("--profile-steps", type=int,
                    help="steps profiled for the breakdown (default 3; --quick 2)")
-    p.add_argument("--batch-size", type=int, help="per rank (default 1024; --quick 256)")
+    p.add_argument("--batch-size", type=int, help="user windows a step, per rank (default 256; --quick 64)")
     p.add_argument("--embedding-dim", type=int, default=default_of(TrainUpstreamConfig, "embedding_dim"))
     p.add_argument("--seq-layers", type=int, default=default_of(TrainUpstreamConfig, "seq_layers"))
     p.add_argument("--threads", type=int, help="intra-op threads per rank (default: cores / ranks)")
@@ -293,7 +300,7 @@ def main() -> None:
 
     steps, warmup = pick(args.steps, 3, 20), pick(args.warmup, 1, 4)
     profile_steps = pick(args.profile_steps, 2, 3)
-    args.batch_size = pick(args.batch_size, 256, 1024)
+    args.batch_size = pick(args.batch_size, 64, 256)
     worlds = _worlds(args)
     config = {"out": args.out / "run", "batch_size": args.batch_size, "embedding_dim": args.embedding_dim,
               "seq_layers": args.seq_layers}

@@ -1,9 +1,9 @@
 """The upstream domains, in one registry: what each trains on, what it predicts, what it ships.
 
 A domain is one upstream entity model and one set of snapshot vectors. Its `tables` are the
-source tables a training batch mixes, each with its share of the rows (None: in proportion to
-the table's rows); its `tasks` are the BCE heads of its interaction tower (labels of the
-batch); rows labelled with any task but a `NEGATIVE_LABELS` one are its contrastive positives.
+source tables whose rows a training window carries (each user's rows of a day, from every one of
+them: datapipes/windows.py); its `tasks` are the BCE heads of its interaction tower (labels of
+the rows); rows labelled with any task but a `NEGATIVE_LABELS` one are its contrastive positives.
 Downstream, a ranker takes the domains' vectors by name, `<domain>/<entity>` (`VECTOR_SETS`).
 
 Adding a domain is adding an entry here (docs/extending.md): the training stage, the export,
@@ -30,7 +30,7 @@ NEGATIVE_LABELS: Tuple[str, ...] = ("hide",)
 @dataclass(frozen=True)
 class Domain:
     name: str
-    tables: Tuple[Tuple[str, Optional[float]], ...]
+    tables: Tuple[str, ...]
     tasks: Tuple[str, ...]
     # (table, column) with at least one positive row: what the domain exists to predict.
     required_label: Optional[Tuple[str, str]] = None
@@ -41,12 +41,12 @@ class Domain:
 
     @property
     def main_table(self) -> str:
-        """The table whose passes count as epochs."""
-        return self.tables[0][0]
+        """The table the domain cannot train without (its days are the training days)."""
+        return self.tables[0]
 
-    def tables_in(self, sources: SourceTables) -> Tuple[Tuple[str, Optional[float]], ...]:
+    def tables_in(self, sources: SourceTables) -> Tuple[str, ...]:
         """The domain's tables that `sources` holds (its main table always among them)."""
-        return tuple((t, share) for t, share in self.tables if t == self.main_table or sources.has(t))
+        return tuple(t for t in self.tables if t == self.main_table or sources.has(t))
 
     def unsupported(self, sources: SourceTables) -> Optional[str]:
         """Why `sources` cannot train this domain, in one sentence; None if it can."""
@@ -62,12 +62,11 @@ class Domain:
 
 
 DOMAINS: Dict[str, Domain] = {
-    # Organic actions and ad clicks, mixed in proportion to their rows.
-    "engagement": Domain("engagement", (("engagements", None), ("ad_events", None)),
-                         ENGAGEMENT_LABELS + ("clicked",)),
+    # Organic actions and ad clicks.
+    "engagement": Domain("engagement", ("engagements", "ad_events"), ENGAGEMENT_LABELS + ("clicked",)),
     # Ad conversions, with saves and long clicks of the organic log as auxiliary tasks.
-    "conversion": Domain("conversion", (("ad_events", 0.5), ("engagements", 0.5)),
-                         ("converted", "save", "long_click"), required_label=("ad_events", "converted")),
+    "conversion": Domain("conversion", ("ad_events", "engagements"), ("converted", "save", "long_click"),
+                         required_label=("ad_events", "converted")),
 }
 
 # The upstream vectors a ranker can take, as "<domain>/<entity>": the paper's ablation sets.

@@ -216,13 +216,15 @@ class FeatureJoiner:
 
     def pin_features(self, pin_ids: np.ndarray) -> Tuple[Jagged, np.ndarray, np.ndarray]:
         """(Pin id, category, advertiser and campaign features; content [n, CONTENT_DIM];
-        row of each Pin in `pins`, or -1 if unknown). Unknown Pins get empty features (counted)."""
+        row of each Pin in `pins`, or -1 if unknown). Unknown Pins (counted) get category 0 and
+        no advertiser or campaign: every Pin has one id and one category, so that a list of
+        several Pins lines up with its ids."""
         e = self.entities
         row, found = e.pins.rows(pin_ids)
         self.stats.repair("unknown_pin", int((~found).sum()))
         jagged: Jagged = {
             "pin_id": (np.ones(len(pin_ids), dtype=np.int64), pin_ids),
-            "category": (found.astype(np.int64), e.category[row][found]),
+            "category": (np.ones(len(pin_ids), dtype=np.int64), np.where(found, e.category[row], 0)),
             "advertiser_id": _present(np.where(found, e.advertiser[row], -1)),
             "campaign_id": _present(np.where(found, e.campaign[row], -1)),
         }

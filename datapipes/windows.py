@@ -241,8 +241,7 @@ class WindowReader:
         neg_jagged, neg_content, neg_row = joiner.pin_features(negatives)
         spread = np.bincount(np.arange(k) % n, minlength=n).astype(np.int64)
         jagged["neg_pin_id"] = (spread, negatives)
-        jagged["neg_category"] = (np.bincount(np.arange(k)[neg_jagged["category"][0] > 0] % n, minlength=n),
-                                  neg_jagged["category"][1])
+        jagged["neg_category"] = (spread, neg_jagged["category"][1])
         neg_is_ad = neg_jagged["advertiser_id"][0] > 0
         jagged["neg_advertiser_id"] = (np.bincount(np.arange(k)[neg_is_ad] % n, minlength=n),
                                        neg_jagged["advertiser_id"][1])
@@ -311,7 +310,8 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _concat_jagged(parts: List[Jagged]) -> Jagged:
-    keys = parts[0].keys() if parts else ()
+    """The candidates' Pin features of the tables' rows, one after the other."""
+    keys = ("pin_id", "category", "advertiser_id", "campaign_id")
     return {k: (np.concatenate([p[k][0] for p in parts]), np.concatenate([p[k][1] for p in parts])) for k in keys}
 
 

@@ -605,17 +605,17 @@ class DERM(nn.Module):
         """[B, d] unit user vectors, without labels, each after all of its sequence (dense: the
         events' `seq_content` and `seq_is_ad`). `sparse` still carries every key of
         `cfg.sparse_features`; Pin features may be empty lists."""
-        return self.towers(self.sequence_ec(sparse), self._profile(sparse), dict(dense), False).users
+        return self.towers(self.sequence_ec(sparse), self._profile(sparse), dense, False).users
 
     def embed_both(self, sparse: KeyedJaggedTensor,
                    dense: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """([B, d] user, [B, d] pin) unit vectors of each row, without labels, reading each
         table once: under TorchRec's train pipeline an embedding module may be called only once
         per forward (the coupled ranker runs the towers this way)."""
-        towers = self.towers(self.sequence_ec(sparse), self._profile(sparse), dict(dense), True)
+        towers = self.towers(self.sequence_ec(sparse), self._profile(sparse), dense, True)
         return towers.row_users, towers.pins
 
     def embed_pins(self, sparse: KeyedJaggedTensor, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, d] unit pin vectors, without labels (dense: `content_emb`). `sparse` still
         carries every key of `cfg.sparse_features`; user and sequence features may be empty."""
-        return self.towers(self.sequence_ec(sparse), None, dict(dense), True).pins
+        return self.towers(self.sequence_ec(sparse), None, dense, True).pins

@@ -57,7 +57,7 @@ def test_supported_domains_follow_the_data(tiny_world, no_ads, tmp_path):
     assert ("has no ad_events table, which the conversion domain trains on"
             in DOMAINS["conversion"].unsupported(SourceTables(no_ads)))
     assert vector_sets(["engagement"]) == ["user", "user_pin"]
-    assert DOMAINS["engagement"].tables_in(SourceTables(no_ads)) == (("engagements", None),)
+    assert DOMAINS["engagement"].tables_in(SourceTables(no_ads)) == ("engagements",)
 
 
 def test_no_conversions_means_no_conversion_domain(no_conversions):

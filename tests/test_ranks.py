@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from derl.datapipes.readers import _prefetched
+from derl.datapipes.readers import prefetched
 from derl.datapipes.sources import DataError, SourceTables, shard_units
 from derl.datapipes.splits import default_split
 from derl.launchers.runtime import dist as derl_dist
@@ -25,7 +25,7 @@ USAGE = REPO / "docs" / "usage.md"  # its TorchX walkthrough is run as written
 
 
 @pytest.mark.parametrize("last", ["end", "error"])
-def test_closing_a_prefetched_stream_never_blocks(last):
+def test_closing_aprefetched_stream_never_blocks(last):
     """The consumer stops after one item while the producer, done, waits to hand over its end
     marker (or its error) to a full queue."""
     finished = threading.Event()
@@ -40,7 +40,7 @@ def test_closing_a_prefetched_stream_never_blocks(last):
     closed = threading.Event()
 
     def consume():
-        stream = _prefetched(make, 1)
+        stream = prefetched(make, 1)
         next(stream)
         finished.wait(10)
         stream.close()

@@ -29,8 +29,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from derl.datapipes.batch import NUM_GAP_BUCKETS, Batch
 import torch.nn.functional as F
 
-from derl.models.losses import in_batch_softmax_loss, next_item_softmax_loss, pairwise_logistic_loss
-from derl.models.upstream import DERM, SHARED_TABLES, UpstreamConfig
+from derl.models.losses import in_batch_softmax_loss, pairwise_logistic_loss, sampled_softmax_loss
+from derl.models.upstream import DERM, SHARED_TABLES, PinFeatures, UpstreamConfig
 
 VOCAB = dict(
     user_id=10, country=3, age_bucket=4, gender=3, pin_id=12, category=5, advertiser_id=4,
@@ -47,30 +47,41 @@ def small_config(**overrides) -> UpstreamConfig:
     return UpstreamConfig(**{**kw, **overrides})
 
 
+K = 3  # catalogue negatives of a test batch
+
+
 def make_batch(
     cfg: UpstreamConfig,
     seq_lengths: Sequence[int] = (3, 0, 5, 1),
+    context: Optional[Sequence[int]] = None,
     pin_ids: Sequence[int] = (1, 2, 3, 4),
     surface: Sequence[int] = (0, 1, 2, 0),
     hour: Sequence[int] = (0, 5, 12, 23),
     labels: Optional[Dict[str, torch.Tensor]] = None,
     seed: int = 0,
 ) -> Batch:
-    """A batch with every key of cfg.sparse_features; organic pins 1 and 3 have no advertiser."""
+    """A batch of B windows (datapipes/windows.py), one row each, with every key of
+    cfg.sparse_features: window w's events, of which the first `context[w]` are context (by
+    default all but the last two of a window of two or more: those are next-Pin targets); the
+    rows' Pins 1 and 3 are organic (no advertiser); K catalogue negatives in window 0's lists."""
     g = torch.Generator().manual_seed(seed)
-    fixed = {"pin_id": pin_ids, "surface": surface, "hour": hour}
+    if context is None:
+        context = [n - 2 if n >= 2 else n for n in seq_lengths]
     seq_is_ad = torch.rand(sum(seq_lengths), generator=g) < 0.3
+    neg_is_ad = torch.tensor([True, False, False])
     owner = torch.repeat_interleave(torch.arange(B), torch.tensor(seq_lengths))
     values, lengths = [], []
     for f in cfg.sparse_features:
-        if f in fixed:
-            lens, vals = [1] * B, torch.tensor(fixed[f])
+        if f == "pin_id":
+            lens, vals = [1] * B, torch.tensor(pin_ids)
         else:
             lens = list(seq_lengths) if f.startswith("seq_") else [1] * B
             if f == "advertiser_id":
                 lens = [0, 1, 0, 1]
             if f == "seq_advertiser_id":
                 lens = torch.bincount(owner[seq_is_ad], minlength=B).tolist()
+            if f.startswith("neg_"):
+                lens = [int(neg_is_ad.sum()) if f == "neg_advertiser_id" else K] + [0] * (B - 1)
             rows = VOCAB[SHARED_TABLES.get(f, f)]
             vals = torch.randint(0, rows, (sum(lens),), generator=g)
         values.append(vals)
@@ -86,9 +97,16 @@ def make_batch(
         }
     dense = {
         "content_emb": torch.randn(B, cfg.content_dim, generator=g),
+        "pin_is_ad": torch.tensor([False, True, False, True]),
         "seq_content": torch.randn(sum(seq_lengths), cfg.content_dim, generator=g),
         "seq_is_ad": seq_is_ad,
+        "context_len": torch.tensor(context),
         "pin_sampling_prob": torch.tensor([0.1, 0.2, 0.05, 0.3]),
+        "row_context": torch.stack([torch.tensor(surface), torch.tensor(hour), torch.full((B,), -1)], dim=1),
+        "neg_content": torch.randn(K, cfg.content_dim, generator=g),
+        "neg_is_ad": neg_is_ad,
+        "seq_log_q": torch.log(torch.rand(sum(seq_lengths), generator=g)),
+        "neg_log_q": torch.log(torch.full((K,), 0.1)),
     }
     return Batch(sparse=sparse, dense=dense, labels=labels)
 
@@ -115,7 +133,7 @@ def test_forward_backward_reaches_tables_and_transformer(model: DERM) -> None:
         "sequence_ec.embeddings.t_category.weight",
         "sequence_ec.embeddings.t_advertiser_id.weight",
         "user_ebc.embedding_bags.t_user_id.weight",
-        "context_ebc.embedding_bags.t_hour.weight",
+        "interaction.context.1.weight",
         "towers.user.sequence.cls",
         "towers.user.sequence.layers.0.qkv.weight",
     ):
@@ -181,40 +199,6 @@ def test_empty_and_overlong_sequences(model: DERM, seq_lengths) -> None:
     torch.testing.assert_close(out["user_emb"].norm(dim=1), torch.ones(B))
 
 
-def _drop_oldest(batch: Batch, features, row_lengths, drop: int) -> Batch:
-    """The same batch with row 0's `drop` oldest events removed."""
-    kjt = batch.sparse.to_dict()
-    is_ad = batch.dense["seq_is_ad"]
-    values, lengths = [], []
-    for f in features:
-        jt = kjt[f]
-        if f == "seq_advertiser_id":  # only ad events carry one
-            cut = int(is_ad[:drop].sum())
-            values.append(jt.values()[cut:])
-            lengths.append(jt.lengths() - torch.tensor([cut] + [0] * (B - 1)))
-        elif f.startswith("seq_"):
-            values.append(jt.values()[drop:])
-            lengths.append(torch.tensor(row_lengths))
-        else:
-            values.append(jt.values())
-            lengths.append(jt.lengths())
-    sparse = KeyedJaggedTensor.from_lengths_sync(
-        keys=list(features), values=torch.cat(values), lengths=torch.cat(lengths))
-    dense = {**batch.dense, "seq_content": batch.dense["seq_content"][drop:], "seq_is_ad": is_ad[drop:]}
-    return Batch(sparse=sparse, dense=dense, labels=batch.labels)
-
-
-@pytest.mark.parametrize("next_pin_weight", [1.0, 0.0])
-def test_overlong_sequence_keeps_its_latest_events(next_pin_weight: float) -> None:
-    """Sequences are oldest-first: cutting one to seq_len (5) must drop its oldest events
-    (under the causal encoder and the bidirectional one)."""
-    torch.manual_seed(0)
-    model = DERM(small_config(next_pin_weight=next_pin_weight)).eval()
-    long = make_batch(model.cfg, seq_lengths=(7, 1, 0, 2))
-    cut = _drop_oldest(long, model.cfg.sparse_features, [5, 1, 0, 2], drop=2)
-    torch.testing.assert_close(model.embed_users(long.sparse, long.dense), model.embed_users(cut.sparse, cut.dense))
-
-
 def _with_last_event_changed(batch: Batch, row_lengths) -> Batch:
     """The same batch with row 0's newest event's Pin id changed."""
     kjt = batch.sparse.to_dict()
@@ -230,9 +214,10 @@ def _with_last_event_changed(batch: Batch, row_lengths) -> Batch:
     return Batch(sparse=sparse, dense=batch.dense, labels=batch.labels)
 
 
-def test_prefix_states_never_see_later_events() -> None:
-    """The causal encoder: every prefix state of row 0 ignores its newest event, which only the
-    final user vector (and the state before it, as its target) sees."""
+def test_states_never_see_later_events() -> None:
+    """The causal encoder with positions from the window's start: changing window 0's newest
+    event changes only the state after it; every earlier state of the window, and every other
+    window, stays as it was (so a window's day-start state is export's user vector)."""
     torch.manual_seed(0)
     model = DERM(small_config()).eval()
     lengths = (4, 1, 0, 2)
@@ -240,19 +225,16 @@ def test_prefix_states_never_see_later_events() -> None:
     changed = _with_last_event_changed(batch, lengths)
 
     def states(b: Batch):
-        towers = model.towers
+        user = model.towers.user
         ids = model.sequence_ec(b.sparse)
-        profile = torch.cat([model.user_ebc(b.sparse)[f] for f in ("user_id", "country", "age_bucket", "gender")], 1)
-        return towers.user(profile, towers.events(ids, b.dense["seq_content"], b.dense["seq_is_ad"]),
-                           ids["seq_action"], ids["seq_gap"], prefixes=True)
+        events = PinFeatures.of(ids, "seq_", b.dense["seq_content"], b.dense["seq_is_ad"])
+        return user.windows(events, ids["seq_action"], ids["seq_gap"], b.dense["context_len"]).states
 
-    user, prefixes = states(batch)
-    user2, prefixes2 = states(changed)
-    # Prefixes with a next event: after events 1..3 of row 0 (targets 2..4) and event 1 of row 3.
-    assert prefixes.events.tolist() == [1, 2, 3, 6]
-    torch.testing.assert_close(prefixes.states, prefixes2.states, rtol=0, atol=0)
-    assert not torch.allclose(user[0], user2[0])
-    torch.testing.assert_close(user[1:], user2[1:], rtol=0, atol=0)
+    a, b = states(batch), states(changed)
+    last_of_window_0 = lengths[0]  # packed: CLS, then one state per event
+    torch.testing.assert_close(a[:last_of_window_0], b[:last_of_window_0], rtol=0, atol=0)
+    assert not torch.allclose(a[last_of_window_0], b[last_of_window_0])
+    torch.testing.assert_close(a[last_of_window_0 + 1:], b[last_of_window_0 + 1:], rtol=0, atol=0)
 
 
 def test_next_pin_term_follows_its_weight() -> None:
@@ -260,27 +242,29 @@ def test_next_pin_term_follows_its_weight() -> None:
     off = DERM(small_config(next_pin_weight=0.0))
     _, out = off(make_batch(off.cfg))
     assert "next_pin" not in out["losses"]
-    assert not off.towers.user.sequence.causal
-    # Sequences of at most one event have no next event: no term, and nothing breaks.
+    # Windows of context only have no next event: no term, and nothing breaks.
     on = DERM(small_config())
-    _, out = on(make_batch(on.cfg, seq_lengths=(1, 0, 1, 0)))
+    _, out = on(make_batch(on.cfg, seq_lengths=(1, 0, 3, 0), context=(1, 0, 3, 0)))
     assert "next_pin" not in out["losses"]
+    _, out = on(make_batch(on.cfg))
+    assert out["next_pins"].states.shape == (4, on.cfg.embedding_dim)  # 2 targets in windows 0 and 2
 
 
-def test_next_item_softmax_matches_hand_computation() -> None:
+def test_sampled_softmax_matches_hand_computation() -> None:
+    """Each state against every candidate column, logits - beta log q, a column with the
+    state's target id other than its own masked out (column 2 repeats item 10)."""
     g = torch.Generator().manual_seed(0)
     states = F.normalize(torch.randn(3, 4, generator=g), dim=1)
-    items = F.normalize(torch.randn(2, 4, generator=g), dim=1)
-    targets, counts, negatives = torch.tensor([0, 1, 1]), torch.tensor([1, 2]), torch.tensor([0, 1])
+    items = F.normalize(torch.randn(4, 4, generator=g), dim=1)
+    targets, item_ids = torch.tensor([0, 1, 1]), torch.tensor([10, 11, 10, 12])
+    log_q = torch.log(torch.tensor([0.5, 0.2, 0.1, 0.05]))
     t, beta = 0.5, 0.7
-    log_q = torch.log(torch.tensor([1 / 3, 2 / 3]))
     expected = []
     for p in range(3):
-        logits = [float(states[p] @ items[targets[p]]) / t - beta * log_q[targets[p]]]
-        logits += [float(states[p] @ items[k]) / t - beta * log_q[k] for k in negatives if k != targets[p]]
-        logits = torch.tensor(logits)
-        expected.append(-torch.log_softmax(logits, 0)[0])
-    got = next_item_softmax_loss(states, targets, items, counts, negatives, t, beta)
+        cols = [c for c in range(4) if c == targets[p] or item_ids[c] != item_ids[targets[p]]]
+        logits = torch.stack([states[p] @ items[c] / t - beta * log_q[c] for c in cols])
+        expected.append(-torch.log_softmax(logits, 0)[cols.index(int(targets[p]))])
+    got = sampled_softmax_loss(states, targets, items, item_ids, log_q, t, beta)
     torch.testing.assert_close(got, torch.stack(expected).mean())
 
 
@@ -315,7 +299,7 @@ def test_dot_rank_term_follows_its_weight_and_trains_the_dot_scales() -> None:
 
 def test_context_does_not_reach_entity_embeddings(model: DERM) -> None:
     _, a = model(make_batch(model.cfg))
-    _, b = model(make_batch(model.cfg, surface=(2, 2, 0, 1), hour=(9, 9, 9, 9)))
+    _, b = model(make_batch(model.cfg, surface=(2, 2, 0, 1), hour=(9, 9, 9, 9)))  # same seed: same draws
     torch.testing.assert_close(a["user_emb"], b["user_emb"], rtol=0, atol=0)
     torch.testing.assert_close(a["pin_emb"], b["pin_emb"], rtol=0, atol=0)
     assert not torch.equal(a["logits"]["click"], b["logits"]["click"])
@@ -325,6 +309,16 @@ def test_bce_only_over_labels_present(model: DERM) -> None:
     ad_labels = {"clicked": torch.tensor([1.0, 0, 0, 0]), "converted": torch.zeros(B)}
     _, out = model(make_batch(model.cfg, labels=ad_labels))
     assert set(out["losses"]) == {"clicked", "contrastive", "next_pin"}
+    # A row whose table lacks a label holds NaN there: the task's BCE is over the other rows.
+    nan = float("nan")
+    mixed = {"click": torch.tensor([1.0, nan, 0.0, nan]), "clicked": torch.tensor([nan, 1.0, nan, 0.0])}
+    model.eval()
+    _, out = model(make_batch(model.cfg, labels=mixed))
+    logits = out["logits"]
+    torch.testing.assert_close(out["losses"]["click"], F.binary_cross_entropy_with_logits(
+        logits["click"][[0, 2]], torch.tensor([1.0, 0.0])))
+    torch.testing.assert_close(out["losses"]["clicked"], F.binary_cross_entropy_with_logits(
+        logits["clicked"][[1, 3]], torch.tensor([1.0, 0.0])))
     # No task label and no contrastive or next-Pin term: nothing to learn from.
     off = DERM(small_config(contrastive=False, next_pin_weight=0.0))
     with pytest.raises(ValueError):
@@ -339,6 +333,9 @@ def test_contrastive_positives_follow_labels(model: DERM) -> None:
     }
     rows = model.loss.positive_rows(labels, torch.zeros(B))
     assert rows.tolist() == [False, True, True, False]  # row 0 was hidden
+    # an ad row has no `hide` (NaN): it stays a positive if clicked
+    ad = {"clicked": torch.tensor([1.0, 0.0, 1.0, 0.0]), "hide": torch.full((B,), float("nan"))}
+    assert model.loss.positive_rows(ad, torch.zeros(B)).tolist() == [True, False, True, False]
 
 
 def test_missing_sampling_probability_is_an_error(model: DERM) -> None:
@@ -508,7 +505,7 @@ def test_distributed_model_parallel_and_train_pipeline() -> None:
             out = pipeline.progress(batches)
             assert all(torch.isfinite(v) for v in out["losses"].values())
         # Every embedding module had its input dist pipelined (forward is FX-traceable).
-        assert len(pipeline._pipelined_modules) == 3
+        assert len(pipeline._pipelined_modules) == 2
         pipeline.detach()
         users = dmp.module.embed_users(batch.sparse, batch.dense)
         torch.testing.assert_close(users.norm(dim=1), torch.ones(B))
@@ -538,7 +535,7 @@ def _padded_reference(encoder, events: torch.Tensor, lengths: torch.Tensor):
     ends = torch.cumsum(lengths, 0)
     rows = []
     for b in range(len(lengths)):
-        mine = events[ends[b] - kept[b]: ends[b]] + encoder.recency(torch.arange(int(kept[b]) - 1, -1, -1))
+        mine = events[ends[b] - kept[b]: ends[b]] + encoder.position(torch.arange(int(kept[b])))
         rows.append(torch.cat([encoder.cls, mine, events.new_zeros(n - int(kept[b]), dim)]))
     x = torch.stack(rows)
     padding = torch.arange(n + 1).unsqueeze(0) > kept.unsqueeze(1)
@@ -576,7 +573,7 @@ def test_packed_encoder_gives_the_padded_transformers_states_and_gradients(causa
     torch.testing.assert_close(packed, padded[valid])
     torch.testing.assert_close(summary, last)
     torch.testing.assert_close(events_grad, events.grad)
-    for name in ("cls", "recency.weight"):  # the embeddings outside the layers
+    for name in ("cls", "position.weight"):  # the embeddings outside the layers
         torch.testing.assert_close(ours[name], encoder.get_parameter(name).grad, msg=name)
     for i, theirs in enumerate(reference["layers"].layers):
         for a, b in (("qkv.weight", "self_attn.in_proj_weight"), ("qkv.bias", "self_attn.in_proj_bias"),

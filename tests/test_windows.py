@@ -45,7 +45,8 @@ def test_a_window_day_start_state_is_the_exported_user_vector(tiny_world) -> Non
         towers = model.towers(model.sequence_ec(batch.sparse), model._profile(batch.sparse), batch.dense, True)
         vectors = model.embed_users(exported.sparse, exported.dense)
     first_chunk = batch.sparse["pin_id"].lengths() > 0  # windows with rows: the day's first chunk
-    assert torch.equal(exported.sparse["seq_pin_id"].lengths()[first_chunk], batch.dense["context_len"][first_chunk].int())
+    context = batch.dense["context_len"][first_chunk]
+    assert torch.equal(exported.sparse["seq_pin_id"].lengths()[first_chunk], context.int())
     assert (batch.dense["context_len"] > 0).any() and first_chunk.any()
     torch.testing.assert_close(towers.users[first_chunk], vectors[first_chunk], atol=1e-5, rtol=1e-4)
 

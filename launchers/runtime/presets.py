@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping
 
 # Small enough for CPU CI, big enough to learn something (the tests' and the quick bench's models).
 SMALL_UPSTREAM: Dict[str, Any] = {"embedding_dim": 16, "seq_layers": 1, "tower_dims": (32,),
-                                  "interaction_dims": (32,), "batch_size": 256}
+                                  "interaction_dims": (32,), "batch_size": 64}
 SMALL_RANKER: Dict[str, Any] = {"embedding_dim": 8, "dense_arch": (32,), "over_arch": (32, 16),
                                 "batch_size": 256}
 
@@ -50,7 +50,7 @@ STAGE_PRESETS: Dict[str, Preset] = {
         # Float32 matmuls: at this width bf16 autocast cost more than it saved (it pays at d 64;
         # docs/experiments.md, "2026-12-05").
         upstream={"embedding_dim": 32, "seq_layers": 1, "seq_heads": 2, "tower_dims": (128, 64),
-                  "interaction_dims": (128, 64), "batch_size": 1024, "dense_lr": 3e-3,
+                  "interaction_dims": (128, 64), "batch_size": 256, "dense_lr": 3e-3,
                   "embedding_lr": 0.1, "from_day": "2026-01-08", "seq_bf16": False},
         # The four days before the cut, one pass: `make demo` in about ten minutes; two days
         # gave smaller ranker gains, a second pass more recall but no more CTR gain

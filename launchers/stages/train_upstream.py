@@ -80,7 +80,7 @@ def window_stream(cfg: TrainUpstreamConfig, sources: SourceTables, days: Tuple[s
     """The user windows of the domain's tables that the source holds, each over the training
     days it covers."""
     domain = DOMAINS[cfg.domain]
-    tables = [(t, table_days(sources, t, domain.main_table, days)) for t, _ in domain.tables_in(sources)]
+    tables = [(t, table_days(sources, t, domain.main_table, days)) for t in domain.tables_in(sources)]
     config = WindowConfig(batch_size=cfg.batch_size, seq_len=cfg.seq_len, negatives=cfg.catalogue_negatives,
                           seed=cfg.seed)
     return WindowReader(cfg.data, [(t, d) for t, d in tables if d is not None], worker.rank, worker.world_size,

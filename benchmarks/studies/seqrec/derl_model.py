@@ -18,7 +18,8 @@ Training runs in chunks of `--derl-eval-every` epochs (each `derl train-upstream
 the last), scored after each; the result is the chunk best on validation, as the other models
 keep their best state (early stopping after `--derl-patience` chunks, at most `--derl-epochs`).
 
-derl's sequences hold the last 32 events (`UpstreamConfig.seq_len`), not the protocol's 50.
+derl's windows hold the last 32 events before a day (`UpstreamConfig.seq_len`) as context, not
+the protocol's 50.
 Settings: the presets' small model unless `--derl-model default`, with
 `SEQREC_UPSTREAM` on top, and any other `derl train-upstream` flags in `--derl-args "..."`.
 """
@@ -49,10 +50,8 @@ from derl.launchers.runtime.settings import TrainUpstreamConfig
 
 # What the seqrec protocol asks of the upstream beyond a preset (docs/seqrec.md, "derl"):
 # no user-id embedding (with one per user, the user vector learns each user's training items
-# by heart and test NDCG@10 falls after a few epochs); the next-Pin term over more prefixes and
-# negatives; float32 matmuls (bf16 is slower at d 16).
-SEQREC_UPSTREAM = {"user_features": ("country", "age_bucket", "gender"),
-                   "next_pin_positions": 4096, "next_pin_negatives": 2048, "seq_bf16": False}
+# by heart and test NDCG@10 falls after a few epochs); float32 matmuls (bf16 is slower at d 16).
+SEQREC_UPSTREAM = {"user_features": ("country", "age_bucket", "gender"), "seq_bf16": False}
 
 
 class SnapshotScores(nn.Module):
@@ -163,7 +162,8 @@ def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = N
         scores = _score_snapshots(split, settings, world, run, snaps, days, desc, progress)
         metrics = json.loads((run / "metrics.json").read_text())
         points.append({"epoch": epochs, "val": scores["val"], "test": scores["test"],
-                       "train_examples_per_s": metrics["train_examples_per_s"],
+                       # next-Pin targets a second: the positions the other models count
+                       "train_examples_per_s": metrics["train_positions_per_s"],
                        "upstream_recall_at_50_val_day": metrics["recall@50"]})
         log.with_suffix(".tmp").write_text(json.dumps(state, indent=1))
         os.replace(log.with_suffix(".tmp"), log)  # after each chunk: a kill loses at most one
