@@ -50,7 +50,9 @@ class TableSpec:
     Readers check every row against the rest (sources.read_checked): `codes` are the integer
     columns (ids and enum codes, list columns included) whose values must lie in [0, n), n None
     where the table's own data sizes the vocabulary; only `nullable` columns may hold nulls; a
-    day (or an unpartitioned table) without rows is an error unless `may_be_empty`.
+    day (or an unpartitioned table) without rows is an error unless `may_be_empty`, or unless
+    every file of the day carries `DAY_WITHOUT_EVENTS`: a day of the data's range on which
+    nothing happened, written empty on purpose, not a lost or half-written day.
     `id_columns` are the ids `derl inspect` shows.
     """
 
@@ -152,6 +154,10 @@ TABLES: Dict[str, TableSpec] = {
 }
 
 DAY_FORMAT = "%Y-%m-%d"
+
+# Parquet key-value metadata of a day partition's file written with zero rows on purpose: the
+# data has no events that day (an import writes it so). Read by `sources`, written by importers.
+DAY_WITHOUT_EVENTS = {b"derl.day_without_events": b"true"}
 
 
 def parse_day(day: str) -> dt.date:

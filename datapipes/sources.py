@@ -118,18 +118,31 @@ def _day_of(partition: Path) -> Optional[str]:
     return day if partition.is_dir() and partition.name.startswith("ds=") else None
 
 
+def _without_events(path: Path) -> bool:
+    """Whether a file marks its day as one without events (`schema.DAY_WITHOUT_EVENTS`)."""
+    metadata = _parquet(path).schema_arrow.metadata or {}
+    return all(metadata.get(k) == v for k, v in S.DAY_WITHOUT_EVENTS.items())
+
+
 def _parquet_files(folder: Path, spec: S.TableSpec) -> List[Path]:
     """The Parquet files of an unpartitioned table or of one day partition: anything else in the
-    folder, no file, or no row (unless the table `may_be_empty`) is an error naming it."""
+    folder, no file, or no row is an error naming it. A table that `may_be_empty` may have a
+    day without rows; so may any day table, on a day whose files all mark it as one without
+    events (written so on purpose: the data's day had none). An unmarked empty day is refused:
+    from the files alone it cannot be told from a lost or half-written one."""
     files = _visible(folder)
     for p in files:
         if not (p.is_file() and p.suffix == ".parquet"):
             raise DataError(f"{p}: not a Parquet file, in table {spec.name}")
     if not files:
         raise DataError(f"{folder}: no Parquet files (table {spec.name})")
-    if not spec.may_be_empty and not sum(_parquet(p).metadata.num_rows for p in files):
-        raise DataError(f"{folder}: no rows (table {spec.name}): an empty "
-                        f"{'day' if spec.partitioned_by_day else 'table'} is refused, not skipped")
+    if spec.may_be_empty or sum(_parquet(p).metadata.num_rows for p in files):
+        return files
+    if not spec.partitioned_by_day:
+        raise DataError(f"{folder}: no rows (table {spec.name}): an empty table is refused, not skipped")
+    if not all(map(_without_events, files)):
+        raise DataError(f"{folder}: no rows (table {spec.name}): an empty day is refused, not skipped, "
+                        f"unless its files mark it a day without events (docs/importing.md, \"Days without events\")")
     return files
 
 
@@ -160,8 +173,10 @@ class SourceTables:
     def _partitions(self, table: str) -> Dict[str, List[Path]]:
         """Day -> Parquet files of a partitioned table. Days are dates: a partition named other
         than `ds=YYYY-MM-DD`, or a day missing between the first and the last (a gap would shift
-        the time split), is an error naming the table and the folder or day. Listed and checked
-        once per table: every stage asks for the days several times."""
+        the time split), is an error naming the table and the folder or day. A day without
+        events is a partition marked so (`_parquet_files`), a fact the writer recorded, and
+        counts as a day; a missing partition is a broken source. Listed and checked once per
+        table: every stage asks for the days several times."""
         if table in self._checked:
             return self._checked[table]
         spec = S.TABLES[table]
@@ -201,7 +216,8 @@ class SourceTables:
         return [(d, p) for d in wanted for p in parts[d]]
 
     def days(self, table: str) -> List[str]:
-        """The days of a partitioned table, in date order: consecutive, each holding rows."""
+        """The days of a partitioned table, in date order: consecutive, each holding rows or
+        marked as a day without events."""
         return sorted(self._partitions(table))
 
     def units(self, table: str, days: DayRange = (None, None)) -> List[ReadUnit]:

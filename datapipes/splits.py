@@ -25,7 +25,9 @@ class TimeSplit:
 def default_split(days: List[str], downstream_days: int = 2) -> TimeSplit:
     """Upstream on all but the last `downstream_days + 1` days, downstream on the next ones,
     evaluation on the last day. The days must be consecutive dates (`SourceTables.days` gives
-    them so): a gap would move the cut and the evaluation day by position, unannounced."""
+    them so): a gap would move the cut and the evaluation day by position, unannounced. A day
+    without events (a partition written empty on purpose, docs/importing.md) is a day here
+    like any other: the split follows the calendar, not the days that hold rows."""
     days = sorted(set(days), key=S.parse_day)
     gaps = S.gaps(days)
     if gaps:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from derl.datapipes import schema as S
@@ -376,16 +378,43 @@ def test_movielens_layouts_are_told_apart_by_content_and_ratings_become_actions(
         import_world("movielens", [tmp_path / "bad.data"], tmp_path / "x")
 
 
-def test_days_without_rows_are_refused_naming_them_and_from_day_chooses_the_days(tmp_path):
+def test_a_day_without_events_is_written_empty_reported_and_read_across(tmp_path):
+    """A day inside the data's range with no rows becomes a zero-row partition marked as a day
+    without events, named in the report and the summary; readers take it, and the split counts
+    it as a day. A missing partition (a day lost after the import) is still refused."""
+    from derl.datapipes.importers import summary
+    from derl.datapipes.readers import ExampleReader, ReaderConfig
+    from derl.datapipes.splits import default_split
+
     day = 86400
     rows = [(1, 10, 4, 10 * day + 5), (1, 11, 4, 11 * day), (2, 10, 4, 13 * day), (2, 11, 4, 14 * day)]
     (tmp_path / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
-    with pytest.raises(DataError, match="no rows on 1970-01-13, between its first day 1970-01-11 and its last "
-                                        "1970-01-15.*--from-day 1970-01-14 keeps the days after the last gap"):
-        import_world("movielens", [tmp_path / "u.data"], tmp_path / "w")
-    report = import_world("movielens", [tmp_path / "u.data"], tmp_path / "w",
+    report = import_world("movielens", [tmp_path / "u.data"], tmp_path / "w")
+    assert report["days_without_events"] == {"engagements": ["1970-01-13"]}
+    assert report["rows"]["engagements"] == 4 and not report["dropped"]
+    assert "engagements: 1 day without events: 1970-01-13" in summary(report)
+    assert json.loads((tmp_path / "w" / WORLD_META).read_text())["days_without_events"] == \
+        report["days_without_events"]
+    sources = SourceTables(tmp_path / "w")
+    days = [f"1970-01-{d}" for d in range(11, 16)]
+    assert sources.days("engagements") == sources.days("user_sequences") == days
+    files = dict(sources.files("engagements"))
+    empty = files["1970-01-13"]
+    assert pq.read_schema(empty).remove_metadata() == pq.read_schema(files["1970-01-14"]).remove_metadata()
+    assert sources.read("engagements", ("1970-01-13", "1970-01-13")).num_rows == 0
+    assert sources.read("user_sequences", ("1970-01-13", "1970-01-13")).num_rows == 0
+    reader = ExampleReader(tmp_path / "w", "engagements", config=ReaderConfig(batch_size=1, prefetch=0))
+    assert sum(b.size for b in reader) == 4
+    assert default_split(sources.days("engagements")).cut_day == "1970-01-13"
+    # A day lost after the import is a broken world, as before.
+    shutil.rmtree(empty.parent)
+    with pytest.raises(DataError, match=r"engagements: no partition for 1970-01-13, between the table's first"):
+        SourceTables(tmp_path / "w").days("engagements")
+    # --from-day / --until still choose the days.
+    report = import_world("movielens", [tmp_path / "u.data"], tmp_path / "w2",
                           options=ImportOptions(from_day="1970-01-14"))
     assert report["rows"]["engagements"] == 2 and report["dropped"]["outside_day_range"] == {"u.data": 2}
+    assert "days_without_events" not in report
 
 
 def test_seq_lines_times_keep_each_users_order_and_put_the_last_item_on_the_last_day(tmp_path):

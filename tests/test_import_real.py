@@ -9,10 +9,9 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.dataset as pads
-import pytest
 
-from derl.datapipes.importers import ImportOptions, import_world
-from derl.datapipes.sources import DataError, SourceTables
+from derl.datapipes.importers import import_world
+from derl.datapipes.sources import SourceTables
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 USER_BEHAVIOR = DATA / "taobao-userbehavior" / "UserBehavior_head.csv"
@@ -52,24 +51,22 @@ def test_the_userbehavior_head_imports_with_exactly_its_rows_outside_the_window(
     _check_every_table(tmp_path / "w", report)
 
 
-def test_ml_100k_imports_from_the_day_after_its_last_empty_day(tmp_path):
+def test_ml_100k_imports_whole_with_its_two_days_without_ratings_written_empty(tmp_path):
     with open(ML_100K, newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))[1:]
     days = {dt.datetime.fromtimestamp(int(r[3]), dt.timezone.utc).date() for r in rows}
     assert len(rows) == 100_000
-    with pytest.raises(DataError, match="no rows on 1997-12-11, 1997-12-16, between its first day 1997-09-20"):
-        import_world("movielens", [ML_100K], tmp_path / "w")
     assert {dt.date(1997, 12, 11), dt.date(1997, 12, 16)}.isdisjoint(days)
-    cut = int(dt.datetime(1997, 12, 17, tzinfo=dt.timezone.utc).timestamp())
-    kept = [r for r in rows if int(r[3]) >= cut]
-    report = import_world("movielens", [ML_100K], tmp_path / "w", options=ImportOptions(from_day="1997-12-17"))
-    assert report["rows"]["engagements"] == len(kept)
-    assert report["dropped"] == {"outside_day_range": {".inter": len(rows) - len(kept)}}
-    assert report["rows"]["users"] == len({r[0] for r in kept})
-    assert report["rows"]["pins"] == len({r[1] for r in kept})
+    report = import_world("movielens", [ML_100K], tmp_path / "w")
+    assert report["days_without_events"] == {"engagements": ["1997-12-11", "1997-12-16"]}
+    assert report["days"] == {"engagements": ["1997-09-20", "1998-04-22"]} and not report["dropped"]
+    assert report["rows"]["engagements"] == len(rows)
+    assert report["rows"]["users"] == len({r[0] for r in rows})
+    assert report["rows"]["pins"] == len({r[1] for r in rows})
     eng = _table(tmp_path / "w", "engagements")
     rule = {"5": 3, "4": 3, "3": 2, "2": 5, "1": 5}  # >= 4 save, 3 click, <= 2 hide
-    assert Counter(eng.action) == Counter(rule[r[2]] for r in kept)
+    assert Counter(eng.action) == Counter(rule[r[2]] for r in rows)
+    assert len(SourceTables(tmp_path / "w").days("engagements")) == len(days) + 2 == 215
     _check_every_table(tmp_path / "w", report)
 
 

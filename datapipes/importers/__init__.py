@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Sequence
 
+from derl.datapipes import schema as S
 from derl.datapipes.importers import movielens, seq_lines, taobao_ad, taobao_behavior
 from derl.datapipes.importers.writer import REPORT, ImportOptions, WorldWriter
 from derl.datapipes.world import place_world
@@ -62,9 +63,12 @@ def import_world(fmt: str, inputs: Sequence[Path], out: Path, overwrite: bool = 
 
 
 def summary(report: dict) -> str:
-    """A few lines for the terminal: rows per table, days, and every drop and repair."""
+    """A few lines for the terminal: rows per table, days (and those without events), and every
+    drop and repair."""
     lines = [", ".join(f"{t} {n:,}" for t, n in report["rows"].items())]
     lines += [f"{t}: {a}..{b}" for t, (a, b) in report["days"].items()]
+    lines += [f"{t}: {len(days)} day{'s' * (len(days) != 1)} without events: {S.day_runs(days)}"
+              for t, days in report.get("days_without_events", {}).items()]
     for what in ("dropped", "repaired"):
         for reason, by_kind in report[what].items():
             lines.append(f"{what} {reason}: " + ", ".join(f"{k} {n:,}" for k, n in by_kind.items()))

@@ -5,7 +5,8 @@ organic actions (`organic`), ad Pins (`pins.add_unique`), ad impressions (`ad_im
 writer drops what is not to be imported (sampled-out users, rows outside the data's window or
 the days asked for), each drop counted by reason, numbers ids densely and writes each day's
 partition as rows come. Once the input is read (`finish`) it removes duplicate ad impressions a
-day at a time, writes `users` and `pins`, replays the engagements day by day into the
+day at a time, writes a day without events inside a table's days as an empty partition marked
+so (counted in the report), writes `users` and `pins`, replays the engagements day by day into the
 sequences-as-of-start-of-day table, and writes `_world.json` and `import_report.json`.
 """
 
@@ -186,6 +187,18 @@ class _DayFiles:
             w.close()
         return dict(sorted(self.rows.items()))
 
+    def write_days_without_events(self) -> List[str]:
+        """Once closed: each day between the first and the last with rows that has none gets a
+        partition of zero rows marked as a day without events (`schema.DAY_WITHOUT_EVENTS`),
+        so that the table's days stay consecutive; returns those days."""
+        empty = S.gaps([day_name(d) for d in sorted(self.rows)])
+        for day in empty:
+            path = self.path(_epoch_day(day))
+            path.parent.mkdir(parents=True)
+            pq.write_table(self.schema.empty_table().replace_schema_metadata(S.DAY_WITHOUT_EVENTS), path,
+                           compression="zstd")
+        return empty
+
 
 class WorldWriter:
     """Writes one imported world into `root` (a hidden folder, renamed into place by the caller)."""
@@ -272,18 +285,6 @@ class WorldWriter:
 
     # -- once the input is read -------------------------------------------------------------
 
-    def _check_days(self, table: str, rows: Dict[int, int]) -> None:
-        """A day table's days must be consecutive, each with rows (docs/data.md)."""
-        have = [day_name(d) for d in rows]
-        missing = S.gaps(have)
-        if missing:
-            after = day_name(_epoch_day(missing[-1]) + 1)
-            raise DataError(
-                f"{table}: the data has no rows on {S.day_runs(missing)}, between its first day "
-                f"{have[0]} and its last {have[-1]}: derl's day tables need consecutive days with rows "
-                f"(docs/data.md). Choose the days to import with --from-day/--until (--from-day "
-                f"{after} keeps the days after the last gap)")
-
     def finish(self) -> dict:
         """Everything after the input: ads deduplicated, users, pins, sequences, the metadata."""
         t0 = time.time()
@@ -291,14 +292,13 @@ class WorldWriter:
         if not eng_rows:
             raise DataError(f"no organic actions left to import (dropped: "
                             f"{json.dumps(self.report.counts()['dropped'])}); a world needs engagements")
-        self._check_days("engagements", eng_rows)
-        if ad_rows:
-            self._check_days("ad_events", ad_rows)
         first, last = min([*eng_rows, *ad_rows]), max([*eng_rows, *ad_rows])
         days = list(range(first, last + 1))
 
         pin_cols = self._pin_columns(first)
         ads = self._write_ads(ad_rows, pin_cols) if ad_rows else {"rows": 0, "clicks": 0}
+        empty = {t: d for t, d in (("engagements", self.engagements.write_days_without_events()),
+                                   ("ad_events", ads.get("days_without_events", []))) if d}
         rows = {"users": self._write_users(first), "pins": self._write_pins(pin_cols),
                 "engagements": sum(eng_rows.values())}
         if ad_rows:
@@ -310,7 +310,7 @@ class WorldWriter:
         meta = {"source": "import", "format": self.fmt, "inputs": [i.path for i in self.report.inputs],
                 "clock": self.clock, "days": [day_name(d) for d in days], "rows": rows,
                 **({"ctr": ads["clicks"] / ads["rows"]} if ad_rows else {}),
-                "conversions": False, **sampling}
+                "conversions": False, **sampling, **({"days_without_events": empty} if empty else {})}
         meta["world_id"] = world_id({"inputs": [i.sha256 for i in self.report.inputs],
                                      **{k: v for k, v in meta.items() if k != "inputs"}})
         (self.root / WORLD_META).write_text(json.dumps(meta, indent=2))
@@ -318,6 +318,7 @@ class WorldWriter:
         report = {"format": self.fmt, "clock": self.clock, **sampling,
                   "inputs": [asdict(i) for i in self.report.inputs], "rows": rows,
                   "days": {t: [day_name(min(r)), day_name(max(r))] for t, r in tables.items() if r},
+                  **({"days_without_events": empty} if empty else {}),
                   **self.report.counts(), "finish_seconds": round(time.time() - t0, 1)}
         (self.root / REPORT).write_text(json.dumps(report, indent=2))
         return report
@@ -372,7 +373,8 @@ class WorldWriter:
             days[day] = len(kept)
         out.close()
         shutil.rmtree(self.root / ".staging")
-        return {"rows": total, "clicks": clicks, "days": days}
+        return {"rows": total, "clicks": clicks, "days": days,
+                "days_without_events": out.write_days_without_events()}
 
     def _write_table(self, name: str, columns: Dict[str, pa.Array], n: int) -> int:
         rg = self.options.row_group_size
