@@ -62,18 +62,15 @@ def in_batch_softmax_loss(
     ad batch the weight of many organic engagements, and those noisy batches cost the organic
     space part of its recall gain (the figures: docs/experiments.md, "The upstream's defaults").
     """
-    logits = query @ item.T / temperature
+    rows = torch.nonzero(positive).squeeze(1)  # only these contribute: the others' logits are never made
+    logits = query[rows] @ item.T / temperature
     if item_prob is not None:
         logits = logits - logq_strength * torch.log(item_prob.clamp(min=1e-12)).unsqueeze(0)
-    diagonal = torch.eye(len(item_ids), dtype=torch.bool, device=logits.device)
-    same_item = (item_ids.unsqueeze(0) == item_ids.unsqueeze(1)) & ~diagonal
+    hidden = item_ids.unsqueeze(0) == item_ids[rows].unsqueeze(1)
     if groups is not None:
-        same_item |= (groups.unsqueeze(0) == groups.unsqueeze(1)) & positive.unsqueeze(0) & ~diagonal
-    logits = logits.masked_fill(same_item, float("-inf"))
-    targets = torch.arange(len(item_ids), device=logits.device)
-    per_row = F.cross_entropy(logits, targets, reduction="none")
-    positive = positive.to(per_row.dtype)
-    return (per_row * positive).sum() / len(per_row)
+        hidden |= (groups.unsqueeze(0) == groups[rows].unsqueeze(1)) & positive.unsqueeze(0)
+    hidden[torch.arange(len(rows), device=rows.device), rows] = False  # the row's own positive
+    return F.cross_entropy(logits.masked_fill(hidden, float("-inf")), rows, reduction="sum") / len(item_ids)
 
 
 def sampled_softmax_loss(
