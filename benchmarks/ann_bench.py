@@ -1,65 +1,54 @@
 """ANN index benchmark: recall@K against exact search, queries/s, build time and index size of the
-faiss indexes a snapshot's ad index could use (this prints the table and writes
-DIR/ann.{json,md,png}).
+faiss indexes a snapshot's ad index could use, on synthetic catalogues and a snapshot's ads (this
+prints the table and writes DIR/ann.{json,md,png}; the catalogues, the indexes and what each
+figure is: docs/results.md, "ANN").
 
     python -m derl.benchmarks.ann_bench --out DIR [--ads 1000000 [N ...]] [--dim 64]
         [--queries 2000] [--topics 300] [--noise 1.0] [--threads 1] [--build-threads N]
         [--min-time 1.0]
         [--snapshots SNAP_ROOT [--version V] [--domain engagement]] [--seed 0]
-
-Catalogues ("datasets"):
-- `synthetic-N`: N unit vectors of dimension --dim from a clustered catalogue, as ad embeddings
-  are (ads come in topics). --topics centres are drawn uniformly on the unit sphere; topic
-  sizes follow a Dirichlet(2) draw over topics (uneven, like the synthetic world's topics); an
-  ad is its topic's centre plus isotropic Gaussian noise whose expected norm is --noise times
-  the centre's (1.0: cosine about 0.7 to its centre), normalised to unit length. Queries are
-  drawn the same way, independently (same centres and topic weights). With several --ads
-  sizes, the smaller catalogues are prefixes of the largest one (same queries).
-- `snapshot-VERSION-DOMAIN` (with --snapshots): the ad Pins' vectors of a real snapshot (the ids
-  in its ads_ids.parquet, looked up in its Pin table) and, as queries, up to --queries of that
-  snapshot's user vectors (a seeded sample), read through `derl.datapipes.snapshots.Snapshot`.
-
-Indexes, all inner product over unit vectors (what `derl export` builds):
-- `flat_ip`: exact search (faiss.IndexFlatIP); its top-100 is the ground truth.
-- `hnsw32`: IndexHNSWFlat(dim, 32, METRIC_INNER_PRODUCT), faiss' default efConstruction (40),
-  efSearch in HNSW_EF. recall@10 comes from a k=10 search and recall@100 from a separate
-  k=100 search (faiss 1.15 does not raise efSearch to k: an efSearch below k caps recall@k).
-- `ivf_flat`: IndexIVFFlat over an IndexFlatIP quantizer, nlist = round(4 sqrt(N)) (capped at
-  N/39 so that k-means has the 39 points per centroid faiss asks for), trained on a seeded
-  sample of min(N, 64 nlist) vectors, nprobe in IVF_NPROBE.
-
-Per row: build_s (train + add), qps_k10 / qps_k100 (all queries in one batched search call,
-after a warm-up call on 32 queries; the call is repeated until --min-time seconds have passed,
-at least twice, and queries/s = queries / the fastest call's seconds),
-recall@10_% / recall@100_% (mean over queries of |top-K ∩ exact top-K| / K, in percent),
-index_mb (the serialised index: vectors plus graph links or lists; what it holds in memory
-within a few percent).
-
-Threads (faiss.omp_set_num_threads, stated in meta): builds run on --build-threads (default:
-all cores, as `derl export` builds), searches on --threads (default 1: queries/s per core;
-batched searches parallelise over queries, so more threads scale them on an idle machine).
-One search thread is the default because on a 2-core machine that other processes share, two
-OpenMP threads wait on each other, and two threads were measured several times slower than one
-(the figures: docs/results.md, "ANN").
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from derl.benchmarks import report
+from derl.launchers.runtime.config import check, setting
 
 HNSW_M = 32
 HNSW_EF = (16, 32, 64, 128, 256)
 IVF_NPROBE = (1, 4, 16, 64, 256)
 RECALL_KS = (10, 100)
+
+
+@dataclass(frozen=True)
+class AnnBenchConfig:
+    out: Path = setting(help="folder for ann.json, ann.md and ann.png")
+    ads: Tuple[int, ...] = setting((1_000_000,), "synthetic catalogue size(s); smaller ones are prefixes of "
+                                   "the largest; 0: none", many=True)
+    dim: int = setting(64, "vector dimension of the synthetic catalogues")
+    queries: int = setting(2000, "queries per catalogue")
+    topics: int = setting(300, "topic centres of the synthetic catalogues")
+    noise: float = setting(1.0, "noise norm relative to the topic centre")
+    threads: int = setting(1, "OpenMP threads for searches")
+    build_threads: int = setting(os.cpu_count(), "OpenMP threads for index builds (default: all cores)")
+    min_time: float = setting(1.0, "seconds of repeated searches per QPS figure")
+    snapshots: Optional[Path] = setting(None, "also measure on this snapshot root's ad vectors")
+    version: Optional[str] = setting(None, "snapshot version (default: LATEST)")
+    domain: str = setting("engagement", "the snapshot's domain")
+    seed: int = setting(0, "seed of the synthetic catalogues and the snapshot's query sample")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("dim", "queries", "topics", "threads", "build_threads"),
+              non_negative=("noise", "min_time"))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -70,7 +59,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def synthetic(n: int, n_queries: int, dim: int, topics: int, noise: float,
               seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """(catalogue [n, dim], queries [n_queries, dim]): float32 unit vectors around `topics`
-    random centres (see the module docstring)."""
+    random centres (docs/results.md, "ANN")."""
     rng = np.random.default_rng(seed)
     centres = _unit(rng.standard_normal((topics, dim)).astype(np.float32))
     weights = rng.dirichlet(np.full(topics, 2.0))
@@ -217,79 +206,53 @@ def measure(name: str, xb: np.ndarray, xq: np.ndarray, min_time: float, threads:
 
 
 def _plot(rows: List[Dict[str, object]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        mine = [r for r in rows if r["dataset"] == ds]
-        for i, kind in enumerate(dict.fromkeys(r["index"] for r in mine)):
-            pts = [r for r in mine if r["index"] == kind]
-            x = [r["recall@10_%"] for r in pts]
-            y = [r["qps_k10"] for r in pts]
-            ax.plot(x, y, marker="o", color=f"C{i}", label=kind)
-            for r, xi, yi in zip(pts, x, y):
-                ax.annotate(r["param"].split(",")[-1].split("=")[-1], (xi, yi), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
-        ax.set_yscale("log")
-        ax.set_xlabel("recall@10 vs exact (%)")
-        ax.set_ylabel("queries/s (batched, k=10)")
-        ax.set_title(f"{ds}: {mine[0]['ads']:,} ads", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("faiss ANN: recall@10 against queries/s (labels: efSearch / nprobe)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = "faiss ANN: recall@10 against queries/s (labels: efSearch / nprobe)"
+    with report.figure(path, len(datasets), (5.5 * len(datasets), 4.2), title, dpi=120) as axes:
+        for ax, ds in zip(axes, datasets):
+            mine = [r for r in rows if r["dataset"] == ds]
+            for i, kind in enumerate(dict.fromkeys(r["index"] for r in mine)):
+                pts = [r for r in mine if r["index"] == kind]
+                x = [r["recall@10_%"] for r in pts]
+                y = [r["qps_k10"] for r in pts]
+                ax.plot(x, y, marker="o", color=f"C{i}", label=kind)
+                for r, xi, yi in zip(pts, x, y):
+                    ax.annotate(r["param"].split(",")[-1].split("=")[-1], (xi, yi), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+            ax.set(yscale="log", xlabel="recall@10 vs exact (%)", ylabel="queries/s (batched, k=10)")
+            ax.set_title(f"{ds}: {mine[0]['ads']:,} ads", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
 
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     import faiss
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--ads", type=int, nargs="+", default=[1_000_000],
-                   help="synthetic catalogue size(s); smaller ones are prefixes of the largest; 0: none")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--queries", type=int, default=2000)
-    p.add_argument("--topics", type=int, default=300)
-    p.add_argument("--noise", type=float, default=1.0, help="noise norm relative to the topic centre")
-    p.add_argument("--threads", type=int, default=1, help="OpenMP threads for searches")
-    p.add_argument("--build-threads", type=int, default=os.cpu_count(),
-                   help="OpenMP threads for index builds (default: all cores)")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds of repeated searches per QPS figure")
-    p.add_argument("--snapshots", type=Path, help="also measure on this snapshot root's ad vectors")
-    p.add_argument("--version", help="snapshot version (default: LATEST)")
-    p.add_argument("--domain", default="engagement")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    config = report.parse_config(AnnBenchConfig, argv, __doc__)
 
     rows: List[Dict[str, object]] = []
     meta: Dict[str, object] = {**report.machine(threads=False, cores=True),
-                               "faiss": faiss.__version__, "search_threads": args.threads,
-                               "build_threads": args.build_threads, "queries": args.queries,
+                               "faiss": faiss.__version__, "search_threads": config.threads,
+                               "build_threads": config.build_threads, "queries": config.queries,
                                "loadavg_1m_start": round(os.getloadavg()[0], 2)}
     t0 = time.perf_counter()
-    sizes = sorted({n for n in args.ads if n > 0}, reverse=True)
+    sizes = sorted({n for n in config.ads if n > 0}, reverse=True)
     if sizes:
-        xb, xq = synthetic(sizes[0], args.queries, args.dim, args.topics, args.noise, args.seed)
-        meta["synthetic"] = (f"{args.topics} topic centres on the unit sphere, Dirichlet(2) topic "
-                             f"weights, noise {args.noise} x centre norm, dim {args.dim}, seed {args.seed}")
+        xb, xq = synthetic(sizes[0], config.queries, config.dim, config.topics, config.noise, config.seed)
+        meta["synthetic"] = (f"{config.topics} topic centres on the unit sphere, Dirichlet(2) topic "
+                             f"weights, noise {config.noise} x centre norm, dim {config.dim}, seed {config.seed}")
         for n in sizes:
-            rows += measure(f"synthetic-{n}", np.ascontiguousarray(xb[:n]), xq, args.min_time,
-                            args.threads, args.build_threads)
+            rows += measure(f"synthetic-{n}", np.ascontiguousarray(xb[:n]), xq, config.min_time,
+                            config.threads, config.build_threads)
         del xb, xq
-    if args.snapshots:
-        name, xb, xq = from_snapshot(args.snapshots, args.version, args.domain, args.queries, args.seed)
-        meta["snapshot"] = f"{args.snapshots} ({name}: {len(xb):,} ads, {len(xq):,} user queries)"
-        rows += measure(name, xb, xq, args.min_time, args.threads, args.build_threads)
+    if config.snapshots:
+        name, xb, xq = from_snapshot(config.snapshots, config.version, config.domain, config.queries, config.seed)
+        meta["snapshot"] = f"{config.snapshots} ({name}: {len(xb):,} ads, {len(xq):,} user queries)"
+        rows += measure(name, xb, xq, config.min_time, config.threads, config.build_threads)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["loadavg_1m_end"] = round(os.getloadavg()[0], 2)  # > cores: other processes shared them
     meta["peak_rss_mb"] = round(report.peak_rss_mb(), 1)
-    return report.publish(args.out, "ann", rows, meta, _plot)
+    return report.publish(config.out, "ann", rows, meta, _plot)
 
 
 def main() -> None:

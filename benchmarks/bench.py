@@ -1,56 +1,14 @@
-"""`derl bench`: every stage's throughput and peak memory in one run, into DIR/bench.json,
-DIR/bench.md and DIR/bench-*.png.
+"""`derl bench`: every stage's throughput and peak memory in one run (datapipe, upstream, export,
+downstream, ann, sharding, scaling), each measured command a process of its own, into
+DIR/bench.json, DIR/bench.md and DIR/bench-*.png. The suites, the stages and what each figure
+is: docs/results.md, "The suite (`derl bench`)".
 
     derl bench [--suite quick|full] --out DIR [--data WORLD] [--snapshots SNAP]
         [--stages datapipe,upstream,export,downstream,ann,sharding,scaling]
         [--upstream-steps N] [--downstream-steps N] [--scaling-rows N ...] [--ann-ads N ...]
         [--vectors all|user_pin|user] [--env KEY=VALUE ...]
+    derl bench --suite seqrec --help   (a runner of its own: docs/seqrec.md)
     python -m derl.benchmarks.bench ...   (the same)
-
-Suites (SUITES below): `quick` generates the tiny world into DIR/world-tiny and runs small
-models for a few steps (minutes on a laptop CPU: a smoke test of the whole stack and a rough
-profile, not a tuned measurement); `full` generates the demo world into DIR/world-demo and
-runs the default model sizes, more steps, a 1M-ad faiss catalogue and tables up to 10^7 rows.
-`seqrec` is a runner of its own (OWN_RUNNERS): sequential recommenders on public data, leave-one-
-out full ranking, beside the published figures (`derl bench --suite seqrec --help`, docs/seqrec.md).
---data uses an existing source folder instead. When CUDA is present every stage picks the GPU
-itself (the derl commands and the scaling workers through `derl.launchers.runtime.dist.init`; faiss
-stays on the CPU); bench.json's `device` says what was measured.
-
-Stages, in order; each prints one line when done:
-1. datapipe: examples/s of the upstream (engagements) and downstream (ad_events) readers, one
-   full epoch each with and without the prefetch thread (`datapipe_bench.measure`, a fresh
-   process per reader).
-2. upstream: `derl train-upstream --max-steps N` for both domains; train_examples_per_s from
-   RUN/metrics.json (the whole loop from its first step, pipeline fill included).
-3. export: `derl export` of those two runs into DIR/snapshots; entities_per_s per domain from
-   the snapshot manifest.
-4. downstream: `derl train-downstream --upstream none|snapshot|coupled` (`downstream_bench`):
-   training and scoring examples/s from RUN/metrics.json; the headline
-   decoupled_vs_coupled_ratio = snapshot / coupled training examples/s (and the scoring ratio).
-5. ann: faiss recall@10/100 and batched queries/s of exact, HNSW and IVF indexes on a
-   synthetic catalogue and on the snapshot's ads (`ann_bench.run`, into DIR/ann/).
-6. sharding: the same upstream (engagement) and downstream (snapshot) work on 2 ranks against
-   1; ws2_vs_ws1 = global examples/s on 2 ranks / on 1. On a CPU host the 2 ranks share the
-   same cores (each gets cores / 2 threads), so below 1.0 is the cost of sharding (all-to-alls,
-   lockstep), not a lack of speed-up; on GPUs each rank has its own device (skipped with fewer
-   than 2 GPUs).
-7. scaling: one EmbeddingBagCollection table of 10^5, 10^6 (full: 10^7) rows x 64 under
-   DistributedModelParallel with the fused row-wise Adagrad: training steps/s with random ids,
-   and an export-like pass (forward without grad, streamed to Parquet) in entities/s
-   (`scaling_bench`).
-
-Every measured command runs in a process of its own: peak_rss_mb is the largest resident set
-among that process and its ranks (from the kernel's rusage of the finished process tree; host
-memory, not GPU memory). Logs of every command go to DIR/logs/. A stage that fails is recorded
-under `errors` and the suite goes on with what does not depend on it (exit status 1 at the
-end). Measure on an otherwise idle machine: bench.json records the load average at start and
-end (and the table at each command's start); above the core count, other processes shared the
-cores and every figure is a lower bound on throughput. On such a shared CPU host, OpenMP's
-active waiting makes a rank's intra-op threads spin while one of them waits for a core, many
-times slower than passive waiting (the figures: docs/results.md, "Benchmarks"); derl sets
-OMP_WAIT_POLICY=PASSIVE itself unless the environment already sets it (derl/__init__.py).
-`--env KEY=VALUE` sets a variable for every measured process; bench.json's `env` records it.
 """
 
 from __future__ import annotations
@@ -62,12 +20,14 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from derl.benchmarks import report
 from derl.benchmarks.scaling_bench import in_fresh_process
 from derl.datapipes.domains import DOMAINS
-from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.config import setting, to_flags
 from derl.launchers.runtime.presets import SMALL_RANKER, SMALL_UPSTREAM
 from derl.launchers.runtime.processes import StageFailed, run_derl
 from derl.launchers.runtime.settings import TrainDownstreamConfig, TrainUpstreamConfig
@@ -111,41 +71,55 @@ SUITES: Dict[str, Dict[str, object]] = {
 OWN_RUNNERS = {"seqrec": "derl.benchmarks.studies.seqrec.suite"}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", choices=sorted(SUITES) + sorted(OWN_RUNNERS), default="quick")
-    p.add_argument("--out", type=Path, required=True, help="folder for the results (and the work)")
-    p.add_argument("--data", type=Path, help="source folder (default: the suite's world, made under --out)")
-    p.add_argument("--snapshots", type=Path,
-                   help="snapshot root the downstream, ann and sharding stages read (default: the "
-                        "export stage's DIR/snapshots)")
-    p.add_argument("--stages", default=",".join(BENCH_STAGES),
-                   help=f"comma-separated subset of {','.join(BENCH_STAGES)}")
-    p.add_argument("--upstream-steps", type=int, help="train-upstream --max-steps (suite default)")
-    p.add_argument("--downstream-steps", type=int, help="train-downstream --max-steps (suite default)")
-    p.add_argument("--scaling-rows", type=int, nargs="+", help="table sizes (suite default)")
-    p.add_argument("--ann-ads", type=int, nargs="+", help="synthetic catalogue sizes; 0: none")
-    p.add_argument("--vectors", default="all", help="train-downstream --vectors for snapshot and coupled")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="set in the environment of every measured process (repeat), e.g. "
-                        "OMP_WAIT_POLICY=PASSIVE on a CPU host shared with other work")
+@dataclass(frozen=True)
+class BenchConfig:
+    out: Path = setting(help="folder for the results (and the work)")
+    suite: str = setting("quick", "the suite's settings (SUITES); seqrec: a runner of its own",
+                         choices=sorted(SUITES) + sorted(OWN_RUNNERS))
+    data: Optional[Path] = setting(None, "source folder (default: the suite's world, made under --out)")
+    snapshots: Optional[Path] = setting(None, "snapshot root the downstream, ann and sharding stages read "
+                                              "(default: the export stage's DIR/snapshots)")
+    stages: str = setting(",".join(BENCH_STAGES), "the stages to run, comma-separated; they run in the "
+                                                  "default's order")
+    upstream_steps: Optional[int] = setting(None, "train-upstream --max-steps (suite default)")
+    downstream_steps: Optional[int] = setting(None, "train-downstream --max-steps (suite default)")
+    scaling_rows: Optional[Tuple[int, ...]] = setting(None, "table sizes (suite default)", many=True)
+    ann_ads: Optional[Tuple[int, ...]] = setting(None, "synthetic catalogue sizes; 0: none", many=True)
+    vectors: str = setting("all", "train-downstream --vectors for snapshot and coupled")
+    # Optional, not an empty tuple: argparse appends a repeated flag's values to its default.
+    env: Optional[Tuple[str, ...]] = setting(None, "set in the environment of every measured process (repeat), "
+                                                   "e.g. OMP_WAIT_POLICY=PASSIVE on a CPU host shared with "
+                                                   "other work", repeat=True, metavar="KEY=VALUE")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.stage_list) - set(BENCH_STAGES))
+        if unknown:
+            raise ValueError(f"--stages: unknown {', '.join(unknown)} (known: {', '.join(BENCH_STAGES)})")
+        if any("=" not in kv for kv in self.env or ()):
+            raise ValueError(f"--env: expected KEY=VALUE, got {list(self.env)}")
+
+    @property
+    def stage_list(self) -> List[str]:
+        """The stages asked for, in the order given (`Bench` runs them in BENCH_STAGES' order)."""
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
 
 
 class Bench:
     """The suite's state: settings, what the stages produced, their results and errors."""
 
-    def __init__(self, args: argparse.Namespace, argv: Sequence[str]) -> None:
-        self.args = args
+    def __init__(self, config: BenchConfig, argv: Sequence[str]) -> None:
+        self.config = config
         self.argv = list(argv)
-        self.suite = dict(SUITES[args.suite])
+        self.suite = dict(SUITES[config.suite])
         for key in ("upstream_steps", "downstream_steps", "scaling_rows", "ann_ads"):
-            if getattr(args, key) is not None:
-                self.suite[key] = getattr(args, key)
+            if getattr(config, key) is not None:
+                self.suite[key] = getattr(config, key)
         self.upstream_flags = to_flags(TrainUpstreamConfig, self.suite["upstream"])
         self.downstream_flags = to_flags(TrainDownstreamConfig, self.suite["downstream"])
-        self.out: Path = args.out
+        self.out: Path = config.out
         self.logs = self.out / "logs"
-        self.data: Optional[Path] = args.data
-        self.snapshots: Optional[Path] = args.snapshots
+        self.data: Optional[Path] = config.data
+        self.snapshots: Optional[Path] = config.snapshots
         self.upstream_runs: Dict[str, Path] = {}
         self.stages: Dict[str, Dict[str, object]] = {}
         self.table: List[Dict[str, object]] = []
@@ -202,7 +176,7 @@ class Bench:
         return downstream_bench.measure(
             self.world(), self.snapshots if mode != "none" else None,
             self.out / "runs" / f"downstream-{mode}-ws{nproc}", mode, nproc,
-            int(self.suite["downstream_steps"]), self.args.vectors, self.downstream_flags, self.logs,
+            int(self.suite["downstream_steps"]), self.config.vectors, self.downstream_flags, self.logs,
             self.suite["timeout_s"])
 
     @contextlib.contextmanager
@@ -358,26 +332,17 @@ class Bench:
             return "skipped: needs 2 GPUs"
         pairs = {}
         # upstream, engagement: 1 rank from the upstream stage (or now), 2 ranks now
-        up: Dict[int, Dict[str, object]] = {}
-        for nproc in (1, 2):
-            earlier = [r for r in self.stages.get("upstream", {}).get("rows", [])
-                       if r["domain"] == "engagement" and r["world_size"] == nproc]
-            if earlier:
-                up[nproc] = earlier[0]
-                continue
-            up[nproc] = self.upstream_run("sharding", "engagement", nproc)
+        up = {nproc: self._measured("upstream", "domain", "engagement", nproc)
+              or self.upstream_run("sharding", "engagement", nproc) for nproc in (1, 2)}
         pairs["upstream engagement, train"] = (up[1]["train_examples_per_s"], up[2]["train_examples_per_s"])
-        # downstream, snapshot mode
+        # downstream, snapshot mode: likewise from the downstream stage
         self.snapshot_root()
         down: Dict[int, Dict[str, object]] = {}
         for nproc in (1, 2):
-            earlier = [r for r in self.stages.get("downstream", {}).get("rows", [])
-                       if r["mode"] == "snapshot" and r["world_size"] == nproc]
-            if earlier:
-                down[nproc] = earlier[0]
-                continue
-            down[nproc] = self.downstream("snapshot", nproc)
-            self._downstream_rows("sharding", down[nproc])
+            down[nproc] = self._measured("downstream", "mode", "snapshot", nproc)
+            if down[nproc] is None:
+                down[nproc] = self.downstream("snapshot", nproc)
+                self._downstream_rows("sharding", down[nproc])
         pairs["downstream snapshot, train"] = (down[1]["train_examples_per_s"], down[2]["train_examples_per_s"])
         pairs["downstream snapshot, score"] = (down[1]["score_examples_per_s"], down[2]["score_examples_per_s"])
         rows = [{"work": k, "ws1_examples_per_s": a, "ws2_examples_per_s": b,
@@ -388,6 +353,11 @@ class Bench:
             "note": "global examples/s on 2 ranks / on 1 rank, same per-rank batch and steps; on a "
                     "CPU host both ranks share its cores"}
         return ", ".join(f"{r['work']} x{r['ws2_vs_ws1']}" for r in rows) + " (2 ranks vs 1)"
+
+    def _measured(self, stage: str, key: str, value: str, nproc: int) -> Optional[Dict[str, object]]:
+        """The row of an earlier `stage` of this run whose `key` is `value`, on `nproc` ranks."""
+        return next((r for r in self.stages.get(stage, {}).get("rows", [])
+                     if r[key] == value and r["world_size"] == nproc), None)
 
     def scaling(self) -> str:
         from derl.benchmarks import scaling_bench
@@ -413,9 +383,7 @@ class Bench:
     # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> Dict[str, object]:
-        env = dict(kv.split("=", 1) for kv in self.args.env if "=" in kv)
-        if len(env) != len(self.args.env):
-            raise ValueError(f"--env: expected KEY=VALUE, got {self.args.env}")
+        env = dict(kv.split("=", 1) for kv in self.config.env or ())
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # inherited by every command and spawned worker from here on
         try:
@@ -428,20 +396,14 @@ class Bench:
                     os.environ[k] = v
 
     def _run(self, env: Dict[str, str]) -> Dict[str, object]:
-        from derl.benchmarks import report
-
-        wanted = [s.strip() for s in self.args.stages.split(",") if s.strip()]
-        unknown = sorted(set(wanted) - set(BENCH_STAGES))
-        if unknown:
-            raise ValueError(f"--stages: unknown {', '.join(unknown)} (known: {', '.join(BENCH_STAGES)})")
-        todo = [s for s in BENCH_STAGES if s in wanted]
+        todo = [s for s in BENCH_STAGES if s in self.config.stage_list]
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in self.out.glob("bench-*.png"):  # an earlier run's
             stale.unlink()
         machine = report.machine(cores=True)
         load0 = os.getloadavg()[0]
         t_start = time.perf_counter()
-        print(f"derl bench {self.args.suite}: {', '.join(todo)} on {machine['device']} -> {self.out}", flush=True)
+        print(f"derl bench {self.config.suite}: {', '.join(todo)} on {machine['device']} -> {self.out}", flush=True)
         if set(todo) - {"ann", "scaling"}:
             self.world()  # before the first stage's line
         steps: Dict[str, Callable[[], str]] = {
@@ -461,7 +423,7 @@ class Bench:
             self.stages.setdefault(name, {})["wall_s"] = walls[name]
             print(f" {line} ({walls[name]:.0f} s)", flush=True)
         result = {
-            "suite": self.args.suite,
+            "suite": self.config.suite,
             "command": " ".join(["derl bench", *self.argv]),
             "device": machine["device"],
             "decoupled_vs_coupled_ratio": self.headline.get("decoupled_vs_coupled_ratio"),
@@ -491,7 +453,6 @@ class Bench:
     def _plots(self, result: Dict[str, object]) -> List[str]:
         """Write the PNGs there is data for; return their names."""
         from derl.benchmarks import downstream_bench, scaling_bench
-
 
         if self.table:
             plot_throughput(self.table, self.out / "bench-throughput.png", result)
@@ -523,33 +484,26 @@ def _datapipe_side(data: Path, side: str, batch_size: int, prefetches: Sequence[
 
 
 def plot_throughput(table: List[Dict[str, object]], path: Path, result: Dict[str, object]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     rows = [r for r in table if r["throughput"] > 0]
-    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.6))
     colours = {s: f"C{i}" for i, s in enumerate(BENCH_STAGES)}
     labels = [f"{r['what']} [{r['ranks']} rank(s)]" for r in rows]
     y = list(range(len(rows)))[::-1]
-    ax.barh(y, [r["throughput"] for r in rows], color=[colours[r["stage"]] for r in rows])
-    for yi, r in zip(y, rows):
-        ax.annotate(f"{r['throughput']:,.0f} {r['unit']}", (r["throughput"], yi), fontsize=7,
-                    textcoords="offset points", xytext=(3, -3))
-    ax.set_yticks(y, labels, fontsize=7)
-    ax.set_xscale("log")
     values = [r["throughput"] for r in rows]
-    ax.set_xlim(min(values) / 2, max(values) * 40)  # room for the labels
-    ax.set_xlabel("throughput (log scale; unit per bar)")
-    ax.set_title(f"derl bench {result['suite']}: {result['device']}, {result['machine']['cores']} cores",
-                 fontsize=10)
-    stages = list(dict.fromkeys(r["stage"] for r in rows))
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[s]) for s in stages]
-    ax.legend(handles, stages, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with report.figure(path, 1, (11, 0.32 * len(rows) + 1.6)) as (ax,):
+        ax.barh(y, values, color=[colours[r["stage"]] for r in rows])
+        for yi, r in zip(y, rows):
+            ax.annotate(f"{r['throughput']:,.0f} {r['unit']}", (r["throughput"], yi), fontsize=7,
+                        textcoords="offset points", xytext=(3, -3))
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set(xscale="log", xlim=(min(values) / 2, max(values) * 40),  # room for the labels
+               xlabel="throughput (log scale; unit per bar)")
+        ax.set_title(f"derl bench {result['suite']}: {result['device']}, {result['machine']['cores']} cores",
+                     fontsize=10)
+        stages = list(dict.fromkeys(r["stage"] for r in rows))
+        ax.legend([Rectangle((0, 0), 1, 1, color=colours[s]) for s in stages], stages, fontsize=7,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _fmt(v: object) -> str:
@@ -658,6 +612,7 @@ def markdown(result: Dict[str, object]) -> str:
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Only --suite is read here, to hand a suite with a runner of its own the whole command line.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--suite")
     own = OWN_RUNNERS.get(pre.parse_known_args(argv)[0].suite)
@@ -665,17 +620,11 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         import importlib
 
         return importlib.import_module(own).run(argv)
-    intro, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(prog="derl bench", description=" ".join(intro.split()),
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
-    add_arguments(p)
-    return Bench(p.parse_args(argv), argv).run()
+    return Bench(report.parse_config(BenchConfig, argv, __doc__, prog="derl bench"), argv).run()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    result = run(argv)
-    if result["errors"]:
-        raise SystemExit(1)
+    report.exit_on_errors(run(argv))
 
 
 if __name__ == "__main__":

@@ -8,15 +8,24 @@ epoch over every day, with and without the prefetch thread, and the table says w
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 from derl.benchmarks import report
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.world import WORLD_PRESETS, generate
+from derl.launchers.runtime.config import setting
 
 READERS = {"upstream": "engagements", "downstream": "ad_events"}
+
+
+@dataclass(frozen=True)
+class DatapipeBenchConfig:
+    out: Path = setting(help="folder for datapipe.json and datapipe.md (and the demo world without --data)")
+    data: Optional[Path] = setting(None, "source folder (default: the demo world under --out)")
+    batch_size: int = setting(2048, "examples per batch")
 
 
 def measure(data: Path, side: str, batch_size: int, prefetch: int) -> dict:
@@ -44,17 +53,13 @@ def measure(data: Path, side: str, batch_size: int, prefetch: int) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="source folder (default: the demo world under --out)")
-    p.add_argument("--batch-size", type=int, default=2048)
-    args = p.parse_args()
-    data = args.data or args.out / "world"
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    config = report.parse_config(DatapipeBenchConfig, argv, __doc__)
+    data = config.data or config.out / "world"
     if not data.exists():
         generate(data, WORLD_PRESETS["demo"], seed=0)
-    rows = [measure(data, side, args.batch_size, prefetch) for side in READERS for prefetch in (4, 0)]
-    md = report.write(args.out, "datapipe", rows, {**report.machine(), "data": str(data)})
+    rows = [measure(data, side, config.batch_size, prefetch) for side in READERS for prefetch in (4, 0)]
+    md = report.write(config.out, "datapipe", rows, {**report.machine(), "data": str(data)})
     print(md.read_text())
 
 

@@ -1,39 +1,14 @@
 """Import throughput and memory: `derl import taobao-ad` on synthetic Ali_Display_Ad_Click files
-of growing size (this prints the table and writes DIR/import.json and DIR/import.md).
+of growing size, each import a measured process of its own, and whether its memory grows with its
+input (this prints the table and writes DIR/import.json and DIR/import.md; what each figure is:
+docs/results.md, "Importing public data").
 
     python -m derl.benchmarks.import_bench --out DIR [--sizes 5000000,20000000] [--work FOLDER]
         [--seed 0] [--users N] [--keep] [--timeout 3600] [-- more derl import flags]
-
-For each size (behaviour rows): `taobao_files.write_taobao_ad_files` writes the four CSV files
-(raw_sample in the real proportion, 26.6M : 723M; users and ads too, unless --users fixes the
-users; timed apart as write_s, not counted), then `derl import taobao-ad --input FOLDER --out
-WORLD` runs as a process of its own (`python -m derl.launchers.cli`, in a session of its own)
-and is measured:
-- import_s: its wall time, interpreter and library start-up included (startup_s, the wall time
-  of `derl import --help`, says how much of it that is);
-- rows_per_s: all input rows (the four files) / import_s; behaviour_rows_per_s: behaviour rows
-  / import_s;
-- peak_rss_mb: the largest resident set of the process and any process it waited for (the
-  kernel's rusage of the finished tree, from wait4), and never below the VmHWM polled from
-  /proc while it ran; rss_quartiles_mb: its resident set at 25/50/75 % of the run, peak_at_%
-  when the polled one was highest;
-- finish_s: the importer's own seconds after the input (ads, users, Pins, sequences: its
-  report's finish_seconds); out_rows: the rows per table its import_report.json gives (its
-  drops and repairs are in import.json's detail).
-The Markdown ends with the memory verdict: peak RSS at the largest size over the smallest,
-against the ratios of their rows and users (flat memory means a streaming import; with users in
-proportion to rows, per-user state grows too, and --users N separates the two).
-Measure on an idle machine: load_1m is the host's load when each import started; above the
-core count, other processes shared the cores and the rates are lower bounds.
-
-Files and worlds go to --work (default: a temporary folder), one size at a time, removed after
-each size unless --keep. Progress (the writer's blocks, then the import's elapsed time and
-resident set every 10 s) goes to stdout; each import's log to WORK/import-SIZE.log.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,14 +17,31 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from derl.benchmarks import report
 from derl.datapipes.importers.taobao_files import write_taobao_ad_files
+from derl.launchers.runtime.config import check, setting
 from derl.launchers.runtime.processes import DERL, StageFailed, run_derl
 
 REPORT = "import_report.json"
+
+
+@dataclass(frozen=True)
+class ImportBenchConfig:
+    out: Path = setting(help="where import.json and import.md go")
+    sizes: Tuple[int, ...] = setting((5_000_000, 20_000_000), "behaviour rows per set, comma-separated")
+    work: Optional[Path] = setting(None, "files and worlds (default: a temporary folder)")
+    seed: int = setting(0, "seed of the written files")
+    users: Optional[int] = setting(None, "users in every set (default: in the real proportion to the rows, so "
+                                         "entities grow with rows; a fixed count measures rows alone)")
+    keep: bool = setting(False, "keep each size's files and world")
+    timeout: float = setting(3600.0, "seconds per import before it is killed")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("users", "timeout"), non_negative=("seed",))
 
 
 def _proc_kb(pid: int, field: str) -> Optional[int]:
@@ -65,7 +57,7 @@ def _proc_kb(pid: int, field: str) -> Optional[int]:
 
 def run_measured(argv: Sequence[str], log: Path, timeout: Optional[float] = None,
                  label: str = "", every_s: float = 10.0) -> Dict[str, object]:
-    """`derl ARGV`, output into `log`, polled every 0.25 s: its wall_s, peak_rss_mb (module doc),
+    """`derl ARGV`, output into `log`, polled every 0.25 s: its wall_s, peak_rss_mb (docs/results.md),
     rss samples [(s, MB)] and load_1m at its start."""
     samples: List[tuple] = []
     hwm_kb, shown = 0, 0.0
@@ -129,7 +121,7 @@ def startup_s(work: Path) -> float:
 
 def measure(rows: int, work: Path, seed: int = 0, timeout: Optional[float] = None, keep: bool = False,
             extra: Sequence[str] = (), users: Optional[int] = None) -> Dict[str, object]:
-    """One size: write the files, import them, measure (module doc); the table row and the
+    """One size: write the files, import them, measure (docs/results.md); the table row and the
     RSS samples."""
     folder, world = work / f"taobao-{rows}", work / f"world-{rows}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -209,32 +201,22 @@ def verdict_line(v: Optional[Dict[str, object]]) -> str:
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     argv = sys.argv[1:] if argv is None else list(argv)
     extra: List[str] = []
-    if "--" in argv:
+    if "--" in argv:  # `derl import` flags, passed on unparsed: no config field can hold them
         extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="where import.json and import.md go")
-    p.add_argument("--sizes", default="5000000,20000000", help="behaviour rows per set, comma-separated")
-    p.add_argument("--work", type=Path, help="files and worlds (default: a temporary folder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--users", type=int, help="users in every set (default: in the real proportion to "
-                   "the rows, so entities grow with rows; a fixed count measures rows alone)")
-    p.add_argument("--keep", action="store_true", help="keep each size's files and world")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per import before it is killed")
-    args = p.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    work = args.work or Path(tempfile.mkdtemp(prefix="derl-import-bench-"))
+    config = report.parse_config(ImportBenchConfig, argv, __doc__)
+    work = config.work or Path(tempfile.mkdtemp(prefix="derl-import-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     meta: Dict[str, object] = {**report.machine(threads=False, cores=True),
                                "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                                "command": " ".join(["derl import taobao-ad --input FILES --out WORLD", *extra]),
-                               "commit": source_version(), "seed": args.seed,
-                               "users": args.users or "in proportion to rows",
+                               "commit": source_version(), "seed": config.seed,
+                               "users": config.users or "in proportion to rows",
                                "startup_s": startup_s(work),
                                "load_1m_start": round(os.getloadavg()[0], 2)}
     results, errors = [], {}
-    for rows in sizes:
+    for rows in config.sizes:
         try:
-            results.append(measure(rows, work, args.seed, args.timeout, args.keep, extra, args.users))
+            results.append(measure(rows, work, config.seed, config.timeout, config.keep, extra, config.users))
         except StageFailed as e:
             print(str(e), flush=True)
             errors[str(rows)] = str(e)
@@ -243,15 +225,15 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     meta["memory"] = verdict(rows)
     if errors:
         meta["errors"] = errors
-    if not args.work and not args.keep:
+    if not config.work and not config.keep:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    config.out.mkdir(parents=True, exist_ok=True)
     if rows:
-        md = report.write(args.out, "import", rows, meta)
+        md = report.write(config.out, "import", rows, meta)
         # import.json: the table's rows plus what does not fit a table (per-size detail).
-        data = json.loads((args.out / "import.json").read_text())
+        data = json.loads((config.out / "import.json").read_text())
         data["detail"] = [{k: v for k, v in r.items() if k != "row"} for r in results]
-        (args.out / "import.json").write_text(json.dumps(data, indent=2))
+        (config.out / "import.json").write_text(json.dumps(data, indent=2))
         lines = ["", "## Memory", "", verdict_line(meta["memory"])]
         lines += ["", "rss_quartiles_mb: the resident set at 25/50/75 % of the import's wall time; "
                   "peak_at_%: when the polled resident set was highest. "
@@ -261,13 +243,12 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
         md.write_text(md.read_text() + "\n".join(lines) + "\n")
         print(md.read_text())
     else:
-        (args.out / "import.json").write_text(json.dumps({"meta": meta, "rows": []}, indent=2))
+        (config.out / "import.json").write_text(json.dumps({"meta": meta, "rows": []}, indent=2))
     return {"meta": meta, "rows": rows, "errors": errors}
 
 
 def main() -> None:
-    result = run()
-    sys.exit(1 if result["errors"] else 0)
+    report.exit_on_errors(run())
 
 
 if __name__ == "__main__":

@@ -1,45 +1,44 @@
-"""Embedding-table scaling: training steps/s and an export-like pass (entities/s) over one table
-of N rows, with peak memory, for N = 10^5, 10^6, 10^7 (this prints the table and writes
-DIR/scaling.{json,md,png}).
+"""Embedding-table scaling: training steps/s and an export-like pass (entities/s) over one sharded
+table of N rows, with peak memory, for N = 10^5, 10^6, 10^7, each size in a fresh process on the
+device the stages use (this prints the table and writes DIR/scaling.{json,md,png}; the model and
+what each figure is: docs/results.md, "What the harnesses measure").
 
     python -m derl.benchmarks.scaling_bench --out DIR [--rows 100000 1000000 10000000] [--dim 64]
         [--batch-size 2048] [--ids-per-example 1] [--steps 20] [--warmup 3]
         [--export-batch 8192] [--nproc 1]
-
-What runs, in a fresh process per size (its peak memory is its own), on the device the stages
-use (`derl.launchers.runtime.dist.init`: CUDA when present, else CPU and gloo):
-- the model: one `EmbeddingBagCollection` table of N rows x --dim (sum pooling, one feature)
-  and a linear logit on the pooled vector, BCE against random labels; built on the meta device
-  and sharded by `derl.models.sharding.shard_model` exactly as the stages' models are
-  (planner, `DistributedModelParallel`, row-wise Adagrad fused into the embedding backward,
-  Adam on the dense part);
-- training: `--warmup` untimed then `--steps` timed steps of --batch-size examples per rank,
-  each with --ids-per-example ids drawn uniformly from the N rows (no cache locality: the
-  table-size effect at its plainest); steps_per_s and examples_per_s (global) over the timed
-  steps, plain loop (forward, backward with the fused update, dense step);
-- export-like pass: every row's pooled vector once, without gradients, in chunks of
-  --export-batch ids (each rank its own share, `derl.launchers.runtime.embedding.rank_chunks`), each
-  chunk streamed into a Parquet part of the snapshot schema (entity_id, embedding) as `derl
-  export` writes; entities_per_s = N / seconds of the slowest rank. The part is deleted after.
-- peak_rss_mb: rank 0's peak resident memory after training and after the export pass (it
-  holds the table, its Adagrad state, and whatever the planner and DMP allocated).
-On CPU, ranks of one host share its cores: --nproc 2 on 2 cores measures the all-to-all cost,
-not a speed-up.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 import traceback
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from derl.benchmarks import report
+from derl.launchers.runtime.config import check, setting
 
 QUICK_ROWS = (10**5, 10**6)
 FULL_ROWS = (10**5, 10**6, 10**7)
+
+
+@dataclass(frozen=True)
+class ScalingBenchConfig:
+    out: Path = setting(help="folder for scaling.{json,md,png} (and each size's Parquet part, removed after)")
+    rows: Tuple[int, ...] = setting(FULL_ROWS, "table sizes, one fresh process each", many=True)
+    dim: int = setting(64, "embedding dimension")
+    batch_size: int = setting(2048, "per rank")
+    ids_per_example: int = setting(1, "ids per example, drawn uniformly from the table")
+    steps: int = setting(20, "timed training steps")
+    warmup: int = setting(3, "untimed training steps first")
+    export_batch: int = setting(8192, "ids per chunk of the export-like pass")
+    nproc: int = setting(1, "ranks (on CPU they share the host's cores)")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("dim", "batch_size", "ids_per_example", "steps", "export_batch", "nproc"),
+              non_negative=("warmup",))
 
 
 def _model(rows: int, dim: int):
@@ -194,7 +193,8 @@ def in_fresh_process(fn: Callable, *args, timeout: Optional[float] = None):
 def measure(rows: int, out: Path, dim: int = 64, batch_size: int = 2048, ids_per_example: int = 1,
             steps: int = 20, warmup: int = 3, export_batch: int = 8192, nproc: int = 1,
             seed: int = 0, timeout: Optional[float] = None) -> Dict[str, object]:
-    """One table size, in a fresh process (with --nproc ranks): the table row of the docstring."""
+    """One table size, in a fresh process (with --nproc ranks): its row of the table (docs/results.md,
+    "What the harnesses measure")."""
     from derl.launchers.runtime import dist as derl_dist
 
     spec = {"rows": rows, "dim": dim, "batch_size": batch_size, "ids_per_example": ids_per_example,
@@ -213,50 +213,29 @@ TABLE_COLUMNS = ("rows", "dim", "world_size", "train_steps_per_s", "train_exampl
 
 
 def plot(rows: List[Dict[str, object]], path: Path, title: str = "embedding-table scaling") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = [r["rows"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label in ((axes[0], "train_steps_per_s", "training steps/s"),
-                           (axes[1], "export_entities_per_s", "export entities/s"),
-                           (axes[2], "peak_rss_mb", "peak RSS (MB)")):
-        ax.plot(n, [r[key] for r in rows], marker="o")
-        ax.set_xscale("log")
-        ax.set_ylim(0, max(r[key] for r in rows) * 1.15)
-        ax.set_xlabel("table rows")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"{title}: dim {rows[0]['dim']}, batch {rows[0]['batch_size']}, "
-                 f"{rows[0]['world_size']} rank(s), {rows[0]['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    first = rows[0]
+    title = (f"{title}: dim {first['dim']}, batch {first['batch_size']}, {first['world_size']} rank(s), "
+             f"{first['device']}")
+    with report.figure(path, 3, (13, 3.8), title) as axes:
+        for ax, key, label in zip(axes, ("train_steps_per_s", "export_entities_per_s", "peak_rss_mb"),
+                                  ("training steps/s", "export entities/s", "peak RSS (MB)")):
+            ax.plot(n, [r[key] for r in rows], marker="o")
+            ax.set(xscale="log", ylim=(0, max(r[key] for r in rows) * 1.15), xlabel="table rows", ylabel=label)
+            ax.grid(True, which="both", alpha=0.3)
 
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rows", type=int, nargs="+", default=list(FULL_ROWS))
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=2048, help="per rank")
-    p.add_argument("--ids-per-example", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--export-batch", type=int, default=8192)
-    p.add_argument("--nproc", type=int, default=1)
-    args = p.parse_args(argv)
+    config = report.parse_config(ScalingBenchConfig, argv, __doc__)
     rows = []
-    for n in args.rows:
-        print(f"scaling: {n:,} rows x {args.dim} ...", flush=True)
-        rows.append(measure(n, args.out, args.dim, args.batch_size, args.ids_per_example,
-                            args.steps, args.warmup, args.export_batch, args.nproc))
+    for n in config.rows:
+        print(f"scaling: {n:,} rows x {config.dim} ...", flush=True)
+        rows.append(measure(n, config.out, config.dim, config.batch_size, config.ids_per_example,
+                            config.steps, config.warmup, config.export_batch, config.nproc))
     meta = {**report.machine(threads=False, cores=True),
-            "batch_size": args.batch_size, "ids_per_example": args.ids_per_example,
-            "steps": args.steps, "warmup": args.warmup, "export_batch": args.export_batch}
-    return report.publish(args.out, "scaling", rows, meta, plot, columns=TABLE_COLUMNS)
+            "batch_size": config.batch_size, "ids_per_example": config.ids_per_example,
+            "steps": config.steps, "warmup": config.warmup, "export_batch": config.export_batch}
+    return report.publish(config.out, "scaling", rows, meta, plot, columns=TABLE_COLUMNS)
 
 
 def main() -> None:

@@ -1,17 +1,8 @@
-"""The synthetic ads world: every source table (docs/data.md), drawn from one latent space.
-
-The generative story (knobs in `WorldConfig`; datapipes/README.md says it in prose):
-topics are points on a sphere; a Pin is a noisy point near its topic, its content embedding a
-noisy projection of that point; a user is a mix of two topics that drifts a little every day.
-Organic impressions are rich (many a day, several outcomes whose meaning differs: a save
-follows affinity closely, a click less so, an impression barely); ad impressions are few, their
-clicks rare and noisy, conversions rarer still. Ads live in the same space as organic Pins, so
-the best estimate of a user's ad affinity comes from their organic behaviour: the regime where
-decoupled upstream embeddings pay off.
-
-Generation is vectorised and streams day by day: memory is bounded by the static tables and one
-day of events. The whole world is written into a hidden folder beside its destination and renamed
-into place; `overwrite` replaces only an earlier world (one holding `_world.json`).
+"""The synthetic ads world: every source table (docs/data.md), drawn from one latent space in which
+organic behaviour is rich and the ad signal sparse, the regime where decoupled upstream
+embeddings pay off (the generative story: datapipes/README.md; its knobs: `WorldConfig`).
+Generation is vectorised and streams day by day (memory: the static tables and one day of
+events) into a hidden folder renamed into place (`place_world`).
 """
 
 from __future__ import annotations
@@ -94,42 +85,18 @@ class WorldConfig:
 
 WORLD_PRESETS: Dict[str, WorldConfig] = {
     # Seconds to make; big enough that a model can tell signal from noise.
-    "tiny": WorldConfig(
-        num_users=2_000,
-        num_pins=6_000,
-        num_days=8,
-        num_topics=32,
-        num_advertisers=40,
-        ad_fraction=0.1,
-        ads_per_active_user=6.0,
-        row_group_size=4_096,
-    ),
+    "tiny": WorldConfig(num_users=2_000, num_pins=6_000, num_days=8, num_topics=32, num_advertisers=40,
+                        ad_fraction=0.1, ads_per_active_user=6.0, row_group_size=4_096),
     # What `make demo` and the benchmarks use. Ad-heavy on purpose, so that the evaluation day
     # has enough conversions to tell a CVR gain from noise; more ad than organic impressions,
     # unlike a real feed, but the ad signal stays the sparse one: organic actions outnumber ad
     # clicks (tests/test_world.py checks both). The figures and the earlier preset this
     # replaced: docs/departures.md, "The demo world's ad volume".
-    "demo": WorldConfig(
-        num_users=20_000,
-        num_pins=100_000,
-        num_days=14,
-        ad_fraction=0.08,
-        ads_per_active_user=20.0,
-        click_bias=-4.5,
-        conversion_bias=-1.8,
-        row_group_size=16_384,
-    ),
+    "demo": WorldConfig(num_users=20_000, num_pins=100_000, num_days=14, ad_fraction=0.08,
+                        ads_per_active_user=20.0, click_bias=-4.5, conversion_bias=-1.8, row_group_size=16_384),
     # The scale check: >= 1M users, 5M Pins, 100M engagements, in bounded memory.
-    "large": WorldConfig(
-        num_users=1_000_000,
-        num_pins=5_000_000,
-        num_days=14,
-        num_topics=256,
-        num_categories=64,
-        num_advertisers=20_000,
-        ad_fraction=0.02,
-        row_group_size=262_144,
-    ),
+    "large": WorldConfig(num_users=1_000_000, num_pins=5_000_000, num_days=14, num_topics=256, num_categories=64,
+                         num_advertisers=20_000, ad_fraction=0.02, row_group_size=262_144),
 }
 
 AGE_BUCKETS = 7

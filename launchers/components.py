@@ -153,6 +153,10 @@ def stage_app(
     return app
 
 
+# Each component spells out its parameters and docstring: TorchX reads them from the component's
+# own `def` (its linter parses this file), so they cannot come from a shared one. Its body hands
+# them on by name: `locals()` is its parameters there, nothing else being defined yet.
+
 # ---------------------------------------------------------------- distributed stages
 
 
@@ -180,11 +184,7 @@ def train_upstream(
 
     Args:
         script_args: ``derl train-upstream`` flags after ``--`` (--data, --out, --domain, --resume, ...; not --nproc)"""
-    return stage_app(
-        "train-upstream", script_args, nnodes=nnodes, nproc_per_node=nproc_per_node, image=image,
-        name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env, max_retries=max_retries,
-        rdzv_port=rdzv_port, mounts=mounts, debug=debug,
-    )
+    return stage_app("train-upstream", **locals())
 
 
 @_with_args_doc(_DIST_ARGS_DOC)
@@ -211,11 +211,7 @@ def export(
 
     Args:
         script_args: ``derl export`` flags after ``--`` (--data, --upstream DOMAIN=RUN, --out, --previous, ...; not --nproc)"""
-    return stage_app(
-        "export", script_args, nnodes=nnodes, nproc_per_node=nproc_per_node, image=image,
-        name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env, max_retries=max_retries,
-        rdzv_port=rdzv_port, mounts=mounts, debug=debug,
-    )
+    return stage_app("export", **locals())
 
 
 @_with_args_doc(_DIST_ARGS_DOC)
@@ -242,11 +238,7 @@ def train_downstream(
 
     Args:
         script_args: ``derl train-downstream`` flags after ``--`` (--data, --snapshots, --out, --upstream none|snapshot|coupled, ...; not --nproc)"""
-    return stage_app(
-        "train-downstream", script_args, nnodes=nnodes, nproc_per_node=nproc_per_node, image=image,
-        name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env, max_retries=max_retries,
-        rdzv_port=rdzv_port, mounts=mounts, debug=debug,
-    )
+    return stage_app("train-downstream", **locals())
 
 
 @_with_args_doc(_DIST_ARGS_DOC)
@@ -273,11 +265,7 @@ def score(
 
     Args:
         script_args: ``derl score`` flags after ``--`` (--run, --out, --snapshots, --snapshot-version, --eval-day, ...; not --nproc)"""
-    return stage_app(
-        "score", script_args, nnodes=nnodes, nproc_per_node=nproc_per_node, image=image,
-        name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env, max_retries=max_retries,
-        rdzv_port=rdzv_port, mounts=mounts, debug=debug,
-    )
+    return stage_app("score", **locals())
 
 
 # ---------------------------------------------------------------- single-process stages
@@ -303,10 +291,7 @@ def generate(
 
     Args:
         script_args: ``derl generate`` flags after ``--`` (--out, --preset, --seed, --overwrite)"""
-    return stage_app(
-        "generate", script_args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
-        env=env, max_retries=max_retries, mounts=mounts,
-    )
+    return stage_app("generate", **locals())
 
 
 @_with_args_doc(_SINGLE_ARGS_DOC)
@@ -329,10 +314,7 @@ def evaluate(
 
     Args:
         script_args: ``derl evaluate`` flags after ``--`` (--runs NAME=RUN ..., --baseline, --data, --snapshots, --out)"""
-    return stage_app(
-        "evaluate", script_args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
-        env=env, max_retries=max_retries, mounts=mounts,
-    )
+    return stage_app("evaluate", **locals())
 
 
 @_with_args_doc(_SINGLE_ARGS_DOC)
@@ -355,10 +337,7 @@ def bench(
 
     Args:
         script_args: ``derl bench`` flags after ``--`` (--suite quick|full, --out)"""
-    return stage_app(
-        "bench", script_args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
-        env=env, max_retries=max_retries, mounts=mounts,
-    )
+    return stage_app("bench", **locals())
 
 
 @_with_args_doc(_SINGLE_ARGS_DOC)
@@ -381,10 +360,7 @@ def pipeline(
 
     Args:
         script_args: ``derl pipeline`` flags after ``--`` (--workdir, --preset, ...)"""
-    return stage_app(
-        "pipeline", script_args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
-        env=env, max_retries=max_retries, mounts=mounts,
-    )
+    return stage_app("pipeline", **locals())
 
 
 # For tests and tools: every stage's component, by the derl subcommand it runs.

@@ -1,48 +1,16 @@
 """Ceilings: how far the demo world's own information lets any upstream go on the three figures
 issue targets are set in: the headroom benchmark's CTR NE, upstream recall@50 of saves and the
-snapshot ranker's NE gain over `none`.
+snapshot ranker's NE gain over `none`. Each row is an estimator handed part of the world's hidden
+state (`datapipes.world.hidden_state`); `--rankers` also trains rankers on snapshots planted
+from it (the rows and what bounds what: docs/results.md, "Ceilings").
 
     python -m derl.benchmarks.studies.ceiling --data W --out DIR [--rankers PRESET --nproc N]
-
-Without `--rankers` no model is trained. Each row is an estimator handed part of the world's
-hidden state (`datapipes.world.hidden_state`); the true-latent rows and the world's expected
-saves are strict bounds, the others references for a model that must learn the part it was not
-handed:
-- CTR NE on the evaluation day (the logistic of `headroom_bench`, fitted on the downstream days)
-  on the user·ad dot of: the true latents on the last upstream day (what a snapshot could know);
-  a user as the action-weighted mean of the true
-  latents of the Pins they engaged with in the upstream window (perfect Pin vectors, the user
-  known only through behaviour); the true user with the ad known only through its content
-  embedding (the posterior mean given the projection, fitted on the true latents);
-- the linear probe's R² (as the headroom benchmark reads a snapshot's vectors with it) of the
-  true latents from what a tower could learn them from: a user's engaged Pins (their
-  action-weighted mean of true latents, users with an engagement) and a Pin's content
-  embedding (its posterior mean, as above); and a user's engaged Pins read through their content
-  (the action-weighted mean of those posterior means); and users and Pins from content and
-  engagements together (`_table_vectors`): references for a model with no hidden state at all;
-- recall@50 of the validation day's saves, every Pin ranked: popularity (as `derl
-  train-upstream` reports it); the true-latent dot plus log popularity, best of a few weights;
-  and the world's own expected saves of the user for each Pin (impression probability x P(save)),
-  which no ranking beats on average;
-- with `--rankers PRESET`, the CTR and CVR NE gain over `none` on the evaluation day (`derl
-  evaluate`'s paired bootstrap) of the preset's snapshot ranker (`--vectors user_pin`, as the
-  pipeline trains it) on a snapshot of the world's true latents on the cut day (every user,
-  every Pin created before it: no exported snapshot knows more; the dot temperature 1 / the
-  world's click weight of the affinity); of the same with each user as the action-weighted mean
-  of their engaged Pins' true latents (as in the CTR NE rows); of a snapshot from the tables
-  alone, read with the world's content model: every Pin its content posterior, every user the
-  action-weighted mean of their engaged Pins' posteriors; of the same with the engagements read
-  too (`_table_vectors`: each Pin's engagers and ad clickers beside its content, a few rounds);
-  and of the world's own
-  probabilities (`ad_truth`), which no ranker beats on average. The rankers, `none` included,
-  are trained here with the preset's downstream settings and seed 0, as `derl pipeline` trains
-  its own.
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -58,7 +26,7 @@ from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.launchers.stages import evaluate
 from derl.launchers.runtime import runs
-from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.config import check, setting, to_flags
 from derl.launchers.runtime.presets import STAGE_PRESETS
 from derl.launchers.runtime.processes import run_derl
 from derl.launchers.runtime.settings import EvaluateConfig, TrainDownstreamConfig
@@ -66,6 +34,19 @@ from derl.launchers.runtime.upstream_eval import popular_pins
 from derl.models.metrics import binary_metrics, bootstrap_ne_gain
 
 K = 50
+
+
+@dataclass(frozen=True)
+class CeilingConfig:
+    data: Path = setting(help="a generated world (derl generate)")
+    out: Path = setting(help="folder for ceiling.json and ceiling.md")
+    rankers: Optional[str] = setting(None, "also train `none` and rankers on snapshots planted from the hidden "
+                                           "state with this preset's downstream settings and report their NE "
+                                           "gain over `none`", choices=sorted(STAGE_PRESETS))
+    nproc: int = setting(2, "ranks of each ranker run (default 2, as the pipeline's)")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("nproc",))
 # `_table_vectors`' rounds: the demo world's figures settle by the third (docs/results.md,
 # "Figures that sat in code comments").
 TABLE_ROUNDS = 3
@@ -276,9 +257,9 @@ def ranker_ceiling(data: Path, preset: str, nproc: int) -> List[Dict[str, object
         for name, root in _planted_snapshots(data, work, cut).items():
             _train_ranker(data, work / name, preset, nproc, upstream="snapshot", vectors="user_pin", snapshots=root)
         planted = ("truth", "engaged", "content", "tables")
-        report = evaluate.run(EvaluateConfig(runs=tuple(f"{n}={work / n}" for n in ("none", *planted)),
+        evaluation = evaluate.run(EvaluateConfig(runs=tuple(f"{n}={work / n}" for n in ("none", *planted)),
                                              out=work / "evaluate"))
-        gains = {n: {t.upper(): g for t, g in report["ne_gain_over_baseline"][n].items()} for n in planted}
+        gains = {n: {t.upper(): g for t, g in evaluation["ne_gain_over_baseline"][n].items()} for n in planted}
         gains["bayes"] = _bayes_gains(data, work / "none")
     return [{"figure": f"{task} NE gain over none (%)", "estimator": ESTIMATORS[name],
              "value": round(100 * by_task[task]["gain"], 3),
@@ -287,25 +268,12 @@ def ranker_ceiling(data: Path, preset: str, nproc: int) -> List[Dict[str, object
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, required=True, help="a generated world (derl generate)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rankers", choices=sorted(STAGE_PRESETS),
-                   help="also train `none` and rankers on snapshots planted from the hidden state with this "
-                        "preset's downstream settings and report their NE gain over `none` (about 4 minutes on "
-                        "the demo world)")
-    p.add_argument("--nproc", type=int, default=2, help="ranks of each ranker run (default 2, as the pipeline's)")
-    args = p.parse_args(argv)
-    if args.nproc < 1:
-        p.error(f"--nproc must be at least 1, got {args.nproc}")
-    command = f"python -m derl.benchmarks.studies.ceiling --data {args.data} --out {args.out}"
-    if args.rankers:
-        command += f" --rankers {args.rankers} --nproc {args.nproc}"
-    rows = [{**r, "interval": "–"} for r in measure(args.data)]
-    if args.rankers:
-        rows += ranker_ceiling(args.data, args.rankers, args.nproc)
-    meta = {**report.machine(), "command": command}
-    print(report.write(args.out, "ceiling", rows, meta).read_text())
+    config = report.parse_config(CeilingConfig, argv, __doc__)
+    rows = [{**r, "interval": "–"} for r in measure(config.data)]
+    if config.rankers:
+        rows += ranker_ceiling(config.data, config.rankers, config.nproc)
+    meta = {**report.machine(), "command": report.command("derl.benchmarks.studies.ceiling", config)}
+    print(report.write(config.out, "ceiling", rows, meta).read_text())
 
 
 if __name__ == "__main__":

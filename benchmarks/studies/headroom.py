@@ -1,29 +1,14 @@
 """Headroom: how much of the synthetic world's ad signal a snapshot's vectors carry, against
-the world's own answer (this prints the table and writes DIR/headroom.{json,md}).
+the world's own answer: their dots' correlation with the true affinity, the NE of logistic
+regressions on them and on the truth, and a linear probe of the true latents (this prints the
+table and writes DIR/headroom.{json,md}; what each figure is: docs/results.md, "Headroom").
 
     python -m derl.benchmarks.studies.headroom --data W --snapshots SNAP --out DIR [--version V]
-
-On the split's downstream days (fit) and evaluation day (score), each day's rows with the
-snapshot version live on that day (or --version for all):
-- per domain, the Pearson correlation of the snapshot's user·Pin dot with the world's true
-  user·ad affinity (`datapipes.world.ad_truth`), over impressions whose user and ad both have
-  a vector;
-- CTR NE (all impressions) and CVR NE (clicked ones) of: the training days' base rate; a
-  logistic regression on the snapshot's dots, 0 where a vector is missing (what a ranker can
-  take from the vectors alone); one on the true affinity (what a perfect upstream would hand
-  over); and the world's true probabilities, which no model beats on average;
-- per domain and entity, a linear probe: the R² of the world's true latents on the cut day
-  from the snapshot's vectors (least squares with an intercept, over the ids the table holds;
-  for Pins also over the evaluation day's ads), which says which tower loses the signal. The
-  ceiling benchmark has the references (a Pin's content, a user's engaged Pins).
-
-The rankers (`derl evaluate`) also see ids and context, so their NE is not comparable row for
-row; the gap between "snapshot dots" and "true affinity" is what a better upstream would add.
 """
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -36,9 +21,18 @@ from derl.datapipes.snapshots import SnapshotJoin
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.world import ad_truth, latent_state
+from derl.launchers.runtime.config import setting
 from derl.models.metrics import binary_metrics
 
 COLUMNS = ["user_id", "pin_id", "surface", "position", "clicked", "converted"]
+
+
+@dataclass(frozen=True)
+class HeadroomConfig:
+    data: Path = setting(help="a generated world (derl generate)")
+    snapshots: Path = setting(help="snapshot root of that world's upstream")
+    out: Path = setting(help="folder for headroom.json and headroom.md")
+    version: Optional[str] = setting(None, "one version for every day (default: each day's live one)")
 
 
 def _day(data: Path, day: str) -> Dict[str, np.ndarray]:
@@ -151,17 +145,10 @@ def measure(data: Path, snapshots: Path,
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, required=True, help="a generated world (derl generate)")
-    p.add_argument("--snapshots", type=Path, required=True)
-    p.add_argument("--version", help="one version for every day (default: each day's live one)")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    rows, meta = measure(args.data, args.snapshots, args.version)
-    command = (f"python -m derl.benchmarks.studies.headroom --data {args.data} --snapshots {args.snapshots} "
-               f"--out {args.out}" + (f" --version {args.version}" if args.version else ""))
-    meta = {**report.machine(), **meta, "command": command}
-    print(report.write(args.out, "headroom", rows, meta).read_text())
+    config = report.parse_config(HeadroomConfig, argv, __doc__)
+    rows, meta = measure(config.data, config.snapshots, config.version)
+    meta = {**report.machine(), **meta, "command": report.command("derl.benchmarks.studies.headroom", config)}
+    print(report.write(config.out, "headroom", rows, meta).read_text())
 
 
 if __name__ == "__main__":

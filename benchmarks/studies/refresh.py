@@ -1,27 +1,20 @@
-"""Daily refresh, measured downstream: smoothing strategies, and what alignment recovers.
+"""Daily refresh, measured downstream: smoothing strategies (the paper's
+E(t) = w·E(t−1) + (1−w)·E_daily(t)), each its own chain of daily versions with a snapshot ranker,
+and version skew, a ranker scored with a retrained upstream's next version raw and aligned (the
+plan step by step: docs/results.md, "Refresh"). Every step is a `derl` command run through the
+pipeline's stage runner (stamps under DIR, so a crashed run continues). Writes
+DIR/refresh.json, DIR/refresh.md and DIR/refresh.png.
 
-    python -m derl.benchmarks.studies.refresh --out DIR [--preset tiny|demo] [--nproc N]
-
-1. Smoothing (the paper's E(t) = w·E(t−1) + (1−w)·E_daily(t)). Upstream trains up to the cut;
-   then, day by day, each model trains one more day from its checkpoint and a new version is
-   exported for the next day. Each strategy — latest only (w = 0) and w ∈ {0.2, 0.5, 0.8} —
-   keeps its own chain of versions (aligned before averaging). A snapshot ranker per strategy
-   trains on the downstream days, each row joined with the version live on its day, and is
-   scored on the held-out day with the version live then.
-2. Version skew. A ranker trained on version N is scored with version N+1 of an upstream model
-   retrained from scratch (another seed: another space), raw and Procrustes-aligned onto N.
-
-Every step is a `derl` command run through the pipeline's stage runner (stamps under DIR, so a
-crashed run continues). Writes DIR/refresh.json, DIR/refresh.md and DIR/refresh.png.
+    python -m derl.benchmarks.studies.refresh --out DIR [--preset tiny|demo] [--seed 0] [--nproc N]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 from derl.benchmarks import report
 from derl.datapipes.snapshots import MANIFEST
@@ -29,7 +22,7 @@ from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.domains import DOMAINS
 from derl.launchers.runtime import runs
-from derl.launchers.runtime.config import to_flags
+from derl.launchers.runtime.config import check, setting, to_flags
 from derl.launchers.stages.pipeline import Runner, Stage, incremental_upstream, upstream_specs
 from derl.launchers.runtime.presets import STAGE_PRESETS
 from derl.launchers.runtime.settings import (ExportConfig, PipelineConfig, ScoreConfig, TrainDownstreamConfig,
@@ -38,25 +31,37 @@ from derl.launchers.runtime.settings import (ExportConfig, PipelineConfig, Score
 STRATEGIES = {"latest": None, "w=0.2": 0.2, "w=0.5": 0.5, "w=0.8": 0.8}
 
 
-def upstream_plan(args: argparse.Namespace) -> List[Stage]:
+@dataclass(frozen=True)
+class RefreshConfig:
+    out: Path = setting(help="work folder (world, runs, snapshots, stamps) and refresh.{json,md,png}")
+    preset: str = setting("tiny", "the pipeline preset: world, upstream and ranker settings",
+                          choices=sorted(STAGE_PRESETS))
+    seed: int = setting(0, "seed of the generated world")
+    nproc: int = setting(1, "ranks of each training and export")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("nproc",), non_negative=("seed",))
+
+
+def upstream_plan(config: RefreshConfig) -> List[Stage]:
     """Both domains trained up to the cut, twice: seed 0 (the chain) and seed 1 (the retrain)."""
-    preset = STAGE_PRESETS[args.preset]
+    preset = STAGE_PRESETS[config.preset]
     stages = []
-    for seed, root in ((0, args.out / "upstream"), (1, args.out / "retrained")):
+    for seed, root in ((0, config.out / "upstream"), (1, config.out / "retrained")):
         for d in DOMAINS:
             stages.append(Stage(f"upstream-{root.name}-{d}", "train-upstream",
                                 to_flags(TrainUpstreamConfig, {
-                                    "data": args.out / "world", "out": root / d, "domain": d, "seed": seed,
+                                    "data": config.out / "world", "out": root / d, "domain": d, "seed": seed,
                                     "epochs": preset.upstream_epochs[d], **preset.upstream}),
                                 done=root / d / runs.METRICS, inputs=("generate",), resumable=True,
                                 output=root / d))
     return stages
 
 
-def smoothing_plan(args: argparse.Namespace, cuts: List[str]) -> List[Stage]:
+def smoothing_plan(config: RefreshConfig, cuts: List[str]) -> List[Stage]:
     """A version per day from the cut on, per strategy (incremental upstream in between), then
     a snapshot ranker per strategy."""
-    world, preset = args.out / "world", STAGE_PRESETS[args.preset]
+    world, preset = config.out / "world", STAGE_PRESETS[config.preset]
     stages: List[Stage] = []
     after = ("upstream-upstream-engagement", "upstream-upstream-conversion")
     for i, cut in enumerate(cuts):
@@ -65,37 +70,37 @@ def smoothing_plan(args: argparse.Namespace, cuts: List[str]) -> List[Stage]:
             for d in DOMAINS:
                 trained.append(Stage(f"incremental-{d}-{cuts[i - 1]}", "train-upstream",
                                      to_flags(TrainUpstreamConfig, {
-                                         "data": world, "out": args.out / "upstream" / d, "domain": d,
+                                         "data": world, "out": config.out / "upstream" / d, "domain": d,
                                          "resume": True, "from_day": cuts[i - 1], "until": cuts[i - 1],
                                          "epochs": 1, **incremental_upstream(preset)}),
-                                     done=args.out / "upstream" / d / runs.METRICS, inputs=after))
+                                     done=config.out / "upstream" / d / runs.METRICS, inputs=after))
             stages += trained
             after = tuple(s.name for s in trained)
         exports = []
         for name, weight in STRATEGIES.items():
             smooth = {"previous": "latest", "weight": weight} if weight and i else {}
-            root = args.out / "snapshots" / name
+            root = config.out / "snapshots" / name
             exports.append(Stage(f"export-{name}-{cut}", "export",
                                  to_flags(ExportConfig, {
                                      "data": world, "out": root, "cut": cut, "overwrite": True, **smooth,
-                                     "upstream": upstream_specs(args.out, tuple(DOMAINS))}),
+                                     "upstream": upstream_specs(config.out, tuple(DOMAINS))}),
                                  done=root / cut / MANIFEST, inputs=after))
         stages += exports
         after = tuple(s.name for s in exports)
     for name in STRATEGIES:
-        run = args.out / "rankers" / name
+        run = config.out / "rankers" / name
         stages.append(Stage(f"ranker-{name}", "train-downstream",
                             to_flags(TrainDownstreamConfig, {
-                                "data": world, "snapshots": args.out / "snapshots" / name, "out": run,
+                                "data": world, "snapshots": config.out / "snapshots" / name, "out": run,
                                 "upstream": "snapshot", **preset.downstream}),
                             done=run / runs.METRICS, inputs=after, output=run))
     return stages
 
 
-def skew_plan(args: argparse.Namespace, first: str, after: str) -> List[Stage]:
+def skew_plan(config: RefreshConfig, first: str, after: str) -> List[Stage]:
     """A ranker trained on version N alone, scored with a retrained model's N+1, raw and
     aligned onto N. The skew root holds a copy of N (made by `main`) and the two N+1s."""
-    world, preset, skew = args.out / "world", STAGE_PRESETS[args.preset], args.out / "skew"
+    world, preset, skew = config.out / "world", STAGE_PRESETS[config.preset], config.out / "skew"
     stages = [Stage("skew-ranker", "train-downstream",
                     to_flags(TrainDownstreamConfig, {
                         "data": world, "snapshots": skew / "snapshots", "snapshot_version": first,
@@ -108,7 +113,7 @@ def skew_plan(args: argparse.Namespace, first: str, after: str) -> List[Stage]:
                             to_flags(ExportConfig, {
                                 "data": world, "out": skew / "snapshots", "cut": after, "version": version,
                                 "overwrite": True, **overrides,
-                                "upstream": tuple(f"{d}={args.out / 'retrained' / d}" for d in DOMAINS)}),
+                                "upstream": tuple(f"{d}={config.out / 'retrained' / d}" for d in DOMAINS)}),
                             done=skew / "snapshots" / version / MANIFEST,
                             inputs=("skew-ranker", "upstream-retrained-engagement",
                                     "upstream-retrained-conversion")))
@@ -140,63 +145,47 @@ def summarise(out_dir: Path, cuts: List[str]) -> Dict[str, object]:
 
 
 def plot(result: Dict[str, object], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     names = list(result["smoothing"])
-    a.bar(names, [result["smoothing"][n]["ne"] for n in names], color="tab:blue")
-    a.set_ylabel("CTR NE on the held-out day (lower is better)")
-    a.set_title("Smoothing strategy of the daily snapshots")
     ne = [result["smoothing"][n]["ne"] for n in names]
-    a.set_ylim(min(ne) - 0.002, max(ne) + 0.002)  # the differences are in the third decimal
     skew = result["version_skew"]
     kinds = [k for k in skew if k != "drift"]
-    b.bar(["N (trained)", "N+1 raw", "N+1 aligned"], [skew[k]["auc"] for k in kinds], color="tab:orange")
-    b.set_ylabel("CTR ROC-AUC")
-    b.set_title("Ranker trained on N, scored with a retrained N+1")
-    b.set_ylim(0.45, None)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with report.figure(path, 2, (10, 4), dpi=120) as (a, b):
+        a.bar(names, ne, color="tab:blue")
+        a.set(ylabel="CTR NE on the held-out day (lower is better)", title="Smoothing strategy of the daily snapshots",
+              ylim=(min(ne) - 0.002, max(ne) + 0.002))  # the differences are in the third decimal
+        b.bar(["N (trained)", "N+1 raw", "N+1 aligned"], [skew[k]["auc"] for k in kinds], color="tab:orange")
+        b.set(ylabel="CTR ROC-AUC", title="Ranker trained on N, scored with a retrained N+1", ylim=(0.45, None))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--preset", choices=sorted(STAGE_PRESETS), default="tiny")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nproc", type=int, default=1)
-    args = p.parse_args()
-    runner = Runner(PipelineConfig(workdir=args.out, preset=args.preset, seed=args.seed, nproc=args.nproc))
-    runner.run(Stage("generate", "generate", ["--out", str(args.out / "world"),
-                                              "--preset", STAGE_PRESETS[args.preset].world,
-                                              "--seed", str(args.seed), "--overwrite"],
-                     done=args.out / "world" / "_world.json"))
-    days = SourceTables(args.out / "world").days("engagements")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    config = report.parse_config(RefreshConfig, argv, __doc__)
+    runner = Runner(PipelineConfig(workdir=config.out, preset=config.preset, seed=config.seed, nproc=config.nproc))
+    runner.run(Stage("generate", "generate", ["--out", str(config.out / "world"),
+                                              "--preset", STAGE_PRESETS[config.preset].world,
+                                              "--seed", str(config.seed), "--overwrite"],
+                     done=config.out / "world" / "_world.json"))
+    days = SourceTables(config.out / "world").days("engagements")
     cuts = days[days.index(default_split(days).cut_day):]  # a version for every day from the cut on
-    for stage in upstream_plan(args) + smoothing_plan(args, cuts):
+    for stage in upstream_plan(config) + smoothing_plan(config, cuts):
         runner.run(stage)
-    skew_root = args.out / "skew" / "snapshots"
+    skew_root = config.out / "skew" / "snapshots"
     if not (skew_root / cuts[0]).exists():  # N, as the skew ranker's snapshot root holds it
-        shutil.copytree(args.out / "snapshots" / "latest" / cuts[0], skew_root / cuts[0])
-    for stage in skew_plan(args, cuts[0], cuts[1]):
+        shutil.copytree(config.out / "snapshots" / "latest" / cuts[0], skew_root / cuts[0])
+    for stage in skew_plan(config, cuts[0], cuts[1]):
         runner.run(stage)
-    result = summarise(args.out, cuts)
+    result = summarise(config.out, cuts)
     def cells(r: Dict[str, object]) -> Dict[str, str]:  # 4 decimals: the differences are small
         return {k: f"{r[k]:.4f}" for k in ("ne", "auc", "pr_auc")}
 
     rows = [{"experiment": f"smoothing {n}", **cells(r)} for n, r in result["smoothing"].items()]
     rows += [{"experiment": k.replace("_", " "), **cells(r)}
              for k, r in result["version_skew"].items() if k != "drift"]
-    meta = {**report.machine(), "preset": args.preset,
-            "command": f"python -m derl.benchmarks.studies.refresh --out {args.out} --preset {args.preset}",
+    meta = {**report.machine(), "preset": config.preset,
+            "command": report.command("derl.benchmarks.studies.refresh", config),
             "drift": result["version_skew"]["drift"]}
-    md = report.write(args.out, "refresh", rows, meta)
-    (args.out / "refresh_full.json").write_text(json.dumps(result, indent=2))
-    plot(result, args.out / "refresh.png")
+    md = report.write(config.out, "refresh", rows, meta)
+    (config.out / "refresh_full.json").write_text(json.dumps(result, indent=2))
+    plot(result, config.out / "refresh.png")
     print(md.read_text())
 
 
