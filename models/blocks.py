@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,18 +165,22 @@ class Groups:
 
 
 class SequenceEncoder(nn.Module):
-    """Transformer over each row's latest `max_len` events, behind a learned CLS token, computed
-    on the real events only (packed, no padding but in attention's groups: `Groups`).
+    """Transformer over windows of events, behind a learned CLS token, computed on the real
+    events only (packed, no padding but in attention's groups: `Groups`).
+
+    A window is its context (at most `max_len` events) and the events after it (at most as
+    many more). Position embeddings count back from the context's newest event (0: the newest,
+    as SASRec's right-aligned positions do) and, after it, forward (a second range of `max_len`):
+    the state after the context is then the same function of the context wherever more events
+    follow, which is what makes a training window's day-start state the exported one. Without
+    `context`, every event is context and a window keeps its latest `max_len` events.
 
     Bidirectional (`causal=False`): every event attends to every other and the CLS output is
     the summary. Causal: the CLS token comes first and each position attends to itself and
-    what came before, so position k's output is the state after the row's first k kept events
-    (k = 0: the CLS token alone, "no history"): every prefix's state, for a next-event
-    objective over the whole sequence, in one forward. The summary is then the state after the
-    last event. An empty sequence (length 0) is its CLS token alone and gives a learned "no
-    history" vector. Position embeddings count from the window's oldest event (sequences are
-    oldest-first), so that the state after an event depends on that event and the ones before
-    it alone: a window's context gives the same state in training as in export.
+    what came before, so position k's output is the state after the window's first k kept
+    events (k = 0: the CLS token alone, "no history"): every prefix's state, for a next-event
+    objective, in one forward. The summary is then the state after the last event. An empty
+    window is its CLS token alone and gives a learned "no history" vector.
 
     `bf16`: the layers' projections and feed-forward under bf16 autocast where the device
     multiplies bf16 in hardware (`native_bf16`); the residual stream, the norms and attention
@@ -188,7 +192,7 @@ class SequenceEncoder(nn.Module):
         super().__init__()
         self.max_len, self.causal, self.buckets, self.bf16 = max_len, causal, buckets, bf16
         self.cls = nn.Parameter(torch.randn(1, dim) * 0.02)
-        self.position = nn.Embedding(max_len, dim)
+        self.position = nn.Embedding(2 * max_len, dim)
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
@@ -196,19 +200,21 @@ class SequenceEncoder(nn.Module):
         """The dtype the layers' projections and feed-forward multiply in on `device`."""
         return torch.bfloat16 if self.bf16 and native_bf16(device) else torch.float32
 
-    def forward(self, events: torch.Tensor, lengths: torch.Tensor,
-                every_state: bool = False) -> torch.Tensor:
-        """events: [E, dim], every row's events flat and oldest-first (`lengths` [B] of them
-        each); returns the summary of each row [B, dim], or with `every_state` the packed
-        states [T, dim] laid out as `layout(lengths)` says: per row its CLS output, then one
-        per kept event (the latest max_len)."""
-        packed = self.layout(lengths)
-        first_kept = torch.cumsum(lengths, 0) - packed.kept  # flat index of each row's oldest kept event
+    def forward(self, events: torch.Tensor, lengths: torch.Tensor, every_state: bool = False,
+                context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """events: [E, dim], every window's events flat and oldest-first (`lengths` [B] of them
+        each, the first `context` [B] of them context); returns the summary of each window
+        [B, dim], or with `every_state` the packed states [T, dim] laid out as
+        `layout(lengths, context)` says: per window its CLS output, then one per kept event."""
+        packed = self.layout(lengths, context)
+        anchor = packed.kept if context is None else context
+        first_kept = torch.cumsum(lengths, 0) - packed.kept  # flat index of each window's oldest kept event
         source = first_kept[packed.row] + packed.step - 1
         events = F.pad(events, (0, 0, 0, 1))  # a row to point CLS slots at, even with no events
         tokens = events[torch.where(packed.step > 0, source, len(events) - 1)]
-        position = self.position((packed.step - 1).clamp(min=0))  # CLS: unused
-        x = torch.where((packed.step > 0).unsqueeze(1), tokens + position, self.cls)
+        ahead = packed.step - anchor[packed.row]  # <= 0: context (0: its newest event)
+        index = torch.where(ahead <= 0, -ahead, self.max_len + ahead - 1).clamp(0, 2 * self.max_len - 1)
+        x = torch.where((packed.step > 0).unsqueeze(1), tokens + self.position(index), self.cls)  # CLS: no position
         groups = Groups(packed.kept + 1, packed.starts, len(x), self.buckets, self.causal)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.matmul_dtype(x.device) == torch.bfloat16):
             for layer in self.layers:
@@ -218,9 +224,10 @@ class SequenceEncoder(nn.Module):
             return states
         return states[packed.starts + packed.kept] if self.causal else states[packed.starts]
 
-    def layout(self, lengths: torch.Tensor) -> "Packed":
-        """Where each row's CLS and kept events sit among the packed tokens."""
-        kept = lengths.clamp(max=self.max_len)
+    def layout(self, lengths: torch.Tensor, context: Optional[torch.Tensor] = None) -> "Packed":
+        """Where each window's CLS and kept events sit among the packed tokens: a window with
+        a `context` keeps all its events, one without its latest `max_len`."""
+        kept = lengths.clamp(max=self.max_len) if context is None else lengths
         size = kept + 1
         starts = torch.cumsum(size, 0) - size
         total = int(size.sum())
@@ -230,9 +237,9 @@ class SequenceEncoder(nn.Module):
 
 @dataclass
 class Packed:
-    """The packed token layout of a batch of sequences: `kept` [B] events per row (at most
-    max_len, the latest), `starts` [B] each row's first (CLS) slot; per slot [T], its `row` and
-    its `step` (0: CLS, k: the row's k-th kept event, oldest first)."""
+    """The packed token layout of a batch of windows: `kept` [B] events per window, `starts`
+    [B] each window's first (CLS) slot; per slot [T], its `row` (window) and its `step` (0:
+    CLS, k: the window's k-th kept event, oldest first)."""
 
     kept: torch.Tensor
     starts: torch.Tensor

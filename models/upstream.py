@@ -335,7 +335,7 @@ class UserTower(nn.Module):
         d = cfg.embedding_dim
         self.content = nn.Linear(cfg.content_dim, d)
         self.sequence = SequenceEncoder(
-            d, 2 * cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout, causal=True,
+            d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout, causal=True,
             buckets=cfg.length_buckets, bf16=cfg.seq_bf16)
         self.mlp = Tower((len(cfg.user_features) + 1) * d, cfg.tower_dims, d)
         self.unit = _Unit(d, cfg.center_entities)
@@ -347,8 +347,8 @@ class UserTower(nn.Module):
         lengths = actions.lengths()
         flat = (events.pin + events.category + events.advertiser + self.content(events.content)
                 + actions.values() + gaps.values())
-        states = self.sequence(flat, lengths, every_state=True)
-        packed = self.sequence.layout(lengths)
+        states = self.sequence(flat, lengths, every_state=True, context=context)
+        packed = self.sequence.layout(lengths, context)
         return Windows(states, packed.starts, packed.kept, packed.kept if context is None else context)
 
     def forward(self, profile: torch.Tensor, states: torch.Tensor) -> torch.Tensor:

@@ -535,7 +535,7 @@ def _padded_reference(encoder, events: torch.Tensor, lengths: torch.Tensor):
     ends = torch.cumsum(lengths, 0)
     rows = []
     for b in range(len(lengths)):
-        mine = events[ends[b] - kept[b]: ends[b]] + encoder.position(torch.arange(int(kept[b])))
+        mine = events[ends[b] - kept[b]: ends[b]] + encoder.position(torch.arange(int(kept[b]) - 1, -1, -1))
         rows.append(torch.cat([encoder.cls, mine, events.new_zeros(n - int(kept[b]), dim)]))
     x = torch.stack(rows)
     padding = torch.arange(n + 1).unsqueeze(0) > kept.unsqueeze(1)
