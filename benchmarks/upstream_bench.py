@@ -1,56 +1,20 @@
-"""Upstream training throughput: examples/s of DERM on 1 and 2 CPU ranks, sequence length 32 and
-128, the plain loop against TorchRec's pipeline, and where a step's time goes (this prints the
-table and writes DIR/upstream.{json,md,png}; reference figures in docs/results.md).
+"""Upstream training throughput: labelled rows and next-Pin positions a second of DERM on 1 and
+2 CPU ranks, histories of 32 and 128 events, the plain loop against TorchRec's pipeline, where a
+step's time goes, and the transformer against the matmul limit and the reference SASRec
+(DIR/upstream.{json,md,png}; what each figure is: docs/results.md, "Upstream training").
 
     python -m derl.benchmarks.upstream_bench --out DIR [--data WORLD] [--steps N] [--warmup N]
         [--profile-steps N] [--batch-size 256] [--embedding-dim 64] [--seq-layers 2]
         [--threads N] [--quick]
-
-Without --data it generates two worlds under DIR (once): the demo preset with stored sequences
-of 32 events, and the same with 128. --quick: the tiny preset, batch 256, 3 steps (a smoke
-test, not a measurement). With --data both lengths read WORLD (meta says its stored length).
-"Sequence length L" is the world's stored length and the model's `seq_len`; `mean_seq` is how
-many events an example really fed the model (shorter histories are padded to L). Batches come
-from the last BENCH_DAYS upstream days, where histories are longest.
-
-Each configuration runs in fresh processes on the training path of `train-upstream` (its
-`build`: the model config, the example stream, `shard_model`; gloo ranks
-through `launch`, each rank with cores / ranks intra-op `threads` unless --threads says):
-- examples_per_s = world_size * labelled rows a step * steps / seconds (positions_per_s the
-  same of next-Pin targets), timed on rank 0 over `--steps`
-  steps after `--warmup` untimed ones (sharded steps are collective: ranks run in lockstep).
-  `pipeline`: `TrainPipelineSparseDist.progress`; `plain` (1 rank): next(batches); loss, _ =
-  model(batch); loss.backward(); optimizer.step(); optimizer.zero_grad().
-- peak_rss_mb: rank 0's peak resident memory, read before any profiling.
-- embedding / transformer / data / rest_% (1 rank, plain loop, after its timed steps): a
-  torch.profiler trace of `--profile-steps` steps. Forward hooks open a record_function scope
-  around the two TorchRec modules (user_ebc, sequence_ec: input dist,
-  lookup, output dist) and around `towers.user.sequence` (the transformer). Each backward autograd
-  node is charged to the scope its forward op ran in, linked by the profiler's sequence numbers;
-  the fused row-wise Adagrad update runs inside the TBE backward node, so it counts as
-  embedding. data is waiting for the next batch; rest is everything else (towers, loss,
-  AccumulateGrad, the dense Adam step). Limits: the profiler adds microseconds per op
-  (profiled_step_ms against step_ms shows how much), which weighs on op-heavy parts such as
-  the embedding modules' KJT plumbing more than on a few large matmuls; the shares are of
-  the plain loop, whose input dist the pipeline would overlap.
-- transformer_gflop_s, matmul_gflop_s, fraction_of_matmul_peak, sasrec_examples_per_s (1 rank,
-  plain loop, after the breakdown): `upstream_limits.measure` on one more training batch: the
-  sequence transformer's achieved rate against a plain matmul's, and the reference SASRec's
-  training examples/s on the same history lengths. `headline` (in the JSON's meta), per length:
-  the 1-rank pipeline's examples/s, that fraction, and upstream_vs_sasrec_ratio = those
-  examples/s / SASRec's.
-Measure on an otherwise idle machine: where other processes hold the cores, intra-op threads
-wait on each other (one rank with 2 threads was seen many times slower per step than with 1;
-the figure: docs/results.md, "Benchmarks").
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -65,7 +29,7 @@ from derl.datapipes.splits import default_split
 from derl.datapipes.world import WORLD_PRESETS, WORLD_META, generate
 from derl.launchers.runtime import dist as derl_dist
 from derl.launchers.stages import train_upstream
-from derl.launchers.runtime.config import default_of
+from derl.launchers.runtime.config import check, default_of, setting
 from derl.launchers.runtime.settings import TrainUpstreamConfig
 
 EMBEDDING_MODULES = ("user_ebc", "sequence_ec")
@@ -247,11 +211,11 @@ def measure(world: Path, config: Dict, seq_len: int, world_size: int, loop: str,
     }
 
 
-def _worlds(args) -> Dict[int, Path]:
-    if args.data:
-        return {n: args.data for n in SEQ_LENS}
-    base = WORLD_PRESETS["tiny" if args.quick else "demo"]
-    worlds = {n: args.out / f"world-{'tiny' if args.quick else 'demo'}-seq{n}" for n in SEQ_LENS}
+def _worlds(cfg: "UpstreamBenchConfig") -> Dict[int, Path]:
+    if cfg.data:
+        return {n: cfg.data for n in SEQ_LENS}
+    base = WORLD_PRESETS["tiny" if cfg.quick else "demo"]
+    worlds = {n: cfg.out / f"world-{'tiny' if cfg.quick else 'demo'}-seq{n}" for n in SEQ_LENS}
     for n, path in worlds.items():
         if not path.exists():
             print(f"generating {path}")
@@ -264,60 +228,57 @@ def stored_seq_len(world: Path) -> int:
 
 
 def _plot(rows: List[Dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"seq {r['seq_len']}\n{r['world_size']} rank(s)\n{r['loop']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 1, 4))
-    ax.bar(labels, [r["examples_per_s"] for r in rows],
-           color=["C0" if r["loop"] == "pipeline" else "C1" for r in rows])
-    ax.set_ylabel("training examples/s (global)")
-    ax.set_title("DERM upstream training, CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with report.figure(path, figsize=(1.6 * len(rows) + 1, 4), title="DERM upstream training, CPU") as (ax,):
+        ax.bar([f"seq {r['seq_len']}\n{r['world_size']} rank(s)\n{r['loop']}" for r in rows],
+               [r["examples_per_s"] for r in rows],
+               color=["C0" if r["loop"] == "pipeline" else "C1" for r in rows])
+        ax.set_ylabel("training examples/s (global)")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="source folder (default: worlds made under --out)")
-    p.add_argument("--steps", type=int, help="timed steps (default 20; --quick 3)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 4: the first steps run slow; --quick 1)")
-    p.add_argument("--profile-steps", type=int,
-                   help="steps profiled for the breakdown (default 3; --quick 2)")
-    p.add_argument("--batch-size", type=int, help="user windows a step, per rank (default 256; --quick 64)")
-    p.add_argument("--embedding-dim", type=int, default=default_of(TrainUpstreamConfig, "embedding_dim"))
-    p.add_argument("--seq-layers", type=int, default=default_of(TrainUpstreamConfig, "seq_layers"))
-    p.add_argument("--threads", type=int, help="intra-op threads per rank (default: cores / ranks)")
-    p.add_argument("--quick", action="store_true", help="tiny world, few steps: a smoke test")
-    args = p.parse_args()
+@dataclass(frozen=True)
+class UpstreamBenchConfig:
+    out: Path = setting(help="folder for the worlds, the runs and upstream.{json,md,png}")
+    data: Optional[Path] = setting(None, "source folder (default: worlds made under --out)")
+    steps: Optional[int] = setting(None, "timed steps (default 20; --quick 3)")
+    warmup: Optional[int] = setting(None, "untimed steps first (default 4: the first steps run slow; --quick 1)")
+    profile_steps: Optional[int] = setting(None, "steps profiled for the breakdown (default 3; --quick 2)")
+    batch_size: Optional[int] = setting(None, "user windows a step, per rank (default 256; --quick 64)")
+    embedding_dim: int = setting(default_of(TrainUpstreamConfig, "embedding_dim"), "width of the model")
+    seq_layers: int = setting(default_of(TrainUpstreamConfig, "seq_layers"), "transformer layers")
+    threads: Optional[int] = setting(None, "intra-op threads per rank (default: cores / ranks)")
+    quick: bool = setting(False, "tiny world, few steps: a smoke test")
 
-    def pick(given, quick, full):
-        return given if given is not None else quick if args.quick else full
+    def __post_init__(self) -> None:
+        check(self, positive=("steps", "profile_steps", "batch_size", "embedding_dim", "seq_layers", "threads"),
+              non_negative=("warmup",))
 
-    steps, warmup = pick(args.steps, 3, 20), pick(args.warmup, 1, 4)
-    profile_steps = pick(args.profile_steps, 2, 3)
-    args.batch_size = pick(args.batch_size, 64, 256)
-    worlds = _worlds(args)
-    config = {"out": args.out / "run", "batch_size": args.batch_size, "embedding_dim": args.embedding_dim,
-              "seq_layers": args.seq_layers}
+    def pick(self, name: str, quick: int, full: int) -> int:
+        """The flag's value, or its default for a quick or a full run."""
+        given = getattr(self, name)
+        return given if given is not None else quick if self.quick else full
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    cfg = report.parse_config(UpstreamBenchConfig, argv, __doc__)
+    steps, warmup = cfg.pick("steps", 3, 20), cfg.pick("warmup", 1, 4)
+    profile_steps, batch_size = cfg.pick("profile_steps", 2, 3), cfg.pick("batch_size", 64, 256)
+    worlds = _worlds(cfg)
+    config = {"out": cfg.out / "run", "batch_size": batch_size, "embedding_dim": cfg.embedding_dim,
+              "seq_layers": cfg.seq_layers}
 
     rows = []
     for seq_len in SEQ_LENS:
         for world_size, loop in ((1, "pipeline"), (1, "plain"), (2, "pipeline")):
             print(f"seq {seq_len}, {world_size} rank(s), {loop} ...", flush=True)
             rows.append(measure(worlds[seq_len], config, seq_len, world_size, loop, steps, warmup,
-                                profile_steps, args.threads))
+                                profile_steps, cfg.threads))
     headline = {n: headline_of([r for r in rows if r["seq_len"] == n]) for n in SEQ_LENS}
-    meta = {**report.machine(threads=False, cores=True), "batch_size": args.batch_size,  # threads: per row
-            "embedding_dim": args.embedding_dim, "seq_layers": args.seq_layers, "steps": steps,
+    meta = {**report.machine(threads=False, cores=True), "batch_size": batch_size,  # threads: per row
+            "embedding_dim": cfg.embedding_dim, "seq_layers": cfg.seq_layers, "steps": steps,
             "warmup": warmup, "profile_steps": profile_steps,
             "worlds": {n: f"{w} (stored seq {stored_seq_len(w)})" for n, w in worlds.items()},
             "headline": headline}
-    report.publish(args.out, "upstream", rows, meta, _plot)
+    report.publish(cfg.out, "upstream", rows, meta, _plot)
 
 
 if __name__ == "__main__":
