@@ -72,7 +72,8 @@ class WindowReader:
     shuffled within a day, a day's last batch smaller), resumable at any batch."""
 
     def __init__(self, root: Path, tables: Sequence[Tuple[str, Tuple[str, str]]], rank: int, world_size: int,
-                 config: WindowConfig, vocab: Optional[Dict[str, int]] = None):
+                 config: WindowConfig, vocab: Optional[Dict[str, int]] = None,
+                 targets_from: Optional[str] = None):
         if config.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {config.batch_size}")
         self.config, self.rank, self.world_size = config, rank, world_size
@@ -81,12 +82,18 @@ class WindowReader:
         self.stats = self.joiner.stats
         plain = ReaderConfig(prefetch=0, shuffle_buffer=0)
         self.readers = [ExampleReader(root, t, days, 0, 1, plain, vocab, joiner=self.joiner) for t, days in tables]
-        if not any(r.table == "engagements" for r in self.readers):
+        rows_days = dict(tables)
+        if "engagements" not in rows_days:
             raise ValueError("the upstream reads its users' engagements: the tables must include 'engagements'")
+        # the engagements whose transitions are targets: from `targets_from` (earlier days' windows
+        # carry no rows), else the row days'
+        first, last = rows_days["engagements"]
+        self.events = (ExampleReader(root, "engagements", (targets_from, last), 0, 1, plain, vocab, joiner=self.joiner)
+                       if targets_from and targets_from < first else self.engagements)
         rows = np.array([r.num_rows for r in self.readers], dtype=np.float64)
         # q of the contrastive logQ correction: a Pin's share of all the domain's rows
         self.pin_prob = sum(r.pin_prob * n for r, n in zip(self.readers, rows)) / max(rows.sum(), 1)
-        self.days = sorted({u.day for r in self.readers for u in r.units})
+        self.days = sorted({u.day for r in self.readers + [self.events] for u in r.units})
         self.event_prob = self._event_prob()
         self.per_day = [self._count_windows(d) for d in self.days]
 
@@ -118,9 +125,8 @@ class WindowReader:
         missing from `pins`): the next-Pin term's popularity, for its logQ correction."""
         pins = self.joiner.entities.pins
         counts = np.zeros(len(pins.sorted) + 1, dtype=np.int64)
-        engagements = self.engagements
-        for path, day in dict.fromkeys((u.path, u.day) for u in engagements.units):
-            t = engagements.read_columns(path, day, ["pin_id", "action"])
+        for path, day in dict.fromkeys((u.path, u.day) for u in self.events.units):
+            t = self.events.read_columns(path, day, ["pin_id", "action"])
             pin = t["pin_id"][t["action"] != S.Action.IMPRESSION]
             row, found = pins.rows(pin)
             counts += np.bincount(np.where(found, row, len(counts) - 1), minlength=len(counts))
@@ -131,17 +137,27 @@ class WindowReader:
         further `seq_len` engagements of a user."""
         users = []
         chunks = np.zeros(0, dtype=np.int64)
-        for r in self.readers:
+        for r in self._readers_of(day):
             for path, d in dict.fromkeys((u.path, u.day) for u in r.units if u.day == day):
                 cols = ["user_id", "action"] if r.table == "engagements" else ["user_id"]
                 t = r.read_columns(path, d, cols)
                 mine = t["user_id"] % self.world_size == self.rank
-                users.append(t["user_id"][mine])
-                if r.table == "engagements":
+                if r in self.readers:  # the users with rows
+                    users.append(t["user_id"][mine])
+                if r.table == "engagements":  # the users with events
                     events = t["user_id"][mine & (t["action"] != S.Action.IMPRESSION)]
+                    users.append(events)
                     _, n = np.unique(events, return_counts=True)
                     chunks = np.concatenate([chunks, np.maximum(n - 1, 0) // self.config.seq_len])
         return len(np.unique(np.concatenate(users))) + int(chunks.sum()) if users else 0
+
+    def _readers_of(self, day: str) -> List[ExampleReader]:
+        """The readers with rows or events on `day`: the row tables', and the engagements' of a
+        day before the rows (events only)."""
+        readers = [r for r in self.readers if any(u.day == day for u in r.units)]
+        if not any(r.table == "engagements" for r in readers) and any(u.day == day for u in self.events.units):
+            readers.append(self.events)
+        return readers
 
     @property
     def batches_per_epoch(self) -> int:
@@ -158,27 +174,34 @@ class WindowReader:
         L = self.config.seq_len
         parts = []
         events = None
-        for r in self.readers:
+        for r in self._readers_of(day):
             rows = self._day_rows(r, day)
             if rows is None:
                 continue
             if r.table == "engagements":
                 events = self._events(rows)
+            if r not in self.readers:  # a day before the rows: its events only
+                continue
             jagged, content, pin_row, labels = row_features(self.joiner, r.table, rows)
             rows["pin_row"] = pin_row
             parts.append((rows, jagged, content, labels, r.table))
         if events is None:
             events = {k: np.zeros(0, dtype=np.int64) for k in ("user_id", "pin_id", "action", "ts")}
+        if not parts:  # a day before the rows
+            none = np.zeros(0, dtype=np.int64)
+            parts = [({"user_id": none, "pin_id": none, "pin_row": none, "surface": none, "ts": none},
+                      {k: (none, none) for k in _CANDIDATE_FEATURES}, np.zeros((0, S.CONTENT_DIM), np.float32),
+                      {}, "engagements")]
         # rows of every table, grouped by user (stable: each user's rows in table, then file order)
         rows = {k: np.concatenate([p[0][k] for p in parts]) for k in ("user_id", "pin_id", "pin_row")}
         row_table_rows = [len(p[0]["user_id"]) for p in parts]
         jagged = _concat_jagged([p[1] for p in parts])
-        content = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, S.CONTENT_DIM), np.float32)
+        content = np.concatenate([p[2] for p in parts])
         task_names = sorted({k for p in parts for k in p[3]})
         labels = {k: np.concatenate([np.asarray(p[3][k], dtype=np.float32) if k in p[3]
                                      else np.full(n, np.nan, dtype=np.float32)
                                      for p, n in zip(parts, row_table_rows)]) for k in task_names}
-        context = np.concatenate([_row_context(p[0], p[4]) for p in parts]) if parts else np.zeros((0, 3), np.int64)
+        context = np.concatenate([_row_context(p[0], p[4]) for p in parts])
         order = np.argsort(rows["user_id"], kind="stable")
         rows = {k: v[order] for k, v in rows.items()}
         rows["context"] = context[order]
@@ -228,7 +251,7 @@ class WindowReader:
         rows_n = np.where(w["chunk"] == 0, day.row_count[w["user"]], 0)
         rows = _ranges(day.row_start[w["user"]], rows_n)
         row_window = np.repeat(np.arange(n), rows_n)
-        for f in ("pin_id", "category", "advertiser_id", "campaign_id"):
+        for f in _CANDIDATE_FEATURES:
             lengths, values = day.jagged[f]
             starts = np.cumsum(lengths) - lengths
             mine = lengths[rows]
@@ -309,10 +332,14 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         lengths.sum())
 
 
+# What a window keeps of its rows' Pin features: the candidates.
+_CANDIDATE_FEATURES = ("pin_id", "category", "advertiser_id", "campaign_id")
+
+
 def _concat_jagged(parts: List[Jagged]) -> Jagged:
     """The candidates' Pin features of the tables' rows, one after the other."""
-    keys = ("pin_id", "category", "advertiser_id", "campaign_id")
-    return {k: (np.concatenate([p[k][0] for p in parts]), np.concatenate([p[k][1] for p in parts])) for k in keys}
+    return {k: (np.concatenate([p[k][0] for p in parts]), np.concatenate([p[k][1] for p in parts]))
+            for k in _CANDIDATE_FEATURES}
 
 
 def _take_jagged(jagged: Jagged, order: np.ndarray) -> Jagged:

@@ -4,6 +4,8 @@ of its own day, every engagement of the training days is a next-Pin target once 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -18,13 +20,13 @@ SEQ_LEN = 6
 
 
 def _reader(world, world_size: int = 1, rank: int = 0, batch_size: int = 32, seq_len: int = SEQ_LEN,
-            days: slice = slice(1, 4)):
+            days: slice = slice(1, 4), targets_from: Optional[str] = None):
     sources = SourceTables(world)
     first, last = sources.days("engagements")[days][0], sources.days("engagements")[days][-1]
     tables = [("engagements", (first, last)), ("ad_events", (first, last))]
     return WindowReader(world, tables, rank, world_size,
                         WindowConfig(batch_size=batch_size, seq_len=seq_len, negatives=16, prefetch=0),
-                        sources.vocab())
+                        sources.vocab(), targets_from=targets_from)
 
 
 def _model(reader: WindowReader) -> DERM:
@@ -73,9 +75,14 @@ def test_no_row_sees_an_event_of_its_own_day(tiny_world) -> None:
     assert (ctx_ts < start).all() and n_ctx.max() <= 32
 
 
-def test_every_engagement_of_the_training_days_is_a_target_once_an_epoch(tiny_world) -> None:
-    reader = _reader(tiny_world, seq_len=3)  # short windows: days cut into chunks too
+@pytest.mark.parametrize("earlier_targets", [False, True])
+def test_every_engagement_of_the_training_days_is_a_target_once_an_epoch(tiny_world, earlier_targets) -> None:
+    """Every engagement from the first target day on is a next-Pin target once; rows come from
+    the row days only (`targets_from`: a day before them adds its engagements alone)."""
     sources = SourceTables(tiny_world)
+    first = sources.days("engagements")[0]
+    reader = _reader(tiny_world, seq_len=3, targets_from=first if earlier_targets else None)  # short: chunks too
+    assert reader.days[0] == (first if earlier_targets else sources.days("engagements")[1])
     targets = []
     for batch in reader.batches(0):
         lengths = batch.sparse["seq_pin_id"].lengths().numpy()
@@ -89,6 +96,8 @@ def test_every_engagement_of_the_training_days_is_a_target_once_an_epoch(tiny_wo
     engaged = engaged.filter(pc.not_equal(engaged.column("action"), S.Action.IMPRESSION))
     expected = sorted(zip(engaged.column("user_id").to_pylist(), engaged.column("pin_id").to_pylist()))
     assert sorted((int(u), int(p)) for u, p in targets) == expected
+    rows = sum(r.num_rows for r in reader.readers)
+    assert reader.stats.rows_emitted == rows  # the earlier day added no rows
 
 
 @pytest.mark.parametrize("world_size", [2])

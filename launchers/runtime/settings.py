@@ -46,6 +46,9 @@ class TrainUpstreamConfig(UpstreamSettings):
     resume: bool = setting(False, "continue from RUN's newest checkpoint")
     from_day: Optional[str] = setting(None, "first training day (default: the source's first)")
     until: Optional[str] = setting(None, "last training day (default: the day before the snapshot cut)")
+    targets_from_day: Optional[str] = setting(
+        None, "first day whose engagements are next-Pin targets; days before --from-day add their users' "
+              "engagements without rows (default: --from-day)")
     batch_size: int = setting(256, "user windows (one user's day: its rows and engagements) a step, per rank")
     embedding_lr: float = setting(default_of(OptimConfig, "embedding_lr"), "fused row-wise Adagrad")
     dense_lr: float = setting(default_of(OptimConfig, "dense_lr"), "Adam, every dense parameter")
@@ -58,16 +61,18 @@ class TrainUpstreamConfig(UpstreamSettings):
 
     # What a resumed run may change: where, how long and how it runs, not what it trains.
     RUN_CONTROL: ClassVar[Tuple[str, ...]] = (
-        "data", "out", "nproc", "max_steps", "epochs", "resume", "overwrite", "from_day", "until",
+        "data", "out", "nproc", "max_steps", "epochs", "resume", "overwrite", "from_day", "until", "targets_from_day",
         "checkpoint_every", "eval_every", "eval_batch_size", "memory_per_rank_gb", "length_buckets", "seq_bf16")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self, positive=("nproc", "max_steps", "epochs", "batch_size", "embedding_lr", "dense_lr",
                               "checkpoint_every", "eval_batch_size", "memory_per_rank_gb"),
-              non_negative=("eval_every", "seed"), day=("from_day", "until"))
+              non_negative=("eval_every", "seed"), day=("from_day", "until", "targets_from_day"))
         if self.from_day and self.until and self.from_day > self.until:
             raise ValueError(f"--from-day {self.from_day} is after --until {self.until}")
+        if self.targets_from_day and self.until and self.targets_from_day > self.until:
+            raise ValueError(f"--targets-from-day {self.targets_from_day} is after --until {self.until}")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one")
 

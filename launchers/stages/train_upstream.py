@@ -84,7 +84,7 @@ def window_stream(cfg: TrainUpstreamConfig, sources: SourceTables, days: Tuple[s
     config = WindowConfig(batch_size=cfg.batch_size, seq_len=cfg.seq_len, negatives=cfg.catalogue_negatives,
                           seed=cfg.seed)
     return WindowReader(cfg.data, [(t, d) for t, d in tables if d is not None], worker.rank, worker.world_size,
-                        config, vocab)
+                        config, vocab, targets_from=cfg.targets_from_day)
 
 
 def _steps(cfg: TrainUpstreamConfig, stream: WindowReader, device: torch.device) -> int:
