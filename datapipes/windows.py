@@ -296,9 +296,11 @@ class WindowReader:
         """One epoch of batches, leaving out the first `skip` (already consumed) ones."""
         def make() -> Iterator[Batch]:
             self.joiner.stats = self.stats if epoch == 0 else ReaderStats()
-            rng = np.random.default_rng([self.config.seed, self.rank, epoch])
+            seed = [self.config.seed, self.rank, epoch]
             b, done = self.config.batch_size, 0
-            for i in rng.permutation(len(self.days)):
+            # Each day's order and each batch's negatives from a generator of their own: a
+            # resumed epoch draws what the uninterrupted one drew.
+            for i in np.random.default_rng(seed).permutation(len(self.days)):
                 count = -(-self.per_day[i] // b)
                 if done + count <= skip:
                     done += count
@@ -306,10 +308,10 @@ class WindowReader:
                 day = self._load_day(self.days[i])
                 if len(day.windows["user"]) != self.per_day[i]:
                     raise DataError(f"{self.days[i]}: the day's rows changed while training read them")
-                order = rng.permutation(self.per_day[i])
+                order = np.random.default_rng(seed + [int(i)]).permutation(self.per_day[i])
                 for j in range(count):
                     if done >= skip:
-                        yield self._batch(day, order[j * b:(j + 1) * b], rng)
+                        yield self._batch(day, order[j * b:(j + 1) * b], np.random.default_rng(seed + [int(i), j]))
                     done += 1
         return make() if self.config.prefetch <= 0 else prefetched(make, self.config.prefetch)
 

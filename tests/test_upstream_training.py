@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from derl.datapipes.readers import ExampleReader, ReaderConfig
+from derl.datapipes.readers import ExampleReader
 from derl.datapipes.sources import DataError
+from derl.datapipes.windows import WindowConfig, WindowReader
 from derl.launchers.runtime import dist as derl_dist
 from derl.launchers.runtime.config import to_flags
 from derl.launchers.runtime.presets import STAGE_PRESETS
@@ -34,9 +35,10 @@ def loss_worker(run: str, data: str) -> dict:
         model = DERM(upstream_model_config(Path(run)), table_device=torch.device("meta"))
         dmp, optimizer, _ = shard_model(model, worker.device, OptimConfig())
         checkpoint.load(checkpoint.latest(Path(run) / "checkpoints"), dmp, optimizer)
-        reader = ExampleReader(Path(data), "engagements", ("2026-01-03", "2026-01-03"),
-                               config=ReaderConfig(batch_size=256, shuffle_buffer=0, prefetch=0))
-        batch = next(iter(reader))
+        days = ("2026-01-03", "2026-01-03")
+        reader = WindowReader(Path(data), [("engagements", days), ("ad_events", days)], 0, 1,  # one rank's batch
+                              WindowConfig(batch_size=64, seq_len=model.cfg.seq_len, negatives=16, prefetch=0))
+        batch = next(reader.batches(0))
         dmp.eval()  # no dropout: the same function on every world size
         loss, _ = dmp(batch)
         loss.backward()
@@ -121,14 +123,14 @@ def test_more_ranks_than_row_groups_is_refused(tiny_world):
 
 
 def test_the_model_learns_on_the_tiny_world(learned_upstream):
-    """Measured: two epochs give recall@50 0.573 against popularity's 0.468 (+0.105), and a dot
-    AUC of 0.68 among the held-out day's organic impressions for saves (0.5: no affinity). The
+    """Measured: two epochs give recall@50 0.544 against popularity's 0.468 (+0.076), and a dot
+    AUC of 0.636 among the held-out day's organic impressions for saves (0.5: no affinity). The
     assertions keep about half of each margin. (The session's engagement run, conftest.py, is
     the one the downstream tests build on.)"""
     m = _metrics(learned_upstream["engagement"])
-    assert m["recall@50"] > m["popularity_recall@50"] + 0.05
-    assert m["recall@100"] > m["recall@50"] > m["recall@10"] > m["popularity_recall@10"]  # 0.374 vs 0.261
-    assert m["dot_auc_save"] > 0.6
+    assert m["recall@50"] > m["popularity_recall@50"] + 0.035
+    assert m["recall@100"] > m["recall@50"] > m["recall@10"] > m["popularity_recall@10"]  # 0.348 vs 0.261
+    assert m["dot_auc_save"] > 0.57
 
 
 def test_an_incremental_run_on_a_new_day_continues_from_the_checkpoint(learned_upstream, tiny_world, tmp_path):
