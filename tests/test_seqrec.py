@@ -159,6 +159,26 @@ def test_sasrec_learns_the_successor_task_and_beats_popularity(tmp_path):
         assert result["train_examples_per_s"] > 0 and result["best_epoch"] in (4, 8)
 
 
+def test_sampled_softmax_draws_its_own_negatives_for_every_position():
+    """The loss as RecTools' SASRec+SS computes it: each position's positive against
+    `negatives` items drawn for that position alone, a draw equal to the positive left out."""
+    torch.manual_seed(0)
+    model = SASRec(30, dim=8, layers=1, dropout=0.0, max_len=6, loss="ssm", negatives=5,
+                   scale_inputs=False, item_dropout=0.1).eval()
+    inputs = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])
+    targets = torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 6]])
+    loss = model.loss(inputs, targets, torch.tensor([0, 1]), torch.Generator().manual_seed(7))
+    m = targets != 0
+    h, pos = model.encode(inputs)[m], targets[m]
+    neg = torch.randint(1, 31, (len(pos), 5), generator=torch.Generator().manual_seed(7))
+    assert len(set(map(tuple, neg.tolist()))) == len(pos)  # a draw per position, not one shared
+    neg_logit = torch.einsum("pd,pkd->pk", h, model.item(neg)).masked_fill(neg == pos[:, None], float("-inf"))
+    logits = torch.cat([(h * model.item(pos)).sum(-1, keepdim=True), neg_logit], 1)
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert MODELS["sasrec-ssm"].defaults == {"dim": 256, "layers": 1, "eval_every": 1, "patience": 50}
+
+
 def test_bce_negatives_avoid_the_users_training_items(tmp_path):
     from derl.benchmarks.studies.seqrec.models import sample_unseen, seen_keys
 
@@ -266,6 +286,9 @@ def test_too_few_derl_days_fail_that_run_naming_the_flag(tmp_path):
 
 @pytest.mark.skipif(not BEAUTY.is_file(), reason="needs ../shared/data/amazon-seq/Beauty.txt")
 def test_beautys_first_users_split_as_the_file_says(tmp_path):
+    from derl.benchmarks.studies.seqrec.suite import DATASETS
+
+    assert DATASETS["beauty"] == BEAUTY.resolve()  # --dataset beauty finds ../shared/data
     with open(BEAUTY) as f:
         lines = [next(f).strip() for _ in range(300)]
     split = Split(load(_write(tmp_path / "beauty300.txt", lines)))

@@ -28,13 +28,14 @@ Reference models:
   at position max_len - 1 (right-aligned), the layout of the original left-padded inputs.
   Loss: the original binary cross-entropy with one sampled negative per position, drawn
   uniformly from the items not in the user's training sequence.
-- `sasrec-ssm`: the same network with a sampled softmax over `negatives` items shared by the
-  batch, uniform by default (--sampling popularity: drawn by training count + 1, with the logQ
-  correction, log q subtracted from every logit, the positive's included), sampled negatives
-  equal to a position's positive masked out; dot-product logits, temperature 1, no
-  normalisation (as in "Turning Dross Into Gold Loss", Klenitskiy & Vasilev, RecSys 2023, and
-  eSASRec's SASRec+SS baseline). `sasrec-ssm-256` is that baseline's published configuration
-  (d 256, 1 block; otherwise as `sasrec-ssm`), for the comparison with its figure.
+- `sasrec-ssm`: the SASRec+SS baseline of eSASRec as RecTools builds it: the same blocks, the
+  inputs not scaled by sqrt(d), dropout on the item table (inputs and outputs alike); a sampled
+  softmax over `negatives` items drawn for every position, uniform by default (--sampling
+  popularity: drawn by training count + 1, with the logQ correction, log q subtracted from every
+  logit, the positive's included), sampled negatives equal to the position's positive masked
+  out; dot-product logits, temperature 1, no normalisation (as in "Turning Dross Into Gold
+  Loss", Klenitskiy & Vasilev, RecSys 2023). Its defaults are that baseline's published recipe
+  (d 256, 1 block; validation every epoch, patience 50 epochs).
 """
 
 from __future__ import annotations
@@ -134,11 +135,14 @@ class SASRec(nn.Module):
     def __init__(self, n_items: int, dim: int = 64, layers: int = 2, heads: int = 1,
                  dropout: float = 0.2, max_len: int = 50, loss: str = "bce", negatives: int = 256,
                  sampling: str = "uniform", counts: Optional[torch.Tensor] = None,
-                 seen: Optional[torch.Tensor] = None) -> None:
+                 seen: Optional[torch.Tensor] = None, scale_inputs: bool = True,
+                 item_dropout: float = 0.0) -> None:
         super().__init__()
         self.n_items, self.dim, self.max_len = n_items, dim, max_len
         self.loss_kind, self.negatives, self.sampling = loss, negatives, sampling
+        self.scale = math.sqrt(dim) if scale_inputs else 1.0
         self.item = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.item_drop = nn.Dropout(item_dropout)
         self.pos = nn.Embedding(max_len, dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
@@ -156,11 +160,16 @@ class SASRec(nn.Module):
             self.register_buffer("q", (q / q.sum()).float(), persistent=False)
             self.register_buffer("log_q", torch.log(self.q.clamp(min=1e-30)), persistent=False)
 
-    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+    def items(self) -> torch.Tensor:
+        """[n_items + 1, dim]: the item table as this step uses it, input and output alike (with
+        item_dropout, one dropout mask over the table per step, as RecTools' item network)."""
+        return self.item_drop(self.item.weight)
+
+    def encode(self, inputs: torch.Tensor, items: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, T, dim]: the output at every position of right-aligned `inputs`."""
         B, T = inputs.shape
         valid = (inputs != 0).unsqueeze(-1)
-        x = self.item(inputs) * math.sqrt(self.dim) + self.pos.weight[self.max_len - T:]
+        x = (self.item(inputs) if items is None else items[inputs]) * self.scale + self.pos.weight[self.max_len - T:]
         x = self.drop(x) * valid
         ar = torch.arange(T, device=inputs.device)
         causal = ar[None, :] <= ar[:, None]  # [q, k]: k <= q
@@ -176,34 +185,42 @@ class SASRec(nn.Module):
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, users: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
-        h = self.encode(inputs)
         m = (inputs != 0) & (targets != 0)
-        h, pos = h[m], targets[m]
-        pos_logit = (h * self.item(pos)).sum(-1)
         if self.loss_kind == "bce":
+            h, pos = self.encode(inputs)[m], targets[m]
             neg = sample_unseen(self.seen, self.n_items, users[:, None].expand_as(inputs)[m], generator)
+            pos_logit = (h * self.item(pos)).sum(-1)
             neg_logit = (h * self.item(neg)).sum(-1)
             return (F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit))
                     + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit)))
+        items = self.items()
+        h, pos = self.encode(inputs, items)[m], targets[m]
+        shape = (len(pos), self.negatives)  # negatives of their own for every position
         if self.sampling == "popularity":
-            neg = torch.multinomial(self.q, self.negatives, replacement=True, generator=generator)
+            neg = torch.multinomial(self.q, shape[0] * shape[1], replacement=True,
+                                    generator=generator).view(shape)
         else:
-            neg = torch.randint(1, self.n_items + 1, (self.negatives,), generator=generator,
-                                device=inputs.device)
-        neg_logit = h @ self.item(neg).T
+            neg = torch.randint(1, self.n_items + 1, shape, generator=generator, device=inputs.device)
+        # Every item's logit, then the sampled ones picked: the same logits as gathering each
+        # position's negatives' vectors, at a fraction of the memory traffic.
+        logits = h @ items.T
+        pos_logit, neg_logit = logits.gather(1, pos[:, None]), logits.gather(1, neg)
         if self.sampling == "popularity":  # logQ correction (uniform: a constant, no effect)
-            pos_logit = pos_logit - self.log_q[pos]
-            neg_logit = neg_logit - self.log_q[neg][None, :]
-        neg_logit = neg_logit.masked_fill(neg[None, :] == pos[:, None], float("-inf"))
-        logits = torch.cat([pos_logit[:, None], neg_logit], 1)
+            pos_logit = pos_logit - self.log_q[pos][:, None]
+            neg_logit = neg_logit - self.log_q[neg]
+        neg_logit = neg_logit.masked_fill(neg == pos[:, None], float("-inf"))
+        logits = torch.cat([pos_logit, neg_logit], 1)
         return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
 def _sasrec(loss: str) -> Callable[[Split, Any], nn.Module]:
+    """bce: the original SASRec network; ssm: RecTools' (inputs not scaled by sqrt(d), dropout
+    on the item table)."""
     def build(split: Split, s) -> nn.Module:
         return SASRec(split.n_items, s.dim, s.layers, s.heads, s.dropout, s.max_len, loss,
                       s.negatives, s.sampling, counts=split.train_counts(),
-                      seen=seen_keys(split) if loss == "bce" else None)
+                      seen=seen_keys(split) if loss == "bce" else None,
+                      scale_inputs=loss == "bce", item_dropout=s.dropout if loss == "ssm" else 0.0)
     return build
 
 
@@ -215,12 +232,12 @@ register("popularity-all", ModelSpec(
     lambda split, s: Popularity(torch.bincount(split.items, minlength=split.n_items + 1)),
     trainable=False, label="popularity (every interaction counted: test leaks)"))
 register("sasrec", ModelSpec(_sasrec("bce"), label="SASRec, original loss (BCE, 1 negative)"))
-register("sasrec-ssm", ModelSpec(_sasrec("ssm"), label="SASRec, sampled softmax"))
-# The configuration of eSASRec's SASRec+SS baseline on the S3-Rec data (its repository,
-# blondered/transformer_benchmark, configs/paper/loo/s3_vanilla.yaml): d 256, 1 block, 1 head,
-# dropout 0.2, 256 negatives, max_len 50 (it trains 200 epochs).
-register("sasrec-ssm-256", ModelSpec(_sasrec("ssm"), defaults={"dim": 256, "layers": 1},
-                                     label="SASRec, sampled softmax, d 256, 1 block"))
+# The recipe of eSASRec's SASRec+SS baseline on the S3-Rec data (docs/seqrec.md: its repository
+# blondered/transformer_benchmark, configs/paper/loo/s3_vanilla.yaml, on RecTools 0.13.0):
+# d 256, 1 block, 1 head, dropout 0.2, max_len 50, 256 negatives; validation every epoch,
+# stopped after 50 epochs without a better one, 200 at most.
+register("sasrec-ssm", ModelSpec(_sasrec("ssm"), defaults={"dim": 256, "layers": 1, "eval_every": 1, "patience": 50},
+                                 label="SASRec, sampled softmax (RecTools' SASRec+SS recipe)"))
 # derl's own upstream, trained and exported by the derl commands (derl_model.py).
 register("derl", ModelSpec(derl_model.build, fit=derl_model.fit,
                            label="derl upstream (DERM user and Pin towers, via derl import/train-upstream/export)"))

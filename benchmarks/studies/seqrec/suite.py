@@ -39,7 +39,7 @@ from derl.benchmarks.studies.seqrec.data import Split, load
 from derl.benchmarks.studies.seqrec.models import MODELS
 from derl.benchmarks.studies.seqrec.train import SELECT, Settings, fit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DATA = REPO.parent / "shared" / "data"  # ../shared/data beside the repository
 DATASETS = {
     "beauty": DATA / "amazon-seq" / "Beauty.txt",
@@ -75,8 +75,7 @@ PUBLISHED: Dict[str, Dict[str, Dict[str, object]]] = {
 }
 # Our model -> its published counterpart (the gap columns of bench.md).
 COUNTERPART = {"popularity": "popularity", "popularity-all": "popularity", "sasrec": "SASRec",
-               "sasrec-ssm": "SASRec, sampled softmax (256 negatives)",
-               "sasrec-ssm-256": "SASRec, sampled softmax (256 negatives)"}
+               "sasrec-ssm": "SASRec, sampled softmax (256 negatives)"}
 KEEP = ("train_s", "train_examples_per_s", "s_per_epoch", "epochs", "best_epoch", "stopped",
         "eval_s", "positions_per_epoch", "params", "device", "threads")
 
@@ -92,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              "patience": "evaluations without a better validation NDCG@10 before stopping",
              "threads": "torch threads (0: every core)", "bucket": "batches per length-sorted chunk (0: none)",
              "sampling": "sasrec-ssm negatives: uniform | popularity (with logQ)",
-             "negatives": "sasrec-ssm sampled negatives per batch",
+             "negatives": "sasrec-ssm sampled negatives per position",
              "derl_days": "derl: days the seq-lines import spreads each history over"}
     for name, f in fields.items():
         flag = "--" + name.replace("_", "-")
