@@ -39,6 +39,8 @@ ROW_CONTEXT = ("surface", "hour", "position")
 
 # Time since a sequence engagement, in log2(hours + 1) buckets.
 NUM_GAP_BUCKETS = 16
+# An event's time from its window's day start: NUM_GAP_BUCKETS buckets before the start, as many after.
+NUM_EVENT_TIMES = 2 * NUM_GAP_BUCKETS
 # Ad slot positions above this share one bucket.
 NUM_POSITIONS = 32
 
@@ -56,7 +58,7 @@ def feature_vocab(id_sizes: Dict[str, int]) -> Dict[str, int]:
         "neg_category": id_sizes["category"],
         "neg_advertiser_id": id_sizes["advertiser_id"],
         "seq_action": S.NUM_ACTIONS,
-        "seq_gap": NUM_GAP_BUCKETS,
+        "seq_gap": NUM_EVENT_TIMES,
         "surface": S.NUM_SURFACES,
         "hour": S.NUM_HOURS,
         "position": NUM_POSITIONS,

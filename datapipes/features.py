@@ -109,21 +109,15 @@ class _Sequences:
         return lengths, self.pin[flat], self.action[flat], self.ts[flat]
 
 
-def gap_buckets(gap_seconds: np.ndarray) -> np.ndarray:
-    """log2(hours + 1) buckets of the time between two events, the last one also for "no
-    event before it in the window"."""
-    hours = np.maximum(gap_seconds, 0) / 3600.0
-    return np.minimum(np.floor(np.log2(1.0 + hours)), NUM_GAP_BUCKETS - 1).astype(np.int64)
-
-
-def window_gaps(ts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Each event's gap bucket from the event before it in its window (windows flat, oldest
-    first, `lengths` each): a window's first event has none (the last bucket). The state after
-    an event then depends on that event and the ones before it only."""
-    gaps = gap_buckets(ts - np.concatenate([ts[:1], ts[:-1]]))
-    lengths = np.asarray(lengths)
-    gaps[(np.cumsum(lengths) - lengths)[lengths > 0]] = NUM_GAP_BUCKETS - 1
-    return gaps
+def event_times(ts: np.ndarray, day_start: np.ndarray) -> np.ndarray:
+    """Each event's time from its window's day start, in log2(hours + 1) buckets: one range for
+    the events before the start, one for those after it (a window's own day). It depends on the
+    event and the day alone, so the state after a window's context is the same function of the
+    context in training and in export, and it says how recent the history is."""
+    before = ts < day_start
+    hours = np.abs(ts - day_start) / 3600.0
+    bucket = np.minimum(np.floor(np.log2(1.0 + hours)), NUM_GAP_BUCKETS - 1).astype(np.int64)
+    return np.where(before, bucket, NUM_GAP_BUCKETS + bucket)
 
 
 def _present(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -169,16 +163,16 @@ class FeatureJoiner:
             jagged[c] = (found.astype(np.int64), self.entities.profile[c][row][found])
         return jagged
 
-    def event_features(self, pin: np.ndarray, action: np.ndarray, ts: np.ndarray,
-                       lengths: np.ndarray) -> Tuple[Jagged, Dict[str, torch.Tensor]]:
-        """The sequence features of windows of events (flat, oldest first, `lengths` [n] each):
-        their Pins' ids and attributes, actions and gaps (`window_gaps`), and the dense
-        `seq_content` [events, CONTENT_DIM] and `seq_is_ad` [events]."""
+    def event_features(self, pin: np.ndarray, action: np.ndarray, ts: np.ndarray, lengths: np.ndarray,
+                       day_start: np.ndarray) -> Tuple[Jagged, Dict[str, torch.Tensor]]:
+        """The sequence features of windows of events (flat, oldest first, `lengths` [n] each,
+        the window of day `day_start` [n]): their Pins' ids and attributes, actions and times
+        (`event_times`), and the dense `seq_content` [events, CONTENT_DIM] and `seq_is_ad` [events]."""
         e = self.entities
         n = len(lengths)
         owner = np.repeat(np.arange(n), lengths)
         jagged: Jagged = {"seq_pin_id": (lengths, pin), "seq_action": (lengths, action.astype(np.int64)),
-                          "seq_gap": (lengths, window_gaps(ts, lengths))}
+                          "seq_gap": (lengths, event_times(ts, np.repeat(day_start, lengths)))}
         pin_row, found = e.pins.rows(pin)
         jagged["seq_category"] = (lengths, np.where(found, e.category[pin_row], 0))
         advertiser = np.where(found, e.advertiser[pin_row], -1)
@@ -203,7 +197,7 @@ class FeatureJoiner:
         owner, pin, action, seq_ts = (np.concatenate(p) for p in zip(*parts))
         by_row = np.argsort(owner, kind="stable")  # flat values in row order
         self.stats.no_history += int((seq_len == 0).sum())
-        events, dense = self.event_features(pin[by_row], action[by_row], seq_ts[by_row], seq_len)
+        events, dense = self.event_features(pin[by_row], action[by_row], seq_ts[by_row], seq_len, day_start)
         jagged.update(events)
         return jagged, dense
 

@@ -243,7 +243,7 @@ class WindowReader:
         seq_len = w["end"] - w["start"]
         flat = _ranges(day.stream_start[w["user"]] + w["start"], seq_len)
         pin, action, ts = (day.stream[k][flat] for k in ("pin", "action", "ts"))
-        seq_jagged, seq_dense = joiner.event_features(pin, action, ts, seq_len)
+        seq_jagged, seq_dense = joiner.event_features(pin, action, ts, seq_len, np.full(n, day.day_start))
         jagged.update(seq_jagged)
         context_len = w["chunk_start"] - w["start"]
         targets = int((w["end"] - w["chunk_start"]).sum())

@@ -326,7 +326,7 @@ class UserTower(nn.Module):
 
     Each event is the sum of its Pin's id, category and advertiser embeddings, its projected
     content embedding (as PinnerFormer feeds PinSage vectors: a Pin seen a few times has a weak
-    id embedding but informative content), its action and its gap from the event before it.
+    id embedding but informative content), its action and its time from the window's day start.
     The encoder is causal: the state after each event of a window is a user state (after the
     context: the user at the day's start; after each later event: the query for the next)."""
 

@@ -26,7 +26,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from derl.datapipes.batch import NUM_GAP_BUCKETS, Batch
+from derl.datapipes.batch import NUM_EVENT_TIMES, Batch
 import torch.nn.functional as F
 
 from derl.models.losses import in_batch_softmax_loss, pairwise_logistic_loss, sampled_softmax_loss
@@ -34,7 +34,7 @@ from derl.models.upstream import DERM, SHARED_TABLES, PinFeatures, UpstreamConfi
 
 VOCAB = dict(
     user_id=10, country=3, age_bucket=4, gender=3, pin_id=12, category=5, advertiser_id=4,
-    seq_action=6, seq_gap=NUM_GAP_BUCKETS, surface=3, hour=24,
+    seq_action=6, seq_gap=NUM_EVENT_TIMES, surface=3, hour=24,
 )
 B = 4
 
