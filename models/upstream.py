@@ -560,6 +560,11 @@ class UpstreamLoss(nn.Module):
             )
         if not parts:
             raise ValueError(f"batch has none of the labels {cfg.tasks}, contrastive is off")
+        if not len(pin_ids):
+            # A batch of windows without rows (days before the rows: next-Pin targets only): the
+            # heads still take part, at zero weight, since data parallel training with a static
+            # graph needs every parameter in every step.
+            parts["no_rows"] = 0.0 * sum(logit.sum() for logit in logits.values())
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
 
