@@ -75,31 +75,67 @@ def test_headroom_names_a_snapshot_version_it_cannot_find(tiny_pipeline, tmp_pat
 
 
 def test_ceiling_orders_the_estimators_by_what_they_know(tiny_world, tmp_path):
-    """The ceiling table on the tiny world: knowing more of the hidden state never scores worse,
-    and the world's own expected saves retrieve better than popularity."""
+    """The ceiling table on the tiny world: the world's own probabilities beat every reference,
+    knowing more of the hidden state never scores worse, and recall is the mean of saves and
+    clicks, as the upstream reports it."""
     import json
 
     from derl.benchmarks.studies import ceiling
 
     ceiling.main(["--data", str(tiny_world), "--out", str(tmp_path)])
-    value = {r["estimator"]: r["value"] for r in json.loads((tmp_path / "ceiling.json").read_text())["rows"]}
-    assert value["true latents (last upstream day)"] < value["user from engaged Pins' true latents, true ad"] < 1.0
-    assert value["true latents (last upstream day)"] < value["true user, ad from content"] < 1.0
-    assert value["the world's expected saves (Bayes)"] > value["popularity"]
-    assert value["the world's expected saves (Bayes)"] >= value["true-latent dot + log popularity (best weight)"]
-    probe = {r["estimator"]: r["value"] for r in json.loads((tmp_path / "ceiling.json").read_text())["rows"]
-             if r["figure"].startswith("latent probe")}
-    # Measured: users 0.333 (true Pins), 0.184 (content), 0.206 (tables); Pins 0.298 (content), 0.327 (tables).
-    assert len(probe) == 5 and all(0.1 < v < 1 for v in probe.values())
+    rows = json.loads((tmp_path / "ceiling.json").read_text())["rows"]
+    ne = {r["estimator"]: r["value"] for r in rows if r["figure"] == "CTR NE"}
+    # Measured: Bayes 0.912 < true latents with quality 0.926 < true latents 0.941 < engaged-Pin
+    # mean 0.980, maximum likelihood 0.981, ad from content and category 0.980.
+    assert ne["the world's P(click) (Bayes)"] == min(ne.values())
+    assert (ne["true latents and advertiser quality in one dot (click weight x dot + quality)"]
+            < ne["true latents (last upstream day)"])
+    for partial in ("user from engaged Pins' true latents, true ad",
+                    "user by maximum likelihood of their organic impressions, true ad",
+                    "true user, ad from content and category"):
+        assert ne["true latents (last upstream day)"] < ne[partial] < 1.0
+    recall = {(r["figure"], r["estimator"]): r["value"] for r in rows if r["figure"].startswith("recall")}
+    bayes, dot, popularity = ("the world's expected events of each task (Bayes)",
+                              "true-latent dot + log popularity (best weight)",
+                              "popularity (the upstream's training days)")
+    for name in (bayes, dot, popularity):
+        by_task = [recall[f"recall@50 ({task})", name] for task in ("save", "click")]
+        assert recall["recall@50 (mean)", name] == pytest.approx(sum(by_task) / 2, abs=1e-4)
+    # Measured: 0.737, 0.576, 0.468.
+    assert recall["recall@50 (mean)", bayes] > recall["recall@50 (mean)", dot] > recall["recall@50 (mean)", popularity]
+    probe = {(r["figure"], r["estimator"]): r["value"] for r in rows if r["figure"].startswith("latent probe")}
+    # Measured: users 0.333 (engaged true Pins), 0.331 (maximum likelihood), 0.211 (content), 0.220
+    # (tables); Pins 0.396 (content and category), 0.407 (tables).
+    assert len(probe) == 6 and all(0.1 < v < 1 for v in probe.values())
     # A user read through their Pins' content knows less than one read through their true latents,
     # and reading the engagements beside the content adds to both users and Pins.
-    users_from = "action-weighted mean of engaged Pins' {} (users who engaged)".format
-    assert probe[users_from("content posteriors")] < probe[users_from("true latents")]
-    assert probe["from the tables (`_table_vectors`; users who engaged)"] > probe[users_from("content posteriors")]
-    assert (probe["from the tables (`_table_vectors`)"]
-            > probe["content embedding (posterior mean, the projection known)"])
+    users = {name: v for (figure, name), v in probe.items() if "users" in figure}
+    from_content = users["action-weighted mean of engaged Pins' content posteriors"]
+    assert from_content < users["action-weighted mean of engaged Pins' true latents"]
+    assert users["from the tables (`_table_vectors`)"] > from_content
+    pins = {name: v for (figure, name), v in probe.items() if "Pins" in figure}
+    assert pins["from the tables (`_table_vectors`)"] > pins["content and category (posterior mean)"]
 
 
+def test_ceiling_outcome_model_is_the_worlds():
+    """The ceiling's log-probabilities of each action are the frequencies of the world's own draws."""
+    import numpy as np
+    import torch
+
+    from derl.benchmarks.studies import ceiling
+    from derl.datapipes import schema as S
+    from derl.datapipes import world as W
+
+    rng, n = np.random.default_rng(0), 200_000
+    for affinity, quality, surface in ((-0.3, 0.0, 0), (0.2, 0.4, 1), (0.6, -0.3, 2)):
+        drawn = W._draw_outcomes(rng, np.full(n, affinity), np.full(n, quality), np.full(n, surface))
+        log_p = ceiling._action_log_probs(torch.tensor([affinity]), torch.tensor([quality]),
+                                          W.SURFACE_ENGAGEMENT_BIAS[surface])
+        for action in S.Action:
+            assert np.exp(log_p[action].item()) == pytest.approx((drawn == action).mean(), abs=0.005), action
+
+
+@pytest.mark.slow  # trains rankers through the `derl` command
 def test_ceiling_rankers_put_the_worlds_own_probabilities_above_every_snapshot(tiny_world, tmp_path):
     """`--rankers`: the rankers on snapshots planted from the hidden state and the world's own probabilities, each
     as an NE gain over `none` with its bootstrap interval. Measured on the tiny world: Bayes CTR
@@ -129,4 +165,12 @@ def test_ceiling_refuses_a_rank_count_below_one(tiny_world, tmp_path):
 
     with pytest.raises(SystemExit):
         ceiling.main(["--data", str(tiny_world), "--out", str(tmp_path), "--rankers", "tiny", "--nproc", "0"])
+    assert not (tmp_path / "ceiling.json").exists()
+
+
+def test_ceiling_refuses_a_from_day_outside_the_upstream_days(tiny_world, tmp_path):
+    from derl.benchmarks.studies import ceiling
+
+    with pytest.raises(SystemExit, match="--from-day 2026-01-08"):
+        ceiling.main(["--data", str(tiny_world), "--out", str(tmp_path), "--from-day", "2026-01-08"])
     assert not (tmp_path / "ceiling.json").exists()
