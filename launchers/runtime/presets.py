@@ -48,14 +48,14 @@ STAGE_PRESETS: Dict[str, Preset] = {
         # Two heads of 16 (four of 8 by default): attention's CPU kernel on 8-wide heads took a
         # large share of a step (docs/experiments.md, "2026-12-05").
         # Float32 matmuls: at this width bf16 autocast cost more than it saved (it pays at d 64;
-        # docs/experiments.md, "2026-12-05").
+        # docs/experiments.md, "2026-12-05"). 64 user windows a step: more recall than 32 or 256
+        # (docs/experiments.md, "2026-12-07").
         upstream={"embedding_dim": 32, "seq_layers": 1, "seq_heads": 2, "tower_dims": (128, 64),
-                  "interaction_dims": (128, 64), "batch_size": 256, "dense_lr": 3e-3,
+                  "interaction_dims": (128, 64), "batch_size": 64, "dense_lr": 3e-3,
                   "embedding_lr": 0.1, "from_day": "2026-01-08", "seq_bf16": False},
-        # The four days before the cut, one pass: `make demo` in about ten minutes; two days
-        # gave smaller ranker gains, a second pass more recall but no more CTR gain
-        # (docs/experiments.md, "2026-12-05"). The conversion domain's main table is the ad
-        # impressions; half a pass over them keeps its cost that of the engagement domain's.
+        # The four days before the cut, one pass: two days gave smaller ranker gains, a second
+        # pass little more recall (docs/experiments.md, "2026-12-05" and "2026-12-07"). Half a
+        # pass of the conversion domain's windows keeps its cost under the engagement domain's.
         upstream_epochs={"engagement": 1, "conversion": 0.5},
         downstream={"embedding_dim": 16, "batch_size": 1024, "epochs": 1},
         projection_dim=32,
