@@ -75,7 +75,7 @@ def test_upstream_only_world_trains_exports_and_retrieves_items(no_ads, tmp_path
     assert not (tmp_path / "conv").exists()  # refused before the run folder was claimed
     derl("train-upstream", "--data", str(no_ads), "--out", str(run), "--max-steps", "20", *SMALL)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["reader_stats"]) == {"engagements"}
+    assert metrics["tables"] == ["engagements"]
     assert np.isnan(metrics["dot_auc_ad_click"])  # no ad impressions to rank
     assert metrics["recall@50"] > 0
     derl("export", "--data", str(no_ads), "--out", str(snaps), "--upstream", f"engagement={run}")

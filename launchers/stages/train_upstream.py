@@ -271,6 +271,7 @@ def report(t: Training, loop: Loop) -> Dict[str, object]:
         **runs.headline(final),
         "eval": final,
         "eval_history": loop.evals,
+        "tables": [r.table for r in t.stream.readers],
         "reader_stats": t.stream.stats.as_dict(),
         "plan": describe_plan(t.plan),
     }
