@@ -1,20 +1,7 @@
 """The upstream's sequence transformer against the limit and a peer, on one real training batch:
-its achieved GFLOP/s beside the machine's matrix-multiply GFLOP/s, and the reference SASRec's
-training examples/s at the same width, depth, length and batch (issue: "measure against the
-limit and a peer, side by side in one run").
-
-- transformer_gflop_s: FLOPs of one forward + backward of `towers.user.sequence` on the batch's
-  events (counted by `torch.utils.flop_counter.FlopCounterMode`: every matmul, and attention
-  at its executed size, padding of each length group included) / the seconds of that forward
-  + backward, timed alone in training mode (dropout on), median of `reps`.
-- matmul_gflop_s: a plain `torch.mm` of the FFN's shape, [tokens, d] x [d, 4d], in the same
-  process and threads, in the dtype the encoder's projections multiply in (`matmul_dtype`:
-  bfloat16 where its bf16 autocast is on, else float32); fraction_of_matmul_peak = their ratio.
-- sasrec_examples_per_s: the seqrec suite's `sasrec` (BCE, one negative per position; its
-  default heads and dropout) training on windows with the batch's history lengths (the latest
-  seq_len events, random item ids from the world's Pin vocabulary), padded to the batch's
-  longest as its training loop pads, loss + backward + Adam step, median of `reps`.
-"""
+its achieved GFLOP/s beside a plain matmul's of the FFN's shape, and the reference SASRec's
+training examples/s on the same history lengths (how each is counted: docs/results.md,
+"Upstream training")."""
 
 from __future__ import annotations
 

@@ -15,27 +15,10 @@ in the same loop (batching, Adam, early stopping on validation, checkpoints); a 
 `fit` (same signature and result as `train.fit`) trains itself instead. A new model (derl's own
 upstream, say) registers here with `register("name", ModelSpec(...))`.
 
-Reference models:
-- `popularity`: every user gets the items by training-interaction count;
-  `popularity-all` counts every interaction, validation and test targets included (it leaks
-  the test; it is what reproduces the published popularity figure, docs/seqrec.md).
-- `sasrec`: SASRec (Kang & McAuley, ICDM 2018) as the authors' code and its PyTorch port
-  (pmixer/SASRec.pytorch) build it: item embedding (id 0 padding) x sqrt(d) + learned positional
-  embedding, dropout; blocks of [queries = LayerNorm(x); x = queries + causal attention
-  (keys/values: x); x = LayerNorm(x); x = x + FFN(x), FFN d->d->d with ReLU and dropout; padded
-  positions zeroed]; a final LayerNorm; the output at each position scored against the next
-  item's embedding (the item embedding shared). Positions: the last item of every window sits
-  at position max_len - 1 (right-aligned), the layout of the original left-padded inputs.
-  Loss: the original binary cross-entropy with one sampled negative per position, drawn
-  uniformly from the items not in the user's training sequence.
-- `sasrec-ssm`: the SASRec+SS baseline of eSASRec as RecTools builds it: the same blocks, the
-  inputs not scaled by sqrt(d), dropout on the item table (inputs and outputs alike); a sampled
-  softmax over `negatives` items drawn for every position, uniform by default (--sampling
-  popularity: drawn by training count + 1, with the logQ correction, log q subtracted from every
-  logit, the positive's included), sampled negatives equal to the position's positive masked
-  out; dot-product logits, temperature 1, no normalisation (as in "Turning Dross Into Gold
-  Loss", Klenitskiy & Vasilev, RecSys 2023). Its defaults are that baseline's published recipe
-  (d 256, 1 block; validation every epoch, patience 50 epochs).
+Reference models (what each computes, and its recipe's sources: docs/seqrec.md, "Models"):
+`popularity`, `popularity-all`, `sasrec` (SASRec as its authors built it, binary cross-entropy
+with one sampled negative), `sasrec-ssm` (eSASRec's SASRec+SS baseline: a sampled softmax over
+256 uniform negatives per position, its published recipe as defaults).
 """
 
 from __future__ import annotations
