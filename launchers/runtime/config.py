@@ -56,14 +56,22 @@ def _comma_list(item: Any):
     return parse
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of the stage config `cls`."""
+def add_flags(parser: argparse.ArgumentParser, cls: type, unset: Optional[str] = None) -> None:
+    """One flag per field of the stage config `cls`. With `unset`, every flag defaults to None,
+    so that the caller tells a flag given from one left out (the seqrec suite lays each model's
+    own defaults between the dataclass's and the flags), a bool is `--x/--no-x`, and `unset`
+    ends the help's default ("or the model's own")."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap(hints[f.name])
         meta = f.metadata
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         kw: Dict[str, Any] = {"dest": f.name, "help": meta.get("help", "")}
+        if unset is not None:
+            kw["help"] = f"{kw['help']} (default: {_shown(f.default)}, {unset})".strip()
+        if tp is bool and unset is not None:
+            parser.add_argument(field_flag(f), action=argparse.BooleanOptionalAction, default=None, **kw)
+            continue
         if tp is bool:
             if f.default is True:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), action="store_false", **kw)
@@ -83,12 +91,17 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["metavar"] = meta["metavar"]
         if required:
             kw["required"] = True
+        elif unset is not None:
+            kw["default"] = None
         else:
             kw["default"] = f.default
             if f.default is not None and kw["help"] and "choices" not in kw and "default" not in kw["help"]:
-                shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-                kw["help"] += f" (default: {shown})"
+                kw["help"] += f" (default: {_shown(f.default)})"
         parser.add_argument(field_flag(f), **kw)
+
+
+def _shown(default: Any) -> str:
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
 def from_args(cls: Type[T], args: argparse.Namespace) -> T:

@@ -38,6 +38,7 @@ from derl.benchmarks.studies.seqrec import metrics
 from derl.benchmarks.studies.seqrec.data import Split, load
 from derl.benchmarks.studies.seqrec.models import MODELS
 from derl.benchmarks.studies.seqrec.train import SELECT, Settings, fit
+from derl.launchers.runtime.config import add_flags
 
 REPO = Path(__file__).resolve().parents[3]
 DATA = REPO.parent / "shared" / "data"  # ../shared/data beside the repository
@@ -86,22 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", action="append", default=[], metavar="NAME[=PATH]",
                    help=f"repeat; known names: {', '.join(DATASETS)} (default: all of them)")
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of {', '.join(MODELS)}")
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    helps = {"epochs": "maximum epochs", "eval_every": "epochs between validation evaluations",
-             "patience": "evaluations without a better validation NDCG@10 before stopping",
-             "threads": "torch threads (0: every core)", "bucket": "batches per length-sorted chunk (0: none)",
-             "sampling": "sasrec-ssm negatives: uniform | popularity (with logQ)",
-             "negatives": "sasrec-ssm sampled negatives per position",
-             "derl_days": "derl: days the seq-lines import spreads each history over"}
-    for name, f in fields.items():
-        flag = "--" + name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default {f.default})")
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=kind, default=None,
-                           help=f"{helps.get(name, '')} (default {f.default}, or the model's own)".strip())
+    add_flags(p, Settings, unset="or the model's own")
 
 
 def settings_for(model: str, args: argparse.Namespace) -> Settings:

@@ -38,41 +38,42 @@ from torch import nn
 
 from derl.benchmarks.studies.seqrec import metrics
 from derl.benchmarks.studies.seqrec.data import Split
+from derl.models.fields import setting
 
 SELECT = "ndcg@10"  # the validation metric of model selection and early stopping
 
 
 @dataclass
 class Settings:
-    epochs: int = 200  # at most
-    eval_every: int = 5  # epochs between validation evaluations
-    patience: int = 10  # evaluations without a better validation NDCG@10 before stopping
-    batch_size: int = 128
-    lr: float = 1e-3
-    beta2: float = 0.98  # Adam (0.9, 0.98), as SASRec's code
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0: every core
-    device: str = "auto"  # auto: cuda if present
-    eval_batch: int = 1024  # users per score matrix
-    bucket: int = 32  # batches per length-sorted chunk; 0: no bucketing
-    bf16: bool = False  # autocast the forward to bfloat16
+    epochs: int = setting(200, "maximum epochs")
+    eval_every: int = setting(5, "epochs between validation evaluations")
+    patience: int = setting(10, "evaluations without a better validation NDCG@10 before stopping")
+    batch_size: int = setting(128, "users a batch")
+    lr: float = setting(1e-3, "Adam's learning rate")
+    beta2: float = setting(0.98, "Adam's beta2 (beta1 0.9), as SASRec's code")
+    seed: int = setting(0, "seed of the model and the data order")
+    threads: int = setting(0, "torch threads (0: every core)")
+    device: str = setting("auto", "auto (cuda if present), cpu or cuda")
+    eval_batch: int = setting(1024, "users a score matrix")
+    bucket: int = setting(32, "batches per length-sorted chunk (0: none)")
+    bf16: bool = setting(False, "autocast the forward to bfloat16")
     # the network (sasrec, sasrec-ssm)
-    dim: int = 64
-    layers: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    max_len: int = 50
-    negatives: int = 256  # sasrec-ssm
-    sampling: str = "uniform"  # sasrec-ssm: uniform | popularity (with logQ)
+    dim: int = setting(64, "width")
+    layers: int = setting(2, "transformer blocks")
+    heads: int = setting(1, "attention heads")
+    dropout: float = setting(0.2, "dropout")
+    max_len: int = setting(50, "history items a position sees")
+    negatives: int = setting(256, "sasrec-ssm sampled negatives per position")
+    sampling: str = setting("uniform", "sasrec-ssm negatives: uniform | popularity (with logQ)")
     # derl (derl_model.py): at most `derl_epochs` of `derl train-upstream`, scored on validation
-    # every `derl_eval_every`, stopped after `derl_patience` scores without a better one; its
-    # model (the presets' small one, or the TrainUpstreamConfig defaults)
-    derl_epochs: int = 50
-    derl_eval_every: int = 5
-    derl_patience: int = 2
-    derl_model: str = "small"
-    derl_days: int = 8  # the import's synthesized days: the training items spread over the first D - 2
-    derl_args: str = ""  # more `derl train-upstream` flags, after the model's: "--seq-len 50 ..."
+    # every `derl_eval_every`, stopped after `derl_patience` scores without a better one
+    derl_epochs: int = setting(50, "derl: maximum epochs")
+    derl_eval_every: int = setting(5, "derl: epochs between validation scores")
+    derl_patience: int = setting(2, "derl: scores without a better one before stopping")
+    derl_model: str = setting("small", "derl: the presets' small model or the TrainUpstreamConfig defaults",
+                              choices=("small", "default"))
+    derl_days: int = setting(8, "derl: days the seq-lines import spreads each history over")
+    derl_args: str = setting("", "derl: more train-upstream flags, after the model's: \"--seq-len 50 ...\"")
 
 
 def device_of(settings: Settings) -> torch.device:
