@@ -94,8 +94,7 @@ class WindowReader:
         # q of the contrastive logQ correction: a Pin's share of all the domain's rows
         self.pin_prob = sum(r.pin_prob * n for r, n in zip(self.readers, rows)) / max(rows.sum(), 1)
         self.days = sorted({u.day for r in self.readers + [self.events] for u in r.units})
-        self.event_prob = self._event_prob()
-        self.per_day = [self._count_windows(d) for d in self.days]
+        self.event_prob, self.per_day = self._scan()
 
     @property
     def engagements(self) -> ExampleReader:
@@ -120,36 +119,33 @@ class WindowReader:
         order = np.lexsort((events["ts"], events["user_id"]))
         return {k: v[order] for k, v in events.items()}
 
-    def _event_prob(self) -> np.ndarray:
-        """P(an engagement of the training days is with Pin p), per Pin row (last slot: Pins
-        missing from `pins`): the next-Pin term's popularity, for its logQ correction."""
+    def _scan(self) -> Tuple[np.ndarray, List[int]]:
+        """One pass over the days' ids, every file read once: (P(an engagement of the target days
+        is with Pin p), per Pin row, last slot Pins missing from `pins`: the next-Pin term's
+        popularity, for its logQ correction; this rank's windows per day)."""
         pins = self.joiner.entities.pins
         counts = np.zeros(len(pins.sorted) + 1, dtype=np.int64)
-        for path, day in dict.fromkeys((u.path, u.day) for u in self.events.units):
-            t = self.events.read_columns(path, day, ["pin_id", "action"])
-            pin = t["pin_id"][t["action"] != S.Action.IMPRESSION]
-            row, found = pins.rows(pin)
-            counts += np.bincount(np.where(found, row, len(counts) - 1), minlength=len(counts))
-        return counts / max(counts.sum(), 1)
-
-    def _count_windows(self, day: str) -> int:
-        """This rank's windows on `day`: one per user with rows or engagements, one more per
-        further `seq_len` engagements of a user."""
-        users = []
-        chunks = np.zeros(0, dtype=np.int64)
-        for r in self._readers_of(day):
-            for path, d in dict.fromkeys((u.path, u.day) for u in r.units if u.day == day):
-                cols = ["user_id", "action"] if r.table == "engagements" else ["user_id"]
-                t = r.read_columns(path, d, cols)
-                mine = t["user_id"] % self.world_size == self.rank
-                if r in self.readers:  # the users with rows
-                    users.append(t["user_id"][mine])
-                if r.table == "engagements":  # the users with events
-                    events = t["user_id"][mine & (t["action"] != S.Action.IMPRESSION)]
-                    users.append(events)
-                    _, n = np.unique(events, return_counts=True)
-                    chunks = np.concatenate([chunks, np.maximum(n - 1, 0) // self.config.seq_len])
-        return len(np.unique(np.concatenate(users))) + int(chunks.sum()) if users else 0
+        per_day = []
+        for day in self.days:
+            users = []
+            chunks = np.zeros(0, dtype=np.int64)
+            for r in self._readers_of(day):
+                for path, d in dict.fromkeys((u.path, u.day) for u in r.units if u.day == day):
+                    cols = ["user_id", "pin_id", "action"] if r.table == "engagements" else ["user_id"]
+                    t = r.read_columns(path, d, cols)
+                    mine = t["user_id"] % self.world_size == self.rank
+                    if r in self.readers:  # the users with rows
+                        users.append(t["user_id"][mine])
+                    if r.table == "engagements":  # the users with events: one window per seq_len of them
+                        engaged = t["action"] != S.Action.IMPRESSION
+                        row, found = pins.rows(t["pin_id"][engaged])
+                        counts += np.bincount(np.where(found, row, len(counts) - 1), minlength=len(counts))
+                        events = t["user_id"][mine & engaged]
+                        users.append(events)
+                        _, n = np.unique(events, return_counts=True)
+                        chunks = np.concatenate([chunks, np.maximum(n - 1, 0) // self.config.seq_len])
+            per_day.append(len(np.unique(np.concatenate(users))) + int(chunks.sum()) if users else 0)
+        return counts / max(counts.sum(), 1), per_day
 
     def _readers_of(self, day: str) -> List[ExampleReader]:
         """The readers with rows or events on `day`: the row tables', and the engagements' of a
