@@ -136,3 +136,20 @@ def test_training_on_windows_reaches_every_term_and_learns(tiny_world) -> None:
         first = total if first is None else first
     assert set(out["losses"]) >= {"next_pin", "contrastive", "click", "clicked"}
     assert total < first * 0.95, (first, total)
+
+
+def test_bad_window_settings_are_refused_naming_the_flag_or_table(tiny_world, tmp_path) -> None:
+    from derl.launchers.runtime.settings import TrainUpstreamConfig
+
+    base = {"data": tiny_world, "out": tmp_path / "run"}
+    with pytest.raises(ValueError, match="--targets-from-day 2026-01-07 is after --until 2026-01-05"):
+        TrainUpstreamConfig(**base, until="2026-01-05", targets_from_day="2026-01-07")
+    with pytest.raises(ValueError, match="--targets-from-day"):
+        TrainUpstreamConfig(**base, targets_from_day="2026-1-7")
+    with pytest.raises(ValueError, match="--catalogue-negatives"):
+        TrainUpstreamConfig(**base, catalogue_negatives=-1)
+    with pytest.raises(ValueError, match="must include 'engagements'"):
+        WindowReader(tiny_world, [("ad_events", ("2026-01-02", "2026-01-03"))], 0, 1,
+                     WindowConfig(batch_size=8, seq_len=4, negatives=4, prefetch=0))
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        _reader(tiny_world, batch_size=0)
