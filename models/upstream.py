@@ -391,7 +391,7 @@ class TowerOutputs:
     with candidates, `pins` [R, d] their vectors, `row_window` [R] each one's window and
     `row_users` [R, d] its window's user; `next_pins` in training."""
 
-    users: torch.Tensor
+    users: Optional[torch.Tensor]
     pins: Optional[torch.Tensor] = None
     row_window: Optional[torch.Tensor] = None
     row_users: Optional[torch.Tensor] = None
@@ -428,7 +428,7 @@ class EntityTowers(nn.Module):
             pins = PinFeatures.of(ids, "", dense["content_emb"], is_ad)
             row_window = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
         if profile is None:
-            return TowerOutputs(profile, None if pins is None else self.pin(pins), row_window)
+            return TowerOutputs(None, None if pins is None else self.pin(pins), row_window)
         events = PinFeatures.of(ids, "seq_", dense["seq_content"], dense["seq_is_ad"])
         windows = self.user.windows(events, ids["seq_action"], ids["seq_gap"], dense.get("context_len"))
         day_start = windows.day_start_slots()
