@@ -8,9 +8,16 @@ DEMO_DIR ?= work/demo
 # ~1.5x faster than one rank with two threads (docs/results.md, "Demo pipeline").
 NPROC ?= 2
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup redis demo test test-fast lint bench clean
 
-setup: $(VENV)/.derl-installed
+setup: $(VENV)/.derl-installed redis
+
+# derl serve's tests and benchmark start a Redis server of their own (docs/serving.md): from the
+# system's packages where there is none (apt-get, as root; the package index is refreshed only
+# when the first try fails).
+redis:
+	@command -v redis-server >/dev/null || apt-get install -y -q redis-server \
+		|| (apt-get update -q && apt-get install -y -q redis-server)
 
 $(VENV)/.derl-installed: requirements/cpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

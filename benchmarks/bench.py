@@ -8,6 +8,7 @@ is: docs/results.md, "The suite (`derl bench`)".
         [--upstream-steps N] [--downstream-steps N] [--scaling-rows N ...] [--ann-ads N ...]
         [--vectors all|user_pin|user] [--env KEY=VALUE ...]
     derl bench --suite seqrec --help   (a runner of its own: docs/seqrec.md)
+    derl bench --suite serve --help    (a runner of its own: `derl serve` under load, docs/serving.md)
     python -m derl.benchmarks.bench ...   (the same)
 """
 
@@ -68,7 +69,7 @@ SUITES: Dict[str, Dict[str, object]] = {
 
 # Suites with a runner of their own (own flags and outputs): `--suite NAME` hands the whole
 # command line to that module's run(argv).
-OWN_RUNNERS = {"seqrec": "derl.benchmarks.studies.seqrec.suite"}
+OWN_RUNNERS = {"seqrec": "derl.benchmarks.studies.seqrec.suite", "serve": "derl.benchmarks.serve_bench"}
 
 
 @dataclass(frozen=True)

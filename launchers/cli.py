@@ -118,6 +118,8 @@ def _snapshots(args: argparse.Namespace) -> None:
         for name, why in skipped.items():
             print(f"not a version: {name} ({why})")
         return
+    if args.action == "publish":
+        return _publish(args)
     snap = Snapshot(args.root, args.version, check=args.action == "verify")
     if args.action == "verify":
         rows = ", ".join(f"{d} {i['rows']['users']:,} users {i['rows']['pins']:,} pins {i['rows']['ads']:,} ads"
@@ -126,6 +128,21 @@ def _snapshots(args: argparse.Namespace) -> None:
               f"vectors finite: {rows})")
     else:
         print(json.dumps({k: v for k, v in snap.manifest.items() if k != "files"}, indent=2))
+
+
+def _publish(args: argparse.Namespace) -> None:
+    from derl.datapipes.snapshots import redis_store
+
+    if args.redis is None:
+        raise ValueError("snapshots publish needs --redis redis://HOST:PORT[/DB]")
+    client = redis_store.connect(args.redis)
+    with Snapshot(args.root, args.version) as snap:
+        done = redis_store.publish(snap, client, args.expire_after)
+    users = ", ".join(f"{d} {n:,} users" for d, n in done["users"].items())
+    moved = f"{redis_store.LATEST_KEY} -> {done['tag']}" if done["latest"] == done["tag"] else \
+        f"{redis_store.LATEST_KEY} stays on {done['latest']} (cut later)"
+    print(f"published {done['tag']} to {args.redis}: {users}; {moved}; "
+          f"{len(done['expiring'])} older version(s) expire in {args.expire_after} s")
 
 
 def _retrieve(args: argparse.Namespace) -> None:
@@ -194,13 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(handler=_bench)
 
-    p = sub.add_parser("snapshots", help="list, show, verify or gc embedding snapshots")
-    p.add_argument("action", choices=["list", "show", "verify", "gc"])
+    p = sub.add_parser("snapshots", help="list, show, verify, gc or publish (to Redis) embedding snapshots")
+    p.add_argument("action", choices=["list", "show", "verify", "gc", "publish"])
     p.add_argument("root", type=Path, help="snapshot root (derl export --out)")
     p.add_argument("--version", help="default: LATEST")
     p.add_argument("--keep", type=int, help="gc: how many newest versions to keep (at least 1; newest by "
                    "cut day, then creation)")
     p.add_argument("--dry-run", action="store_true", help="gc: say what would go")
+    p.add_argument("--redis", help="publish: the Redis to put the version's user vectors in, redis://HOST:PORT[/DB]")
+    p.add_argument("--expire-after", type=int, default=3600,
+                   help="publish: seconds the older versions stay in Redis (default: 3600)")
     p.set_defaults(handler=_snapshots)
 
     p = sub.add_parser("retrieve", help="top-K ads (every Pin, in a world without ads) for a user "
@@ -244,6 +264,9 @@ def _after_interrupt(args: argparse.Namespace) -> str:
                 f"folder goes with `derl snapshots gc {args.out} --keep N`: run the same command again")
     if cmd == "pipeline":
         return f"the finished stages in {args.workdir} are kept: run the same command again to continue"
+    if cmd == "serve":
+        return "the service stopped after its requests in flight and unpinned its version: run the same command " \
+               "to serve again"
     return "run the same command again"
 
 

@@ -318,6 +318,33 @@ def evaluate(
 
 
 @_with_args_doc(_SINGLE_ARGS_DOC)
+def serve(
+    *script_args: str,
+    image: str = DEFAULT_IMAGE,
+    name: str = "/",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """
+    Serve the snapshot online (``derl serve``): one long-running process, until stopped; --max_retries N has the scheduler start it again if it dies.
+
+    Usage: torchx run -s local_cwd launchers/components.py:serve -- --snapshots SNAP --ranker RANKER_RUN --host 0.0.0.0 --port 8080
+
+    Args:
+        script_args: ``derl serve`` flags after ``--`` (--snapshots, --ranker, --host, --port, --user-store, ...)"""
+    app = stage_app("serve", **locals())
+    args = list(script_args)
+    if "--port" in args[:-1]:  # the port it listens on, declared for the scheduler (a container port)
+        app.roles[0].port_map = {"http": int(args[args.index("--port") + 1])}
+    return app
+
+
+@_with_args_doc(_SINGLE_ARGS_DOC)
 def bench(
     *script_args: str,
     image: str = DEFAULT_IMAGE,

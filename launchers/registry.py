@@ -59,6 +59,10 @@ REGISTRY: Dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("evaluate", help="compare ranker runs on the held-out day: report.json/.md",
               component="evaluate",
               module="derl.launchers.stages.evaluate", config="EvaluateConfig"),
+    StageSpec("serve", help="serve the snapshot online over HTTP: user vectors, ad retrieval, the ranker's "
+                            "scores; follows LATEST under load",
+              component="serve",
+              module="derl.launchers.stages.serve", config="ServeConfig"),
     StageSpec("pipeline", help="every stage in order into one work folder, resumable, one report",
               component="pipeline",
               module="derl.launchers.stages.pipeline", config="PipelineConfig"),

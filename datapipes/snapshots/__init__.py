@@ -28,7 +28,9 @@ Modules: `parts` (the part schema, its one writer and reader), `store` (layout, 
 verification, pins, gc), `index` (the ad index), `reader` (`Snapshot`, `EmbeddingTable`),
 `join` (`SnapshotJoin`, point in time), `writer` (`SnapshotWriter`: hidden folder, commit;
 `write_snapshot`: a whole version from vectors in hand), `refresh` (align and smooth onto the
-previous version; collective, needs torch, so import it from `derl.datapipes.snapshots.refresh`).
+previous version; collective, needs torch, so import it from `derl.datapipes.snapshots.refresh`),
+`redis_store` (a version's user vectors in Redis: `publish`, `RedisUsers`; it needs the redis
+client, so import it from `derl.datapipes.snapshots.redis_store`).
 """
 
 from derl.datapipes.snapshots.index import FLAT_INDEX_MAX, HNSW_EF_SEARCH

@@ -6,12 +6,37 @@ This is what keeps a downstream ranker honest: a row never sees vectors built fr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from derl.datapipes.snapshots.reader import Snapshot
 from derl.datapipes.snapshots.store import ENTITIES, SnapshotError, cut_days, resolve
+
+
+def require_fits(snap: Snapshot, vectors: Sequence[str], dim: int, taker: str = "this ranker") -> None:
+    """Refuse a version whose vectors a ranker (`taker`) cannot take: another dimension than
+    `dim`, or a domain of `vectors` it lacks; each refusal names the version and `taker`."""
+    if snap.dim != dim:
+        raise SnapshotError(f"{snap.path}: dimension {snap.dim}, but {taker} takes vectors of dimension {dim}")
+    for v in vectors:
+        if v.split("/")[0] not in snap.manifest["domains"]:
+            raise SnapshotError(f"{snap.path}: no {v} table (domains: {snap.domains}), but {taker} takes "
+                                f"{', '.join(vectors)}")
+
+
+def join_vectors(table: Callable[[str, str], object], vectors: Sequence[str], user_ids: np.ndarray,
+                 pin_ids: np.ndarray, dim: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The join itself, for rows of (user, Pin): ([n, k, dim] vectors, zeros where missing;
+    [n, k] float32 flags, 1.0 where the table lacks the id), k = len(vectors), each looked up in
+    `table(domain, entity)` (an `EmbeddingTable`, or anything with its `lookup`). Training,
+    `derl score` and `derl serve` all join through here."""
+    out = np.zeros((len(user_ids), len(vectors), dim), dtype=np.float32)
+    missing = np.zeros((len(user_ids), len(vectors)), dtype=np.float32)
+    for j, v in enumerate(vectors):
+        domain, entity = v.split("/")
+        out[:, j], missing[:, j] = table(domain, entity).lookup(user_ids if entity == "users" else pin_ids)
+    return out, missing
 
 
 class SnapshotJoin:
@@ -72,11 +97,7 @@ class SnapshotJoin:
             snap = Snapshot(self.root, version)
             if self.dim is None:
                 self.dim = snap.dim
-            if snap.dim != self.dim:
-                raise SnapshotError(f"{snap.path}: dimension {snap.dim}, but this ranker takes "
-                                    f"vectors of dimension {self.dim}")
-            for v in self.vectors:
-                snap.table(*v.split("/"))  # refuses a missing domain, by name
+            require_fits(snap, self.vectors, self.dim)
             self._snapshots[version] = snap
         return self._snapshots[version]
 
@@ -90,11 +111,8 @@ class SnapshotJoin:
             snap = self.snapshot(version)
             if out is None:
                 out = np.zeros((n, len(self.vectors), snap.dim), dtype=np.float32)
-            for j, v in enumerate(self.vectors):
-                domain, entity = v.split("/")
-                ids = rows["user_id" if entity == "users" else "pin_id"][idx]
-                vectors, absent = snap.table(domain, entity).lookup(ids)
-                out[idx, j], missing[idx, j] = vectors, absent
+            out[idx], missing[idx] = join_vectors(snap.table, self.vectors, rows["user_id"][idx],
+                                                  rows["pin_id"][idx], snap.dim)
             self.rows_by_version[version] = self.rows_by_version.get(version, 0) + len(idx)
         if out is None:
             out = np.zeros((n, len(self.vectors), self.dim or 0), dtype=np.float32)

@@ -156,9 +156,16 @@ class Snapshot:
         placeholder id. An empty index and k < 1 are refused. Unknown users come back flagged.
         An index one wider than the vectors holds each ad's popularity prior in its last
         column (`derl export`); the queries then carry a 1 there."""
+        vectors, missing = self.table(domain, "users").lookup(np.asarray(user_ids))
+        pins, scores = self.search_ads(domain, vectors, k)
+        return pins, scores, missing
+
+    def search_ads(self, domain: str, vectors: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Top-k ad Pins per user vector ([n, dim], this version's space: from its users table,
+        or from the online store that holds this version): ([n, k'] Pin ids, [n, k'] scores), as
+        `retrieve_ads` describes."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        vectors, missing = self.table(domain, "users").lookup(np.asarray(user_ids))
         index, ids = self.ads_index(domain, k)
         if not len(ids):
             raise SnapshotError(f"{self.path / domain}: the ad index is empty: version {self.version} "
@@ -168,4 +175,4 @@ class Snapshot:
         scores, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(ids)))
         if (rows < 0).any():
             raise SnapshotError(f"{self.path / domain}: the ad index returned fewer ads than it holds")
-        return ids[rows], scores, missing
+        return ids[rows], scores

@@ -294,10 +294,12 @@ def _owner_key(owner: str) -> str:
     return hashlib.sha256(owner.encode()).hexdigest()[:16]
 
 
-def unpin(root: Path, owner: str) -> List[str]:
-    """Drop every pin `owner` holds (a ranker about to be trained again); the versions freed."""
+def unpin(root: Path, owner: str, version: Optional[str] = None) -> List[str]:
+    """Drop every pin `owner` holds (a ranker about to be trained again), or only its pin of
+    `version` (a service moving to a newer one); the versions freed."""
+    pattern = f"{_owner_key(owner)}-{plain_name(version)}.json" if version else f"{_owner_key(owner)}*.json"
     freed = []
-    for f in sorted(_no_symlink(Path(root) / PINS).glob(f"{_owner_key(owner)}*.json")):
+    for f in sorted(_no_symlink(Path(root) / PINS).glob(pattern)):
         freed.append(json.loads(_no_symlink(f).read_text())["version"])
         f.unlink()
     return freed

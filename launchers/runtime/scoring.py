@@ -1,5 +1,6 @@
-"""Scoring a day with a ranker, shared by `derl train-downstream` (after training) and
-`derl score` (a trained ranker reloaded): predictions per rank, then metrics on rank 0.
+"""Scoring with a ranker: a day, shared by `derl train-downstream` (after training) and
+`derl score` (a trained ranker reloaded), predictions per rank, then metrics on rank 0; and the
+reload itself, shared by `derl score` and `derl serve`.
 
 A sharded model's forward is collective, so every rank makes the same number of calls: ranks
 with fewer batches repeat their last one, flagged not real (`_lockstep`).
@@ -9,18 +10,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from derl.datapipes.readers import ExampleReader, ReaderConfig
 from derl.datapipes.snapshots import Snapshot, SnapshotJoin
 from derl.datapipes.sources import SourceTables
 from derl.launchers.runtime import dist as derl_dist
 from derl.launchers.runtime import finite, runs
+from derl.models import checkpoint
+from derl.models.downstream import Ranker, RankerConfig
 from derl.models.metrics import ranker_metrics
+from derl.models.sharding import OptimConfig, shard_model
 
 SCORE_BATCH = 4096
 
@@ -39,6 +44,20 @@ def require_snapshot_world(join: SnapshotJoin, days: List[str], data: Path) -> N
         manifest = Snapshot(join.root, version, check=False).manifest
         runs.require_world(f"snapshot {version} of {join.root}", manifest.get("world"), manifest.get("data"),
                            data)
+
+
+def load_ranker(run: Path, device: torch.device) -> Tuple[DistributedModelParallel, RankerConfig]:
+    """Collective. A trained ranker run's newest checkpoint, loaded into its model sharded over
+    the process group (DCP reshards to any number of ranks), and the model's config. A coupled
+    ranker's towers are rebuilt from the upstream runs that own its checkpoints
+    (RUN/checkpoints/step-N -> RUN)."""
+    meta = runs.read_config(run)
+    model_cfg = runs.ranker_model_config(run)
+    upstream = {d: runs.upstream_model_config(Path(c).parent.parent)
+                for d, c in meta["coupled_checkpoints"].items()}
+    dmp, optimizer, _ = shard_model(Ranker(model_cfg, torch.device("meta"), upstream), device, OptimConfig())
+    checkpoint.load(runs.latest_checkpoint(run), dmp, optimizer)
+    return dmp, model_cfg
 
 
 def gathered(obj) -> list:

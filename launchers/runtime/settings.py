@@ -190,3 +190,27 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check(self, positive=("nproc",), non_negative=("seed",))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    snapshots: Path = setting(help="snapshot root (derl export --out): the service serves its LATEST and follows it")
+    ranker: Path = setting(help="a snapshot ranker run (derl train-downstream --upstream snapshot --out)")
+    data: Optional[Path] = setting(None, "source folder: user profiles and the ad catalogue (default: the ranker's)")
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8080, "port to listen on")
+    user_store: str = setting("embedded", "user vectors from the snapshot itself (embedded), or from "
+                                          "redis://HOST:PORT[/DB], filled by `derl snapshots publish`")
+    refresh_every: float = setting(5.0, "seconds between looks at LATEST (0: serve the first version only)")
+    max_in_flight: int = setting(64, "requests admitted at once; more are answered 503 with Retry-After")
+    max_candidates: int = setting(500, "most candidate ads one /v1/rank request may carry")
+    max_k: int = setting(1000, "largest k a /v1/retrieve request may ask for")
+    threads: int = setting(1, "torch and faiss threads of the one thread that runs the requests' work")
+
+    def __post_init__(self) -> None:
+        check(self, positive=("port", "max_in_flight", "max_candidates", "max_k", "threads"),
+              non_negative=("refresh_every",))
+        if self.port > 65535:
+            raise ValueError(f"--port must be at most 65535, got {self.port}")
+        if self.user_store != "embedded" and not self.user_store.startswith("redis://"):
+            raise ValueError(f"--user-store must be 'embedded' or redis://HOST:PORT[/DB], got {self.user_store!r}")

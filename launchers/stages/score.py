@@ -12,17 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-import torch
-
 from derl.datapipes.snapshots import SnapshotJoin
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.world import read_world_id
 from derl.launchers.runtime import dist as derl_dist
 from derl.launchers.runtime import runs, scoring
 from derl.launchers.runtime.settings import ScoreConfig
-from derl.models import checkpoint
-from derl.models.downstream import Ranker
-from derl.models.sharding import OptimConfig, shard_model
 
 # What a rescored run keeps of its training run's metrics.
 TRAINING_SUMMARY = ("upstream", "vectors", "projection_dim", "steps", "train_days", "train_examples_per_s",
@@ -52,14 +47,7 @@ def run(cfg: ScoreConfig) -> Dict[str, object]:
 
 def _run(cfg: ScoreConfig, worker: derl_dist.Worker) -> Dict[str, object]:
     meta = runs.read_config(cfg.ranker)
-    model_cfg = runs.ranker_model_config(cfg.ranker)
-    # A coupled ranker's towers: rebuilt from the upstream runs that own the checkpoints
-    # (RUN/checkpoints/step-N -> RUN).
-    upstream = {d: runs.upstream_model_config(Path(c).parent.parent)
-                for d, c in meta["coupled_checkpoints"].items()}
-    dmp, optimizer, _ = shard_model(Ranker(model_cfg, torch.device("meta"), upstream), worker.device,
-                                    OptimConfig())
-    checkpoint.load(runs.latest_checkpoint(cfg.ranker), dmp, optimizer)
+    dmp, model_cfg = scoring.load_ranker(cfg.ranker, worker.device)
     snapshots = cfg.snapshots or (Path(meta["snapshots"]) if meta["snapshots"] else None)
     trained = runs.read_metrics(cfg.ranker)
     summary = {k: trained[k] for k in TRAINING_SUMMARY}
