@@ -95,6 +95,10 @@ class UpstreamSettings:
     # the whole catalogue, logQ-corrected (datapipes/windows.py).
     next_pin_weight: float = setting(1.0, "weight of the next-Pin term over every engagement of the "
                                           "training days (0: off)")
+    # PinnerFormer's user tower reads PinSage vectors; here the mean of the history's Pin-tower
+    # vectors sits beside the encoder's state (docs/experiments.md, "2026-12-07: the user tower").
+    history_mean: bool = setting(True, "the user tower reads the encoder's state only, not beside it the mean "
+                                       "of its history's Pin-tower vectors (ablation)")
     catalogue_negatives: int = setting(256, "Pins drawn uniformly from the catalogue each batch, negatives "
                                             "of every next-Pin target beside the batch's other targets")
     # The contrastive and next-Pin terms teach the dot which Pins a user engages with among all
@@ -226,11 +230,14 @@ class _Centre(nn.Module):
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_var", torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.size(0) > 1:
-            mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+    def forward(self, x: torch.Tensor, reference: Optional[int] = None) -> torch.Tensor:
+        """reference: the batch statistics from the first `reference` rows only (all by
+        default), so that rows of another kind are centred as those are."""
+        ref = x if reference is None else x[:reference]
+        if self.training and ref.size(0) > 1:
+            mean, var = ref.mean(dim=0), ref.var(dim=0, unbiased=False)
             with torch.no_grad():
-                stats = torch.cat([mean, x.var(dim=0)]).detach()
+                stats = torch.cat([mean, ref.var(dim=0)]).detach()
                 if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                     dist.all_reduce(stats)
                     stats /= dist.get_world_size()
@@ -259,8 +266,9 @@ class _Unit(nn.Module):
         super().__init__()
         self.center = _Centre(dim) if center else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.center(x), dim=-1)
+    def forward(self, x: torch.Tensor, reference: Optional[int] = None) -> torch.Tensor:
+        centred = self.center(x, reference) if isinstance(self.center, _Centre) else x
+        return F.normalize(centred, dim=-1)
 
 
 @dataclass
@@ -305,20 +313,28 @@ class Windows:
     starts: torch.Tensor
     lengths: torch.Tensor
     context: torch.Tensor
+    first: torch.Tensor  # [W] the flat index of each window's first kept event
 
     def day_start_slots(self) -> torch.Tensor:
         return self.starts + self.context
 
+    def means(self, vectors: torch.Tensor, window: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """[N, d] the mean of `vectors` [E, d] (one per flat event) over the first `seen` [N] kept
+        events of each `window` [N] (0 where none)."""
+        total = torch.cat([vectors.new_zeros(1, vectors.size(1), dtype=torch.float64),
+                           vectors.double().cumsum(0)])
+        start = self.first[window]
+        return ((total[start + seen] - total[start]) / seen.clamp(min=1).unsqueeze(1)).to(vectors.dtype)
+
     def transitions(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(the slot of every state that has a next event after the context, [P]; that event's
-        flat index, [P]): each window's events past its context are its next-Pin targets, each
-        predicted by the state after the events before it."""
+        flat index, [P]; its window, [P]): each window's events past its context are its next-Pin
+        targets, each predicted by the state after the events before it."""
         targets = self.lengths - self.context
         window = torch.repeat_interleave(torch.arange(len(targets), device=targets.device), targets)
         step = torch.arange(len(window), device=window.device) - (torch.cumsum(targets, 0) - targets)[window]
         step = step + self.context[window]  # events before the target
-        first_event = torch.cumsum(self.lengths, 0) - self.lengths
-        return (self.starts[window] + step).long(), (first_event[window] + step).long()
+        return (self.starts[window] + step).long(), (self.first[window] + step).long(), window
 
 
 class UserTower(nn.Module):
@@ -337,7 +353,7 @@ class UserTower(nn.Module):
         self.sequence = SequenceEncoder(
             d, cfg.seq_len, cfg.seq_layers, cfg.seq_heads, cfg.seq_dropout, causal=True,
             buckets=cfg.length_buckets, bf16=cfg.seq_bf16)
-        self.mlp = Tower((len(cfg.user_features) + 1) * d, cfg.tower_dims, d)
+        self.mlp = Tower((len(cfg.user_features) + 1 + cfg.history_mean) * d, cfg.tower_dims, d)
         self.unit = _Unit(d, cfg.center_entities)
 
     def windows(self, events: PinFeatures, actions: JaggedTensor, gaps: JaggedTensor,
@@ -349,11 +365,13 @@ class UserTower(nn.Module):
                 + actions.values() + gaps.values())
         states = self.sequence(flat, lengths, every_state=True, context=context)
         packed = self.sequence.layout(lengths, context)
-        return Windows(states, packed.starts, packed.kept, packed.kept if context is None else context)
+        first = torch.cumsum(lengths, 0) - packed.kept
+        return Windows(states, packed.starts, packed.kept, packed.kept if context is None else context, first)
 
-    def forward(self, profile: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """profile [N, len(user_features) * d] and states [N, d] -> [N, d] unit vectors."""
-        return self.unit(self.mlp(torch.cat([profile, states], dim=1)))
+    def forward(self, profile: torch.Tensor, states: torch.Tensor, reference: Optional[int] = None) -> torch.Tensor:
+        """profile [N, len(user_features) * d] and states [N, d] (with `history_mean`, [N, 2d]:
+        the encoder's state, then the history's mean Pin) -> [N, d] unit vectors."""
+        return self.unit(self.mlp(torch.cat([profile, states], dim=1)), reference)
 
 
 class PinTower(nn.Module):
@@ -409,6 +427,7 @@ class EntityTowers(nn.Module):
         self.user = UserTower(cfg)
         self.pin = PinTower(cfg)
         self.next_pin = cfg.next_pin_weight > 0
+        self.history_mean = cfg.history_mean
 
     def forward(self, ids: Dict[str, JaggedTensor], profile: Optional[torch.Tensor],
                 dense: Dict[str, torch.Tensor], candidates: bool,
@@ -432,18 +451,27 @@ class EntityTowers(nn.Module):
         events = PinFeatures.of(ids, "seq_", dense["seq_content"], dense["seq_is_ad"])
         windows = self.user.windows(events, ids["seq_action"], ids["seq_gap"], dense.get("context_len"))
         day_start = windows.day_start_slots()
-        window_of = torch.arange(len(day_start), device=day_start.device)
         with_next = self.training and self.next_pin and event_pin_ids is not None and "neg_log_q" in dense
         if with_next:
-            slots, targets = windows.transitions()
+            slots, targets, window = windows.transitions()
             with_next = len(targets) > 0
+        window_of = torch.arange(len(day_start), device=day_start.device)
+        history = self.pin(events) if self.history_mean else None
+
+        def user_states(slots: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+            if history is None:
+                return windows.states[slots]
+            return torch.cat([windows.states[slots], windows.means(history, window, slots - windows.starts[window])],
+                             dim=1)
+
         if not with_next:
-            users = self.user(profile, windows.states[day_start])
+            users = self.user(profile, user_states(day_start, window_of))
             return TowerOutputs(users, None if pins is None else self.pin(pins), row_window,
                                 None if pins is None else users[row_window])
-        owner = torch.repeat_interleave(window_of, windows.lengths)
-        vectors = self.user(torch.cat([profile, profile[owner[targets]]]),
-                            windows.states[torch.cat([day_start, slots])])
+        # Centred with the day-start states' statistics: the ones export computes.
+        vectors = self.user(torch.cat([profile, profile[window]]),
+                            user_states(torch.cat([day_start, slots]), torch.cat([window_of, window])),
+                            reference=len(day_start))
         users, states = vectors[: len(day_start)], vectors[len(day_start):]
         distinct, column = torch.unique(event_pin_ids[targets], return_inverse=True)
         # One event of each distinct next Pin stands for it: its features are the Pin's.

@@ -29,18 +29,19 @@ def _reader(world, world_size: int = 1, rank: int = 0, batch_size: int = 32, seq
                         sources.vocab(), targets_from=targets_from)
 
 
-def _model(reader: WindowReader) -> DERM:
+def _model(reader: WindowReader, **settings) -> DERM:
     torch.manual_seed(0)
     cfg = UpstreamConfig.for_domain("engagement", reader.joiner.vocab, embedding_dim=8, seq_len=reader.config.seq_len,
-                                    seq_layers=2, seq_heads=2, tower_dims=(16,), interaction_dims=(16,))
+                                    seq_layers=2, seq_heads=2, tower_dims=(16,), interaction_dims=(16,), **settings)
     return DERM(cfg)
 
 
-def test_a_window_day_start_state_is_the_exported_user_vector(tiny_world) -> None:
+@pytest.mark.parametrize("history_mean", [False, True])
+def test_a_window_day_start_state_is_the_exported_user_vector(tiny_world, history_mean) -> None:
     """In eval mode the user each row reads in training is `embed_users` of the user as of
     the row's day, as export computes it (its last seq_len engagements before the day)."""
     reader = _reader(tiny_world, days=slice(3, 4), seq_len=32)  # one day; export's history length
-    model = _model(reader).eval()
+    model = _model(reader, history_mean=history_mean).eval()
     batch = next(reader.batches(0))
     exported = reader.joiner.user_batch(batch.meta["user_id"].numpy(), reader.days[0])
     with torch.no_grad():
