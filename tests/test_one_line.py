@@ -89,11 +89,18 @@ def test_inspect_refuses_a_folder_that_is_not_a_world(tmp_path, capsys):
 
 # Ctrl-C (slow): a real SIGINT to the stage's process group
 
+def _as_from_a_shell() -> None:
+    """In the child before exec: SIGINT delivered and handled as a shell's child gets it, whatever
+    the test process (a pytest-xdist worker that has run other files) left ignored or blocked."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _interrupt(args: list, when, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run derl in a session of its own and press Ctrl-C (SIGINT to the group) once `when()`
     holds; `when=None`: the stage presses it itself (DERL_FAULT=<point>:1:INT)."""
     proc = subprocess.Popen([*DERL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, **(env or {})})
+                            start_new_session=True, env={**os.environ, **(env or {})}, preexec_fn=_as_from_a_shell)
     if when is not None:
         deadline = time.monotonic() + timeout
         while not when() and proc.poll() is None:
