@@ -69,7 +69,8 @@ SUITES: Dict[str, Dict[str, object]] = {
 
 # Suites with a runner of their own (own flags and outputs): `--suite NAME` hands the whole
 # command line to that module's run(argv).
-OWN_RUNNERS = {"seqrec": "derl.benchmarks.studies.seqrec.suite", "serve": "derl.benchmarks.serve_bench"}
+OWN_RUNNERS = {"seqrec": "derl.benchmarks.studies.seqrec.suite", "serve": "derl.benchmarks.serve_bench",
+               "freshness": "derl.benchmarks.studies.freshness"}
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,16 @@ WORLD_PRESETS: Dict[str, WorldConfig] = {
     # replaced: docs/departures.md, "The demo world's ad volume".
     "demo": WorldConfig(num_users=20_000, num_pins=100_000, num_days=14, ad_fraction=0.08,
                         ads_per_active_user=20.0, click_bias=-4.5, conversion_bias=-1.8, row_group_size=16_384),
+    # The freshness study's (benchmarks/studies/freshness.py): the demo world's ad volume over 19
+    # days, so that vectors up to a week old and weekly retraining fit before the evaluation day,
+    # with new users and Pins arriving over the last week rather than the last two days, and half
+    # the demo world's users and Pins, so that its hundred-odd stages fit an hour on two cores.
+    "freshness": WorldConfig(num_users=10_000, num_pins=50_000, num_days=19, ad_fraction=0.08,
+                             ads_per_active_user=20.0, click_bias=-4.5, conversion_bias=-1.8, cold_days=7,
+                             row_group_size=16_384),
+    # Its test-sized twin: the tiny world over 12 days.
+    "freshness-tiny": WorldConfig(num_users=2_000, num_pins=6_000, num_days=12, num_topics=32, num_advertisers=40,
+                                  ad_fraction=0.1, ads_per_active_user=6.0, cold_days=4, row_group_size=4_096),
     # The scale check: >= 1M users, 5M Pins, 100M engagements, in bounded memory.
     "large": WorldConfig(num_users=1_000_000, num_pins=5_000_000, num_days=14, num_topics=256, num_categories=64,
                          num_advertisers=20_000, ad_fraction=0.02, row_group_size=262_144),

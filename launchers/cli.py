@@ -12,14 +12,16 @@ and nothing imports this module: it sits at the top.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
@@ -58,7 +60,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.seed < 0:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}")
-    cfg = WORLD_PRESETS[args.preset]
+    cfg = dataclasses.replace(WORLD_PRESETS[args.preset], **_world_overrides(args))
     with tqdm(total=cfg.num_days, unit="day", desc=f"generate {args.preset}") as bar:
         def progress(line: str) -> None:
             bar.set_postfix_str(line)
@@ -69,6 +71,20 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {rows}")
     print(f"ad CTR {meta['ctr']:.2%}, CVR given click {meta['cvr_given_click']:.1%}, "
           f"{meta['generate_seconds']} s")
+
+
+def _world_overrides(args: argparse.Namespace) -> Dict[str, float]:
+    """`derl generate`'s changes to the preset world: its drift and its share of new entities."""
+    out: Dict[str, float] = {}
+    if args.daily_drift is not None:
+        if not (math.isfinite(args.daily_drift) and args.daily_drift >= 0):
+            raise ValueError(f"--daily-drift must be 0 or more, got {args.daily_drift}")
+        out["daily_drift"] = args.daily_drift
+    if args.new_entity_share is not None:
+        if not 0 <= args.new_entity_share < 1:
+            raise ValueError(f"--new-entity-share must be at least 0 and below 1, got {args.new_entity_share}")
+        out.update(cold_user_fraction=args.new_entity_share, cold_pin_fraction=args.new_entity_share)
+    return out
 
 
 def _import(args: argparse.Namespace) -> None:
@@ -185,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="source folder to create")
     p.add_argument("--preset", choices=sorted(WORLD_PRESETS), default="demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--daily-drift", type=float, help="std of the daily random walk of the users' interests "
+                                                     "(default: the preset's)")
+    p.add_argument("--new-entity-share", type=float, help="share of the users, and of the Pins, that are new "
+                                                          "on the world's last days (default: the preset's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_generate)
 

@@ -279,8 +279,8 @@ def test_too_few_derl_days_fail_that_run_naming_the_flag(tmp_path):
 
     _successor_split(tmp_path, users=20, items=10, length=5)
     result = run(["--out", str(tmp_path / "out"), "--dataset", f"toy={tmp_path / 'succ.txt'}",
-                  "--models", "derl", "--derl-days", "2"])
-    assert "--derl-days must be at least 3" in result["errors"]["toy/derl"]
+                  "--models", "derl", "--derl-days", "3"])
+    assert "--derl-days must be at least 4" in result["errors"]["toy/derl"]
     assert not (tmp_path / "out" / "results" / "toy-derl.json").exists()
 
 

@@ -64,3 +64,22 @@ STAGE_PRESETS: Dict[str, Preset] = {
         coupled=False,
     ),
 }
+
+# The freshness study's (benchmarks/studies/freshness.py): the demo models on the freshness world;
+# the study sets the upstream's days itself (as many before each cut as the demo preset's four).
+STAGE_PRESETS["freshness"] = Preset(
+    world="freshness",
+    upstream={k: v for k, v in STAGE_PRESETS["demo"].upstream.items() if k != "from_day"},
+    upstream_epochs=STAGE_PRESETS["demo"].upstream_epochs,
+    downstream=STAGE_PRESETS["demo"].downstream,
+    projection_dim=STAGE_PRESETS["demo"].projection_dim,
+    coupled=False,
+)
+STAGE_PRESETS["freshness-tiny"] = Preset(
+    world="freshness-tiny",
+    upstream=STAGE_PRESETS["tiny"].upstream,
+    upstream_epochs={"engagement": 1, "conversion": 1},
+    downstream=STAGE_PRESETS["tiny"].downstream,
+    projection_dim=STAGE_PRESETS["tiny"].projection_dim,
+    coupled=False,
+)

@@ -132,9 +132,9 @@ def fit(model: nn.Module, split: Split, settings, state_path: Optional[Path] = N
     scores go to WORK/progress.json: a rerun with the same settings resumes after the last one."""
     from derl.benchmarks.studies.seqrec.train import SELECT
 
-    if settings.derl_days < 3:
-        raise ValueError(f"--derl-days must be at least 3 (training days, then the validation and "
-                         f"the test day), got {settings.derl_days}")
+    if settings.derl_days < 4:
+        raise ValueError(f"--derl-days must be at least 4 (training days, then the validation and the test "
+                         f"day; derl train-upstream's time split needs 4), got {settings.derl_days}")
     work = Path(state_path).parent / f"{Path(state_path).stem}-work"
     world, run, snaps, log = work / "world", work / "upstream", work / "snapshots", work / "progress.json"
     shape = {"data": [split.n_users, split.n_items, int(split.train_len.sum())],
