@@ -28,6 +28,7 @@ crashed run continues). Writes DIR/freshness.json, DIR/freshness.md, DIR/freshne
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import resource
 import shutil
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from derl import models
 from derl.benchmarks import report
 from derl.datapipes.snapshots import MANIFEST
 from derl.datapipes.sources import SourceTables
@@ -85,7 +87,7 @@ class FreshnessConfig:
             raise ValueError(f"--parts {self.parts!r}: expected some of {', '.join(PARTS)}")
         if self.data is not None and self.worlds is not None:
             raise ValueError("--worlds generates worlds of the preset; --data names one of its own: pass one")
-        for spec in self.world_specs:
+        for spec in self.worlds or ():
             scales(spec)
 
     @property
@@ -356,10 +358,11 @@ class World:
         return out
 
     def evaluate_plan(self, done: Tuple[str, ...]) -> List[Step]:
-        """Every run's NE gain over `none`, and every aged run's over age 0, with intervals."""
+        """Every run's NE gain over `none`, and over age 0 (the fixed model's fresh versions),
+        with paired intervals."""
         named = self.run_names()
-        aged = {n: p for n, p in named.items() if n == "fresh" or n.startswith(("age-", "lag-"))}
-        return [self.evaluate("over-none", named, "none", done), self.evaluate("over-fresh", aged, "fresh", done)]
+        others = {n: p for n, p in named.items() if n != "none"}
+        return [self.evaluate("over-none", named, "none", done), self.evaluate("over-fresh", others, "fresh", done)]
 
     # --- running it -----------------------------------------------------------------------------
 
@@ -532,12 +535,14 @@ def render(result: Dict[str, object]) -> str:
             lines += ["", "Model age: the upstream retrained every N days (one pass over the days since its last "
                           "training) against the fixed model, its vectors exported daily and smoothed with w:", "",
                       "| cadence | w | model age on E | upstream CPU-s/day | "
-                      + " | ".join(f"{t.upper()} gain over none" for t in tasks) + " |",
-                      "|---|---|---|---|" + "---|" * len(tasks)]
+                      + " | ".join(f"{t.upper()} gain over none" for t in tasks) + " | "
+                      + " | ".join(f"{t.upper()} over the fixed model" for t in tasks) + " |",
+                      "|---|---|---|---|" + "---|" * 2 * len(tasks)]
             for r in w["cadence"]:
                 lines.append(f"| {r['cadence']} | {r['weight']:g} | {r['model_age_on_eval']} "
                              f"| {r['upstream_cpu_s_per_day']:,.0f} | "
-                             + " | ".join(g(r["over_none"], t) for t in tasks) + " |")
+                             + " | ".join(g(r["over_none"], t) for t in tasks) + " | "
+                             + " | ".join(g(r.get("over_fresh", {}), t) for t in tasks) + " |")
             lines.append(f"\nA daily export (batch inference, every cadence): "
                          f"{w['cadence'][0]['export_cpu_s_per_day']:,.0f} CPU-s.")
         lines.append("")
@@ -607,6 +612,13 @@ def plot(result: Dict[str, object], path: Path) -> None:
             d.legend(fontsize=7)
 
 
+def models_digest() -> str:
+    """A digest of the model code (models/*.py): every stage of a study must train one upstream.
+    A resumed study whose model code changed in between mixes two; its result says so."""
+    files = sorted(Path(models.__file__).parent.glob("*.py"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     argv = list(sys.argv[1:] if argv is None else argv)
     config = report.parse_config(FreshnessConfig, argv, __doc__, prog="derl bench --suite freshness")
@@ -616,13 +628,21 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         report.parser(__doc__, "derl bench --suite freshness").error(str(e))
     specs = config.world_specs if "worlds" in config.part_list else config.world_specs[:1]
     t0 = time.perf_counter()
+    code = models_digest()
+    config.out.mkdir(parents=True, exist_ok=True)
+    started = config.out / "models_digest.txt"  # the model code of the study's first run
+    if not started.is_file():
+        started.write_text(code)
     worlds = [World(config, spec, t, main=i == 0).run() for i, spec in enumerate(specs)]
+    code = {"first_run": started.read_text(), "now": models_digest()}
     meta = {**report.machine(cores=True), "preset": config.preset, "max_age": config.max_age,
             "cadences": list(config.cadences), "weights": list(config.weights),
             "command": " ".join(["derl bench", *([] if "--suite" in argv else ["--suite", "freshness"]), *argv]),
-            "wall_s": round(time.perf_counter() - t0, 1)}
+            "wall_s": round(time.perf_counter() - t0, 1), "models_digest": code}
+    if len(set(code.values())) > 1:
+        print(f"freshness: the model code changed since this study's first run ({code}): its stages may "
+              f"have trained different upstreams; start it afresh in a new --out", file=sys.stderr)
     result = {"meta": meta, "worlds": worlds, "checks": checks(worlds)}
-    config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "freshness.json").write_text(json.dumps(result, indent=2))
     (config.out / "freshness.md").write_text(render(result))
     plot(result, config.out / "freshness.png")
