@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from derl import models
 from derl.benchmarks import report
 from derl.datapipes.snapshots import MANIFEST
+from derl.datapipes.snapshots.writer import exchange
 from derl.datapipes.sources import SourceTables
 from derl.datapipes.splits import default_split
 from derl.datapipes.world import WORLD_PRESETS
@@ -181,8 +182,14 @@ class Copy:
         mark = self.target / str(self.marker)
         if mark.is_file() and mark.read_bytes() == (self.source / str(self.marker)).read_bytes():
             return
-        shutil.rmtree(self.target, ignore_errors=True)
-        shutil.copytree(self.source, self.target)
+        fresh = self.target.with_name(f".{self.target.name}.copying")
+        shutil.rmtree(fresh, ignore_errors=True)
+        shutil.copytree(self.source, fresh)
+        if self.target.exists():  # the new copy in place before the old one goes
+            exchange(fresh, self.target)
+            shutil.rmtree(fresh)
+        else:
+            fresh.rename(self.target)
 
 
 Step = Union[Stage, Copy]

@@ -46,7 +46,7 @@ from derl.datapipes.snapshots.store import (BESIDE, LATEST, LOCK, MANIFEST, TMP,
                                             sha256, take_lock)
 
 
-def _exchange(a: Path, b: Path) -> None:
+def exchange(a: Path, b: Path) -> None:
     """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np
     RENAME_SWAP): a reader of either name sees one whole folder or the other, never neither."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -135,7 +135,7 @@ class SnapshotWriter:
             if not replace:
                 raise SnapshotError(f"{self.final}: version exists; pass --overwrite to replace it")
             refuse_replacing(self.root, self.version)
-            _exchange(self.folder, self.final)
+            exchange(self.folder, self.final)
         else:
             self.folder.rename(self.final)
         reached("snapshot-in-place")
